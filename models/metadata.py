@@ -1,0 +1,46 @@
+"""The ragged-batch metadata every model forward receives, and the paged KV cache layout.
+
+The scheduler flattens all scheduled tokens of all sequences into one array of T tokens
+(prefill chunks and decode tokens side by side); this dataclass says where each token
+belongs. T and B are padded to buckets on the host, so every field has a static shape.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AttentionMetadata:
+    """Device arrays describing one ragged step (T tokens over B sequence slots).
+
+    Padding: tokens past ``cu_q_lens[num_seqs]`` are padding and write their K/V into
+    page 0, which the block pool never hands out; padded sequence slots have
+    ``q_len == 0`` (repeated ``cu_q_lens`` value) and ``kv_len == 0``.
+    """
+
+    positions: jax.Array     # [T] int32, position of each token within its sequence
+    slot_mapping: jax.Array  # [T] int32, flat KV slot (page * S + offset) each token writes
+    cu_q_lens: jax.Array     # [B + 1] int32, token offsets of each sequence in the flat batch
+    kv_lens: jax.Array       # [B] int32, KV length of each sequence *including* this step's tokens
+    page_table: jax.Array    # [B, W] int32, pages owned by each sequence (W = max_model_len / S)
+    num_seqs: jax.Array      # [] int32, number of real sequences (<= B)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """The paged KV cache of all layers: page p of layer l holds S consecutive tokens."""
+
+    k: jax.Array  # [L, P, S, K, H]
+    v: jax.Array  # [L, P, S, K, H]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]

@@ -1,0 +1,1 @@
+"""jaxserve HTTP server (OpenAI- and Ollama-compatible); see issue 4."""
