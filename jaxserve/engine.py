@@ -1,0 +1,307 @@
+"""The engine loop: requests in, one scheduled and executed step at a time, outputs out.
+
+``LLMEngine.step()`` is schedule -> run -> process outputs. Everything host-side and per-token
+(stop conditions, detokenisation, logprobs) happens in ``OutputProcessor``-style helpers here;
+the device sees one jitted call per step. Bad requests are refused in ``add_request`` before they
+touch any state, so they cannot disturb the requests already running.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import jax
+
+from jaxserve.block_pool import BlockPool
+from jaxserve.config import CacheConfig, CompileConfig, SchedulerConfig
+from jaxserve.detokenizer import IncrementalDetokenizer, find_stop
+from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxserve.request import Request, RequestStatus
+from jaxserve.runner import ModelRunner, StepResult
+from jaxserve.sampler import SamplingRow
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.scheduler import Scheduler, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+@dataclass
+class StepRecord:
+    """What one step did (kept for tests and debugging)."""
+    index: int
+    scheduled: dict[str, int]          # request id -> tokens computed this step
+    bucket: tuple[int, int]
+    preempted: list[str]
+    seconds: float
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0       # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0          # of those, tokens served from it
+    prompt_tokens: int = 0              # prompt tokens computed (recomputation after preemption included)
+    generation_tokens: int = 0
+    num_preemptions: int = 0
+    num_compiled_graphs: int = 0
+    compile_seconds: float = 0.0
+    steps: int = 0
+    step_seconds_total: float = 0.0
+    last_step_seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)  # recent steps, for histograms
+
+
+@dataclass
+class _Group:
+    """One user request: its n completions share the prompt."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+
+
+def enable_persistent_compilation_cache(path: str) -> None:
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def kv_pages_for(model_config, cache: CacheConfig, dtype_bytes: int, max_model_len: int, max_num_seqs: int,
+                 param_bytes: int) -> int:
+    """Pages from kv_cache_memory, else from accelerator memory, else sized to fit on CPU."""
+    page_bytes = (2 * model_config.num_layers * cache.block_size * model_config.num_kv_heads
+                  * model_config.head_dim * dtype_bytes)
+    budget = cache.kv_cache_memory
+    if budget is None:
+        device = jax.devices()[0]
+        stats = device.memory_stats() if device.platform != "cpu" else None
+        if stats and "bytes_limit" in stats:
+            budget = int(stats["bytes_limit"] * cache.gpu_memory_utilization) - param_bytes
+        else:
+            enough = max_num_seqs * -(-max_model_len // cache.block_size) * page_bytes
+            budget = min(enough, CPU_DEFAULT_KV_BYTES)
+    return max(2, budget // page_bytes + 1)  # + page 0, the padding page
+
+
+class LLMEngine:
+    def __init__(self, loaded, *, cache: CacheConfig, scheduler: SchedulerConfig, compile: CompileConfig,
+                 attention_fn, seed: int = 0):
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = scheduler.max_model_len
+        self.vocab_size = loaded.config.vocab_size
+        leaves = jax.tree_util.tree_leaves(loaded.params)
+        num_pages = kv_pages_for(loaded.config, cache, leaves[0].dtype.itemsize, scheduler.max_model_len,
+                                 scheduler.max_num_seqs, sum(x.nbytes for x in leaves))
+        self.pool = BlockPool(num_pages, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler, self.pool)
+        self.runner = ModelRunner(loaded.model, loaded.params, num_pages=num_pages, block_size=cache.block_size,
+                                  max_model_len=scheduler.max_model_len, max_num_seqs=scheduler.max_num_seqs,
+                                  max_num_batched_tokens=scheduler.max_num_batched_tokens,
+                                  attention_fn=attention_fn)
+        self.groups: dict[str, _Group] = {}
+        self.stats = EngineStats()
+        self.step_log: deque[StepRecord] = deque(maxlen=10_000)
+        self._rng = random.Random(seed)
+        self._eos = tuple(loaded.config.eos_token_ids)
+        if compile.warmup:
+            self.runner.warmup()
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    *, prompt_text: str | None = None) -> None:
+        """Queue a request; raises ValueError (touching nothing) when it cannot be served."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            prompt_text = prompt
+            token_ids = self.tokenizer(prompt).input_ids
+        else:
+            token_ids = [int(t) for t in prompt]
+        max_tokens = self._validate(token_ids, params)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
+        children = []
+        for i in range(params.n):
+            child_seed = seed if i == 0 else hash((seed, i)) & 0x7FFFFFFF
+            children.append(Request(
+                request_id=request_id if params.n == 1 else f"{request_id}#{i}",
+                prompt_token_ids=token_ids, params=params, seed=child_seed, max_tokens=max_tokens,
+                eos_token_ids=self._eos, prompt=prompt_text, group_id=request_id, sample_index=i,
+                leader=children[0] if i > 0 else None,
+                logprobs=[] if params.logprobs is not None else None))
+        detoks = [IncrementalDetokenizer(self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens,
+                                         spaces_between_special_tokens=params.spaces_between_special_tokens)
+                  for _ in children]
+        self.groups[request_id] = _Group(request_id, prompt_text, token_ids, children, detoks)
+        for child in children:
+            self.scheduler.add(child)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
+        if not token_ids:
+            raise ValueError("prompt must not be empty: it needs at least one token")
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        room = self.max_model_len - len(token_ids)
+        if room < 1:
+            raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len ({self.max_model_len})"
+                             " leaves room for")
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if max_tokens > room:
+            raise ValueError(f"prompt ({len(token_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
+                             f"max_model_len ({self.max_model_len}): max_tokens must be <= {room}")
+        pages = -(-(len(token_ids) + max_tokens) // self.pool.block_size)
+        if pages > self.pool.num_pages - 1:
+            raise ValueError(f"prompt plus max_tokens needs {pages} KV pages but the cache has "
+                             f"{self.pool.num_pages - 1}: raise kv_cache_memory or lower max_tokens")
+        return max_tokens
+
+    def abort_request(self, request_id: str) -> None:
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return
+        for req in group.children:
+            if not req.is_finished:
+                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return the outputs of the requests that advanced (finished ones last time)."""
+        sched = self.scheduler.schedule()
+        if not sched.seqs:
+            return []
+        rows = [self._sampling_row(s.request) if s.samples else None for s in sched.seqs]
+        result = self.runner.execute(sched, rows)
+        self.scheduler.update_after_step(sched)
+        touched = self._process_samples(sched, result)
+        self._record(sched, result)
+        return [self._group_output(g) for g in touched]
+
+    def _sampling_row(self, req: Request) -> SamplingRow:
+        p = req.params
+        banned = ()
+        if len(req.output_token_ids) < p.min_tokens:
+            banned = tuple(p.stop_token_ids or ()) + (() if p.ignore_eos else req.eos_token_ids)
+        return SamplingRow(params=p, seed=req.seed, step=len(req.output_token_ids),
+                           prompt_ids=req.prompt_token_ids, output_ids=req.output_token_ids, banned_ids=banned)
+
+    def _process_samples(self, sched: SchedulerOutput, result: StepResult) -> list[_Group]:
+        touched: dict[str, _Group] = {}
+        now = time.monotonic()
+        for i, seq in enumerate(sched.seqs):
+            if not seq.samples:
+                continue
+            req = seq.request
+            group = self.groups[req.group_id]
+            token = int(result.tokens[i])
+            req.output_token_ids.append(token)
+            req.cumulative_logprob += float(result.logprobs[i])
+            if req.first_token_time is None:
+                req.first_token_time = now
+            detok = group.detokenizers[req.sample_index]
+            new_text = detok.add_token(token)
+            if req.logprobs is not None:
+                req.logprobs.append(self._logprob_entry(req.params.logprobs, token, result, i))
+            status = self._stop_status(req, token, detok, len(new_text))
+            if status is not None:
+                detok.flush()  # an unfinished multi-byte character at the very end
+                req.finish_time = now
+                self.scheduler.finish(req, status)
+            touched[group.request_id] = group
+        return list(touched.values())
+
+    def _logprob_entry(self, num_top: int, token: int, result: StepResult, i: int) -> dict[int, Logprob]:
+        top_ids = result.top_ids[i][:num_top].tolist()
+        entry = {token: Logprob(float(result.logprobs[i]), top_ids.index(token) + 1 if token in top_ids else None,
+                                self.tokenizer.decode([token]))}
+        for rank, (tid, lp) in enumerate(zip(top_ids, result.top_logprobs[i][:num_top].tolist()), start=1):
+            if tid not in entry:
+                entry[tid] = Logprob(float(lp), rank, self.tokenizer.decode([tid]))
+        return entry
+
+    def _stop_status(self, req: Request, token: int, detok: IncrementalDetokenizer,
+                     num_new_chars: int) -> RequestStatus | None:
+        p = req.params
+        num_out = len(req.output_token_ids)
+        if num_out >= p.min_tokens:
+            if not p.ignore_eos and token in req.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if p.stop_token_ids and token in p.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            if p.stop and num_new_chars:
+                found = find_stop(detok.text, num_new_chars, p.stop)
+                if found is not None:
+                    at, stop = found
+                    req.stop_reason = stop
+                    req.final_text = detok.text[:at + len(stop) if p.include_stop_str_in_output else at]
+                    return RequestStatus.FINISHED_STOPPED
+        if num_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _record(self, sched: SchedulerOutput, result: StepResult) -> None:
+        s = self.stats
+        s.steps += 1
+        s.step_seconds_total += result.seconds
+        s.last_step_seconds = result.seconds
+        s.step_seconds.append(result.seconds)
+        del s.step_seconds[:-1000]
+        for seq in sched.seqs:
+            p = seq.request.num_prompt_tokens
+            s.prompt_tokens += max(0, min(seq.start + seq.num_tokens, p) - seq.start)
+            s.generation_tokens += int(seq.samples)
+        s.num_running = len(self.scheduler.running)
+        s.num_waiting = len(self.scheduler.waiting)
+        s.kv_cache_usage = self.pool.usage
+        s.prefix_cache_queries = self.pool.prefix_queries
+        s.prefix_cache_hits = self.pool.prefix_hits
+        s.num_preemptions = self.scheduler.num_preemptions
+        s.num_compiled_graphs = self.runner.num_compiled
+        s.compile_seconds = self.runner.compile_seconds
+        self.step_log.append(StepRecord(
+            index=s.steps, scheduled={seq.request.request_id: seq.num_tokens for seq in sched.seqs},
+            bucket=result.bucket, preempted=[r.request_id for r in sched.preempted], seconds=result.seconds))
+
+    # ---- outputs -------------------------------------------------------------------------------
+
+    def _group_output(self, group: _Group) -> RequestOutput:
+        outputs = [self._completion(req, detok) for req, detok in zip(group.children, group.detokenizers)]
+        finished = all(r.is_finished for r in group.children)
+        if finished:
+            self.groups.pop(group.request_id, None)
+        first = group.children[0]
+        return RequestOutput(request_id=group.request_id, prompt=group.prompt,
+                             prompt_token_ids=group.prompt_token_ids, outputs=outputs, finished=finished,
+                             num_cached_tokens=first.num_cached_tokens)
+
+    @staticmethod
+    def _completion(req: Request, detok: IncrementalDetokenizer) -> CompletionOutput:
+        if req.is_finished:
+            text = detok.text if req.final_text is None else req.final_text
+        else:
+            # While running, hold back a tail that could still turn out to be a stop string.
+            hold = max((len(s) for s in req.params.stop or ()), default=1) - 1
+            text = detok.text[:max(0, len(detok.text) - hold)] if hold else detok.text
+        return CompletionOutput(
+            index=req.sample_index, text=text, token_ids=list(req.output_token_ids),
+            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+            logprobs=list(req.logprobs) if req.logprobs is not None else None,
+            finish_reason=req.finish_reason, stop_reason=req.stop_reason)
+

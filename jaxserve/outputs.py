@@ -1,0 +1,37 @@
+"""What generation returns, shaped as vLLM's ``RequestOutput`` / ``CompletionOutput``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None          # 1 = most likely; None when outside the returned top-N
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int                       # which of the request's n completions
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None  # per generated token: token id -> Logprob
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    num_cached_tokens: int = 0
+    metrics: dict = field(default_factory=dict)

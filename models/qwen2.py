@@ -1,0 +1,87 @@
+"""The Qwen2 / Qwen2.5 family: pre-norm decoder layers with grouped-query attention whose q/k/v
+projections carry a bias, RoPE and a SwiGLU MLP; tied embeddings in the small sizes.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxserve.models.config import ModelConfig
+from jaxserve.models.layers import (AttentionFn, HFTensor, Params, PagedAttention, RMSNorm, SwiGLU,
+                                    decoder_forward, decoder_logits, init_decoder_params)
+from jaxserve.models.metadata import AttentionMetadata, KVCache
+from jaxserve.pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+
+
+class Qwen2DecoderLayer(nn.Module):
+    config: ModelConfig
+    attention_fn: AttentionFn
+
+    @nn.compact
+    def __call__(self, x: jax.Array, kv_cache: KVCache, layer: jax.Array,
+                 md: AttentionMetadata) -> tuple[jax.Array, KVCache]:  # x [T, D]
+        cfg = self.config
+        h = RMSNorm(cfg.rms_norm_eps, name="attn_norm")(x)
+        h, kv_cache = PagedAttention(
+            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, qkv_bias=True,
+            sliding_window=cfg.sliding_window, attention_fn=self.attention_fn,
+            name="attn")(h, kv_cache, layer, md)
+        x = x + h
+        h = RMSNorm(cfg.rms_norm_eps, name="mlp_norm")(x)
+        return x + SwiGLU(cfg.intermediate_size, name="mlp")(h), kv_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Model:
+    """Stateless and hashable: all weights live in the params pytree passed to each call."""
+
+    config: ModelConfig
+
+    def init_params(self, rng: jax.Array, dtype=jnp.float32) -> Params:
+        return init_decoder_params(self._layer(ragged_paged_attention_reference), self.config, rng, dtype)
+
+    def forward(self, params: Params, tokens: jax.Array, kv_cache: KVCache, md: AttentionMetadata,
+                *, attention_fn: AttentionFn = ragged_paged_attention_reference) -> tuple[jax.Array, KVCache]:
+        """tokens [T] int32 -> hidden [T, D] after the final norm, and the cache with this step's K/V."""
+        return decoder_forward(self._layer(attention_fn), params, tokens, kv_cache, md,
+                               self.config.rms_norm_eps)
+
+    def compute_logits(self, params: Params, hidden: jax.Array) -> jax.Array:
+        """hidden [R, D] -> logits [R, V] float32."""
+        return decoder_logits(params, hidden, self.config.tie_word_embeddings)
+
+    def hf_tensor_map(self) -> dict[tuple[str, ...], HFTensor]:
+        return hf_tensor_map(self.config)
+
+    def _layer(self, attention_fn: AttentionFn) -> Qwen2DecoderLayer:
+        return Qwen2DecoderLayer(self.config, attention_fn)
+
+
+def hf_tensor_map(cfg: ModelConfig) -> dict[tuple[str, ...], HFTensor]:
+    """Our parameter path -> HF checkpoint tensor (Qwen2ForCausalLM names)."""
+    D, N, K, H, F, V = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                        cfg.intermediate_size, cfg.vocab_size)
+    layer = "model.layers.{l}"
+    names = {
+        ("embed",): HFTensor("model.embed_tokens.weight", (V, D)),
+        ("final_norm", "scale"): HFTensor("model.norm.weight", (D,)),
+        ("layers", "attn_norm", "scale"): HFTensor(f"{layer}.input_layernorm.weight", (D,)),
+        ("layers", "attn", "q_proj"): HFTensor(f"{layer}.self_attn.q_proj.weight", (N * H, D), True),
+        ("layers", "attn", "k_proj"): HFTensor(f"{layer}.self_attn.k_proj.weight", (K * H, D), True),
+        ("layers", "attn", "v_proj"): HFTensor(f"{layer}.self_attn.v_proj.weight", (K * H, D), True),
+        ("layers", "attn", "o_proj"): HFTensor(f"{layer}.self_attn.o_proj.weight", (D, N * H), True),
+        ("layers", "mlp_norm", "scale"): HFTensor(f"{layer}.post_attention_layernorm.weight", (D,)),
+        ("layers", "mlp", "gate_proj"): HFTensor(f"{layer}.mlp.gate_proj.weight", (F, D), True),
+        ("layers", "mlp", "up_proj"): HFTensor(f"{layer}.mlp.up_proj.weight", (F, D), True),
+        ("layers", "mlp", "down_proj"): HFTensor(f"{layer}.mlp.down_proj.weight", (D, F), True),
+    }
+    for proj, heads in (("q", N), ("k", K), ("v", K)):
+        names[("layers", "attn", f"{proj}_bias")] = HFTensor(f"{layer}.self_attn.{proj}_proj.bias",
+                                                             (heads * H,))
+    if not cfg.tie_word_embeddings:
+        names[("lm_head",)] = HFTensor("lm_head.weight", (V, D), True)
+    return names
