@@ -20,7 +20,7 @@ from jaxserve.config import CacheConfig, CompileConfig, SchedulerConfig
 from jaxserve.detokenizer import IncrementalDetokenizer, find_stop
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.request import Request, RequestStatus
-from jaxserve.runner import ModelRunner, StepResult
+from jaxserve.runner import BANNED_WIDTH, ModelRunner, StepResult
 from jaxserve.sampler import SamplingRow
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerOutput
@@ -162,6 +162,9 @@ class LLMEngine:
         if max_tokens > room:
             raise ValueError(f"prompt ({len(token_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
                              f"max_model_len ({self.max_model_len}): max_tokens must be <= {room}")
+        if params.min_tokens and len(params.stop_token_ids or ()) + len(self._eos) > BANNED_WIDTH:
+            raise ValueError(f"stop_token_ids may hold at most {BANNED_WIDTH - len(self._eos)} ids when "
+                             f"min_tokens is set, got {len(params.stop_token_ids)}")
         pages = -(-(len(token_ids) + max_tokens) // self.pool.block_size)
         if pages > self.pool.num_pages - 1:
             raise ValueError(f"prompt plus max_tokens needs {pages} KV pages but the cache has "

@@ -3,27 +3,21 @@ logits and greedy continuation match transformers' own GGUF loader (same dequant
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np
 import pytest
 import torch
 
-from jaxserve.models import bundled_model_path, load_model
+from jaxserve.models import bundled_model_path
 
 MAX_NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="session")
-def smollm2():
-    """(LoadedModel, transformers model, prompt ids) — loaded once; transformers takes ~12 s."""
-    from transformers import AutoModelForCausalLM
-
-    lm = load_model(None, "float32")
-    path = bundled_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32).eval()
+def smollm2(smollm2_llm, smollm2_hf):
+    """(LoadedModel, transformers model, prompt ids), shared with the engine tests (tests/conftest.py)."""
+    lm, hf = smollm2_llm.loaded, smollm2_hf
     prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                               tokenize=False, add_generation_prompt=True)
     ids = lm.tokenizer(prompt, add_special_tokens=False).input_ids

@@ -1,0 +1,164 @@
+"""`SamplingParams`: how one request wants its tokens chosen and when it stops (vLLM's fields).
+
+Host-side and immutable in spirit: validated once when the request arrives, so that nothing a
+client sends can reach the jitted sampler as an out-of-range value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+# The most top logprobs a request may ask for (per sampled or prompt token); the sampler's
+# static `num_top_logprobs` is sized to this.
+MAX_LOGPROBS = 20
+
+# Below this temperature a request is greedy, as in vLLM: dividing logits by ~0 only adds
+# overflow risk and the argmax is the answer anyway.
+_SAMPLING_EPS = 1e-5
+
+
+def _is_int(value) -> bool:
+    # bool is an int subclass; `top_k=True` is a client bug, not top_k=1.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _bad(name: str, value, allowed: str) -> ValueError:
+    return ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """Sampling and stopping parameters of one request (defaults follow vLLM).
+
+    Filtering happens in this order, after the penalties: temperature, then top-k, top-p and
+    min-p, each on the distribution the previous one left.
+    """
+
+    n: int = 1
+    """Number of independent completions to return for the prompt."""
+    temperature: float = 1.0
+    """Divides the logits before sampling; lower is more deterministic, 0 is greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of most likely tokens whose probability reaches
+    top_p. In (0, 1]; 1 disables it."""
+    top_k: int = -1
+    """Keep only the top_k most likely tokens (ties at the boundary kept). -1 disables it."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely token's. In [0, 1];
+    0 disables it."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token that already appears in the output. In [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it appears in the output. In [-2, 2]."""
+    repetition_penalty: float = 1.0
+    """Applied to tokens seen in the prompt or the output: positive logits are divided by it,
+    negative ones multiplied. > 0; 1 disables it, > 1 discourages repetition."""
+    seed: int | None = None
+    """Seed of this request's random stream: same seed and prompt give the same tokens,
+    whatever else is in the batch. None lets the engine pick one."""
+    max_tokens: int | None = 16
+    """Most tokens to generate; None means up to the model's context limit."""
+    min_tokens: int = 0
+    """Fewest tokens to generate before EOS or a stop token id may end the request."""
+    stop: str | list[str] | None = None
+    """Strings that end generation when they appear in the output text (the string itself is
+    left out unless include_stop_str_in_output). Normalised to a list."""
+    stop_token_ids: list[int] | None = None
+    """Token ids that end generation, besides EOS (the token is kept in the output ids).
+    Normalised to a list."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (benchmarks)."""
+    include_stop_str_in_output: bool = False
+    """Keep the matched stop string at the end of the output text."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the detokenised text."""
+    spaces_between_special_tokens: bool = True
+    """Put spaces between special tokens in the text (only tokenizers with a Python decode
+    path honour it; `tokenizers`-backed ones ignore it, as in vLLM)."""
+    logprobs: int | None = None
+    """Return the log-probability of each sampled token and of this many most likely
+    alternatives (0..MAX_LOGPROBS). None returns none."""
+    prompt_logprobs: int | None = None
+    """Return log-probabilities of the prompt tokens with this many alternatives
+    (0..MAX_LOGPROBS). None returns none."""
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop) if self.stop is not None else []
+        self.stop_token_ids = list(self.stop_token_ids) if self.stop_token_ids is not None else []
+        # Store floats as floats: the sampler packs them into float32 arrays anyway.
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            setattr(self, name, float(getattr(self, name)))
+        self._check_ranges()
+
+    def _check_types(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            if not _is_real(getattr(self, name)):
+                raise _bad(name, getattr(self, name), "a number")
+        for name in ("n", "top_k", "min_tokens"):
+            if not _is_int(getattr(self, name)):
+                raise _bad(name, getattr(self, name), "an integer")
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                raise _bad(name, value, "an integer or None")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                     "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "a bool")
+        if self.stop is not None and not isinstance(self.stop, str):
+            if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
+                raise _bad("stop", self.stop, "a string or a list of strings")
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+                    _is_int(t) for t in self.stop_token_ids):
+                raise _bad("stop_token_ids", self.stop_token_ids, "a list of integers")
+
+    def _check_ranges(self) -> None:
+        if self.n < 1:
+            raise _bad("n", self.n, ">= 1")
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise _bad("temperature", self.temperature, ">= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise _bad("top_p", self.top_p, "in (0, 1]")
+        if self.top_k == 0 or self.top_k < -1:
+            raise _bad("top_k", self.top_k, "-1 (disabled) or >= 1")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise _bad("min_p", self.min_p, "in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise _bad(name, getattr(self, name), "in [-2, 2]")
+        if not self.repetition_penalty > 0.0:
+            raise _bad("repetition_penalty", self.repetition_penalty, "> 0")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise _bad("max_tokens", self.max_tokens, ">= 1 or None")
+        if self.min_tokens < 0:
+            raise _bad("min_tokens", self.min_tokens, ">= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise _bad("min_tokens", self.min_tokens, f"<= max_tokens ({self.max_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise _bad(name, value, f"in [0, {MAX_LOGPROBS}] or None")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise _bad("stop_token_ids", self.stop_token_ids, "a list of integers >= 0")
+        if any(s == "" for s in self.stop):
+            raise _bad("stop", self.stop, "non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        """True when the request always takes the most likely token (no randomness)."""
+        return self.temperature < _SAMPLING_EPS or self.top_k == 1
+
+    @property
+    def max_stop_len(self) -> int:
+        """Length of the longest stop string: how much streamed text to hold back."""
+        return max((len(s) for s in self.stop), default=0)

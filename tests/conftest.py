@@ -1,0 +1,55 @@
+"""Shared test fixtures: tiny random transformers checkpoints of every supported family, the
+bundled SmolLM2 (as a jaxserve engine and as the transformers oracle), and the persistent
+compilation cache that lets one test run reuse graphs compiled by another.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from testlib import SMOLLM2_ENGINE_ARGS, TINY_CONFIGS, make_hf_model, save_tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """kind -> (folder with config.json + model.safetensors + tokenizer, the transformers model)."""
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            folder = tmp_path_factory.mktemp(kind)
+            model = make_hf_model(kind)
+            model.save_pretrained(str(folder), safe_serialization=True)
+            save_tiny_tokenizer(folder)
+            cache[kind] = (str(folder), model)
+        return cache[kind]
+
+    return get
+
+
+def pytest_generate_tests(metafunc):
+    # A test taking `tiny_kind` runs once per tiny model family config.
+    if "tiny_kind" in metafunc.fixturenames:
+        metafunc.parametrize("tiny_kind", list(TINY_CONFIGS))
+
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm():
+    from jaxserve import LLM
+
+    return LLM(**SMOLLM2_ENGINE_ARGS)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' own GGUF loader on the same file, in fp32: the oracle (about 12 s to load)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxserve.models import bundled_model_path
+
+    path = bundled_model_path()
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32).eval()

