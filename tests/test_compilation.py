@@ -14,7 +14,7 @@ from jaxserve import SamplingParams
 
 
 class CompileCounter:
-    """Counts XLA backend compilations (persistent-cache loads are not compilations)."""
+    """Counts executables JAX builds, whether compiled or loaded from the persistent cache."""
 
     def __init__(self):
         self.count = 0
@@ -53,16 +53,13 @@ def test_mixed_traffic_compiles_nothing_after_warmup(smollm2_llm):
 
 SECOND_PROCESS = """
 import json, time, jax
-hits = []
-jax.monitoring.register_event_listener(lambda e, **kw: hits.append(e) if e.endswith("cache_hits") else None)
-compiles = []
-jax.monitoring.register_event_duration_secs_listener(
-    lambda e, d, **kw: compiles.append(d) if e == "/jax/core/compile/backend_compile_duration" else None)
+events = []
+jax.monitoring.register_event_listener(lambda e, **kw: events.append(e))
 start = time.perf_counter()
 from jaxserve import LLM
 llm = LLM(**{args})
-print(json.dumps({{"start_seconds": time.perf_counter() - start, "cache_hits": len(hits),
-                  "backend_compiles": len(compiles), "buckets": len(llm.engine.runner.buckets),
+print(json.dumps({{"start_seconds": time.perf_counter() - start, "cache_hits": events.count("/jax/compilation_cache/cache_hits"),
+                  "cache_misses": events.count("/jax/compilation_cache/cache_misses"), "buckets": len(llm.engine.runner.buckets),
                   "warmup_seconds": llm.engine.runner.compile_seconds}}))
 """
 
@@ -74,4 +71,4 @@ def test_second_process_loads_step_graphs_from_the_persistent_cache(smollm2_llm)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     print("second process:", report)
     assert report["cache_hits"] >= report["buckets"]
-    assert report["backend_compiles"] < report["buckets"]  # the step graphs came from disk
+    assert report["cache_misses"] < report["buckets"]  # the step graphs came from disk, not the compiler
