@@ -140,7 +140,8 @@ class LLMEngine:
                 prompt_token_ids=token_ids, params=params, seed=child_seed, max_tokens=max_tokens,
                 eos_token_ids=self._eos, prompt=prompt_text, group_id=request_id, sample_index=i,
                 leader=children[0] if i > 0 else None,
-                logprobs=[] if params.logprobs is not None else None))
+                logprobs=[] if params.logprobs is not None else None,
+                prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None))
         detoks = [IncrementalDetokenizer(self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens,
                                          spaces_between_special_tokens=params.spaces_between_special_tokens)
                   for _ in children]
@@ -192,6 +193,8 @@ class LLMEngine:
         rows = [self._sampling_row(s.request) if s.samples else None for s in sched.seqs]
         result = self.runner.execute(sched, rows)
         self.scheduler.update_after_step(sched)
+        if result.prompt_logprobs is not None:
+            self._store_prompt_logprobs(sched, result)
         touched = self._process_samples(sched, result)
         self._record(sched, result)
         return [self._group_output(g) for g in touched]
@@ -220,7 +223,8 @@ class LLMEngine:
             detok = group.detokenizers[req.sample_index]
             new_text = detok.add_token(token)
             if req.logprobs is not None:
-                req.logprobs.append(self._logprob_entry(req.params.logprobs, token, result, i))
+                req.logprobs.append(self._logprob_entry(req.params.logprobs, token, result.logprobs[i],
+                                                        result.top_ids[i], result.top_logprobs[i]))
             status = self._stop_status(req, token, detok, len(new_text))
             if status is not None:
                 detok.flush()  # an unfinished multi-byte character at the very end
@@ -229,14 +233,29 @@ class LLMEngine:
             touched[group.request_id] = group
         return list(touched.values())
 
-    def _logprob_entry(self, num_top: int, token: int, result: StepResult, i: int) -> dict[int, Logprob]:
-        top_ids = result.top_ids[i][:num_top].tolist()
-        entry = {token: Logprob(float(result.logprobs[i]), top_ids.index(token) + 1 if token in top_ids else None,
+    def _logprob_entry(self, num_top: int, token: int, logprob: float, top_ids, top_logprobs) -> dict[int, Logprob]:
+        """vLLM's per-position logprobs: the chosen token, then the top ``num_top`` by rank."""
+        top_ids = top_ids[:num_top].tolist()
+        entry = {token: Logprob(float(logprob), top_ids.index(token) + 1 if token in top_ids else None,
                                 self.tokenizer.decode([token]))}
-        for rank, (tid, lp) in enumerate(zip(top_ids, result.top_logprobs[i][:num_top].tolist()), start=1):
+        for rank, (tid, lp) in enumerate(zip(top_ids, top_logprobs[:num_top].tolist()), start=1):
             if tid not in entry:
                 entry[tid] = Logprob(float(lp), rank, self.tokenizer.decode([tid]))
         return entry
+
+    def _store_prompt_logprobs(self, sched: SchedulerOutput, result: StepResult) -> None:
+        lps, top_ids, top_lps = result.prompt_logprobs
+        offset = 0
+        for seq in sched.seqs:
+            req = seq.request
+            if req.prompt_logprobs is not None:
+                # Flat row offset + i scores prompt token start + i + 1 (recomputation overwrites alike).
+                for i in range(max(0, min(seq.num_tokens, req.num_prompt_tokens - 1 - seq.start))):
+                    pos = seq.start + i + 1
+                    req.prompt_logprobs[pos] = self._logprob_entry(
+                        req.params.prompt_logprobs, req.prompt_token_ids[pos], lps[offset + i],
+                        top_ids[offset + i], top_lps[offset + i])
+            offset += seq.num_tokens
 
     def _stop_status(self, req: Request, token: int, detok: IncrementalDetokenizer,
                      num_new_chars: int) -> RequestStatus | None:
@@ -292,7 +311,7 @@ class LLMEngine:
         first = group.children[0]
         return RequestOutput(request_id=group.request_id, prompt=group.prompt,
                              prompt_token_ids=group.prompt_token_ids, outputs=outputs, finished=finished,
-                             num_cached_tokens=first.num_cached_tokens)
+                             prompt_logprobs=first.prompt_logprobs, num_cached_tokens=first.num_cached_tokens)
 
     @staticmethod
     def _completion(req: Request, detok: IncrementalDetokenizer) -> CompletionOutput:

@@ -47,6 +47,7 @@ class Request:
     block_hashes: list = field(default_factory=list)  # chained hashes of the full pages computed so far
     num_preemptions: int = 0
     logprobs: list[dict] | None = None
+    prompt_logprobs: list[dict | None] | None = None  # one per prompt token; the first is always None
     cumulative_logprob: float = 0.0
     stop_reason: int | str | None = None
     final_text: str | None = None    # the text cut at a stop string, once one is found

@@ -17,8 +17,9 @@ import numpy as np
 
 from jaxserve.block_pool import NULL_PAGE
 from jaxserve.models.metadata import AttentionMetadata, KVCache
-from jaxserve.sampler import SamplerOutput, SamplingRow, SamplingTensors, build_sampling_tensors, sample
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampler import (SamplerOutput, SamplingRow, SamplingTensors, build_sampling_tensors,
+                              compute_logprobs, sample)
+from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
 from jaxserve.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class StepResult:
     top_logprobs: np.ndarray   # [n, MAX_LOGPROBS]
     bucket: tuple[int, int]
     seconds: float
+    # Only when a scheduled request asked for prompt_logprobs: per flat token, the log-prob of the
+    # next prompt token and the top ones ([T], [T, MAX_LOGPROBS], [T, MAX_LOGPROBS]).
+    prompt_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 _GREEDY = SamplingParams(temperature=0.0)
@@ -74,12 +78,12 @@ class ModelRunner:
         self.kv_cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
         self.buckets = [(t, min(t, max_num_seqs)) for t in token_buckets(max_num_batched_tokens)]
         self._jitted = jax.jit(self._step, donate_argnums=(1,))
-        self._compiled: dict[tuple[int, int], object] = {}
+        self._compiled: dict[tuple[tuple[int, int], bool], object] = {}  # (bucket, prompt_logprobs)
         self.compile_seconds = 0.0
 
     # ---- device side -------------------------------------------------------------------------
 
-    def _step(self, params, kv_cache: KVCache, inputs: StepInputs):
+    def _step(self, params, kv_cache: KVCache, inputs: StepInputs, prompt_targets=None):
         with jax.named_scope("model"):
             hidden, kv_cache = self.model.forward(params, inputs.tokens, kv_cache, inputs.attn,
                                                   attention_fn=self.attention_fn)
@@ -87,19 +91,27 @@ class ModelRunner:
             logits = self.model.compute_logits(params, hidden[inputs.logits_indices])  # [B, V]
         with jax.named_scope("sampler"):
             out = sample(logits, inputs.sampling)
-        return kv_cache, out
+        if prompt_targets is None:
+            return kv_cache, out
+        # The prompt_logprobs variant (compiled only when a request asks): every position scores
+        # the prompt token after it.
+        with jax.named_scope("prompt_logprobs"):
+            all_logits = self.model.compute_logits(params, hidden)  # [T, V]
+            prompt = compute_logprobs(all_logits, jnp.maximum(prompt_targets, 0), num_top_logprobs=MAX_LOGPROBS)
+        return kv_cache, out, prompt
 
     @property
     def num_compiled(self) -> int:
         return len(self._compiled)
 
-    def _executable(self, bucket: tuple[int, int], inputs: StepInputs):
-        exe = self._compiled.get(bucket)
+    def _executable(self, bucket: tuple[int, int], inputs: StepInputs, prompt_targets=None):
+        key = (bucket, prompt_targets is not None)
+        exe = self._compiled.get(key)
         if exe is None:
             start = time.perf_counter()
-            exe = self._jitted.lower(self.params, self.kv_cache, inputs).compile()
+            exe = self._jitted.lower(self.params, self.kv_cache, inputs, prompt_targets).compile()
             self.compile_seconds += time.perf_counter() - start
-            self._compiled[bucket] = exe
+            self._compiled[key] = exe
             logger.debug("compiled step T=%d B=%d in %.2fs", *bucket, time.perf_counter() - start)
         return exe
 
@@ -157,13 +169,29 @@ class ModelRunner:
                                                  self.max_model_len, BANNED_WIDTH)
         return bucket, inputs
 
+    def _prompt_targets(self, sched: SchedulerOutput, num_tokens: int) -> np.ndarray | None:
+        """[T] the prompt token after each flat position of requests wanting prompt_logprobs, else -1."""
+        if not any(s.request.params.prompt_logprobs is not None for s in sched.seqs):
+            return None
+        targets = np.full(num_tokens, -1, np.int32)
+        offset = 0
+        for seq in sched.seqs:
+            req = seq.request
+            if req.params.prompt_logprobs is not None:
+                end = min(seq.start + seq.num_tokens, req.num_prompt_tokens - 1)
+                if end > seq.start:
+                    targets[offset:offset + end - seq.start] = req.prompt_token_ids[seq.start + 1:end + 1]
+            offset += seq.num_tokens
+        return targets
+
     def execute(self, sched: SchedulerOutput, rows: list[SamplingRow | None]) -> StepResult:
         start = time.perf_counter()
         bucket, inputs = self.prepare(sched, rows)
-        exe = self._executable(bucket, inputs)
-        self.kv_cache, out = exe(self.params, self.kv_cache, inputs)
-        out: SamplerOutput = jax.device_get(out)  # the step's one device->host transfer
+        targets = self._prompt_targets(sched, bucket[0])
+        exe = self._executable(bucket, inputs, targets)
+        self.kv_cache, *outs = exe(self.params, self.kv_cache, inputs, targets)
+        out, *prompt = jax.device_get(outs)  # the step's one device->host transfer
         n = len(sched.seqs)
         return StepResult(tokens=out.tokens[:n], logprobs=out.logprobs[:n], top_ids=out.top_ids[:n],
                           top_logprobs=out.top_logprobs[:n], bucket=bucket,
-                          seconds=time.perf_counter() - start)
+                          seconds=time.perf_counter() - start, prompt_logprobs=prompt[0] if prompt else None)

@@ -82,7 +82,8 @@ class Scheduler:
             if self._waits_for_leader(req):
                 deferred.append(self.waiting.popleft())
                 continue
-            if req.num_computed_tokens == 0:
+            # prompt_logprobs needs every prompt position computed, so such requests skip the cache.
+            if req.num_computed_tokens == 0 and req.params.prompt_logprobs is None:
                 self._take_cached_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self._reserve_pages(req, n):

@@ -201,3 +201,21 @@ def test_bad_requests_are_refused_and_others_carry_on(smollm2_llm):
 def test_invalid_sampling_params_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs)
+
+
+def test_prompt_logprobs_match_transformers(smollm2_llm, smollm2_hf):
+    import torch
+
+    prompt = smollm2_llm.get_tokenizer()("The capital of France is Paris, and the capital of Italy is").input_ids
+    out = smollm2_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2),
+                               use_tqdm=False)[0]
+    with torch.no_grad():
+        want = torch.log_softmax(smollm2_hf(torch.tensor([prompt])).logits[0], dim=-1).numpy()
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        entry = out.prompt_logprobs[pos]
+        assert entry[prompt[pos]].logprob == pytest.approx(float(want[pos - 1, prompt[pos]]), abs=1e-3)
+        top = sorted(entry.values(), key=lambda lp: lp.rank or 99)
+        assert [lp.rank for lp in top if lp.rank][:2] == [1, 2]
+        best = int(want[pos - 1].argmax())
+        assert entry[best].rank == 1
