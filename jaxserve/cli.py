@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--top-k", type=int, default=-1)
     s.add_argument("--sample-seed", type=int, default=None)
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    # One stream needs no big prefill steps: fewer buckets to compile at start.
+    gen.set_defaults(max_num_batched_tokens=128)
     args = parser.parse_args(argv)
     if args.command == "generate":
         try:
