@@ -7,13 +7,10 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxserve.models.config import ModelConfig
-from jaxserve.models.layers import (AttentionFn, HFTensor, Params, PagedAttention, RMSNorm, SwiGLU,
-                                    decoder_forward, decoder_logits, init_decoder_params)
+from jaxserve.models.layers import (AttentionFn, DecoderLM, HFTensor, PagedAttention, RMSNorm, SwiGLU)
 from jaxserve.models.metadata import AttentionMetadata, KVCache
-from jaxserve.pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -35,29 +32,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaModel:
-    """Stateless and hashable: all weights live in the params pytree passed to each call."""
-
-    config: ModelConfig
-
-    def init_params(self, rng: jax.Array, dtype=jnp.float32) -> Params:
-        return init_decoder_params(self._layer(ragged_paged_attention_reference), self.config, rng, dtype)
-
-    def forward(self, params: Params, tokens: jax.Array, kv_cache: KVCache, md: AttentionMetadata,
-                *, attention_fn: AttentionFn = ragged_paged_attention_reference) -> tuple[jax.Array, KVCache]:
-        """tokens [T] int32 -> hidden [T, D] after the final norm, and the cache with this step's K/V."""
-        return decoder_forward(self._layer(attention_fn), params, tokens, kv_cache, md,
-                               self.config.rms_norm_eps)
-
-    def compute_logits(self, params: Params, hidden: jax.Array) -> jax.Array:
-        """hidden [R, D] -> logits [R, V] float32."""
-        return decoder_logits(params, hidden, self.config.tie_word_embeddings)
+class LlamaModel(DecoderLM):
+    def decoder_layer(self, attention_fn: AttentionFn) -> LlamaDecoderLayer:
+        return LlamaDecoderLayer(self.config, attention_fn)
 
     def hf_tensor_map(self) -> dict[tuple[str, ...], HFTensor]:
         return hf_tensor_map(self.config)
-
-    def _layer(self, attention_fn: AttentionFn) -> LlamaDecoderLayer:
-        return LlamaDecoderLayer(self.config, attention_fn)
 
 
 def hf_tensor_map(cfg: ModelConfig) -> dict[tuple[str, ...], HFTensor]:

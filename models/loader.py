@@ -17,7 +17,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxserve.models.config import ModelConfig
-from jaxserve.models.layers import HFTensor, Params
+from jaxserve.models.layers import DecoderLM, HFTensor, Params
 from jaxserve.models.llama import LlamaModel
 from jaxserve.models.mistral import MistralModel
 from jaxserve.models.qwen2 import Qwen2Model
@@ -31,7 +31,7 @@ MODEL_CLASSES = {
     "Qwen2ForCausalLM": Qwen2Model,
     "Qwen3ForCausalLM": Qwen3Model,
 }
-DecoderModel = LlamaModel | MistralModel | Qwen2Model | Qwen3Model
+DecoderModel = DecoderLM  # the API every family class implements
 
 BUNDLED_ALIAS = "smollm2"
 _BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
