@@ -102,7 +102,13 @@ class ModelRunner:
 
     @property
     def num_compiled(self) -> int:
+        """Executables held, prompt_logprobs variants included."""
         return len(self._compiled)
+
+    @property
+    def num_compiled_steps(self) -> int:
+        """Plain step executables (the ones warm-up builds, one per bucket)."""
+        return sum(1 for _, with_prompt_logprobs in self._compiled if not with_prompt_logprobs)
 
     def _executable(self, bucket: tuple[int, int], inputs: StepInputs, prompt_targets=None):
         key = (bucket, prompt_targets is not None)
@@ -110,9 +116,10 @@ class ModelRunner:
         if exe is None:
             start = time.perf_counter()
             exe = self._jitted.lower(self.params, self.kv_cache, inputs, prompt_targets).compile()
-            self.compile_seconds += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.compile_seconds += seconds
             self._compiled[key] = exe
-            logger.debug("compiled step T=%d B=%d in %.2fs", *bucket, time.perf_counter() - start)
+            logger.debug("compiled step T=%d B=%d in %.2fs", *bucket, seconds)
         return exe
 
     def warmup(self) -> None:
@@ -128,9 +135,10 @@ class ModelRunner:
 
     # ---- host side ---------------------------------------------------------------------------
 
-    def _empty_inputs(self, bucket: tuple[int, int]) -> StepInputs:
+    def _empty_inputs(self, bucket: tuple[int, int], rows: list[SamplingRow] = ()) -> StepInputs:
+        """All-padding inputs of a bucket, with the sampling rows of the real sequences."""
         T, B = bucket
-        sampling = build_sampling_tensors([], B, self.max_model_len, BANNED_WIDTH)
+        sampling = build_sampling_tensors(list(rows), B, self.max_model_len, BANNED_WIDTH)
         attn = AttentionMetadata(
             positions=np.zeros(T, np.int32), slot_mapping=np.zeros(T, np.int32),
             cu_q_lens=np.zeros(B + 1, np.int32), kv_lens=np.zeros(B, np.int32),
@@ -142,7 +150,8 @@ class ModelRunner:
     def prepare(self, sched: SchedulerOutput, rows: list[SamplingRow | None]) -> tuple[tuple[int, int], StepInputs]:
         """The flat ragged batch of a step, padded to its bucket (numpy only)."""
         bucket = self.bucket_for(sched.num_tokens)
-        inputs = self._empty_inputs(bucket)
+        greedy_row = SamplingRow(params=_GREEDY, seed=0, step=0, prompt_ids=(), output_ids=(), banned_ids=())
+        inputs = self._empty_inputs(bucket, [r or greedy_row for r in rows])
         a = inputs.attn
         S = self.block_size
         offset = 0
@@ -164,9 +173,6 @@ class ModelRunner:
             inputs.logits_indices[b] = offset - 1
         a.cu_q_lens[len(sched.seqs) + 1:] = offset
         a.num_seqs = np.int32(len(sched.seqs))
-        greedy_row = SamplingRow(params=_GREEDY, seed=0, step=0, prompt_ids=(), output_ids=(), banned_ids=())
-        inputs.sampling = build_sampling_tensors([r or greedy_row for r in rows], bucket[1],
-                                                 self.max_model_len, BANNED_WIDTH)
         return bucket, inputs
 
     def _prompt_targets(self, sched: SchedulerOutput, num_tokens: int) -> np.ndarray | None:
