@@ -289,6 +289,14 @@ class LLMEngine:
             p = seq.request.num_prompt_tokens
             s.prompt_tokens += max(0, min(seq.start + seq.num_tokens, p) - seq.start)
             s.generation_tokens += int(seq.samples)
+        self.refresh_stats()
+        self.step_log.append(StepRecord(
+            index=s.steps, scheduled={seq.request.request_id: seq.num_tokens for seq in sched.seqs},
+            bucket=result.bucket, preempted=[r.request_id for r in sched.preempted], seconds=result.seconds))
+
+    def refresh_stats(self) -> EngineStats:
+        """Bring the gauges up to date between steps (an abort frees pages without a step)."""
+        s = self.stats
         s.num_running = len(self.scheduler.running)
         s.num_waiting = len(self.scheduler.waiting)
         s.kv_cache_usage = self.pool.usage
@@ -297,9 +305,7 @@ class LLMEngine:
         s.num_preemptions = self.scheduler.num_preemptions
         s.num_compiled_graphs = self.runner.num_compiled
         s.compile_seconds = self.runner.compile_seconds
-        self.step_log.append(StepRecord(
-            index=s.steps, scheduled={seq.request.request_id: seq.num_tokens for seq in sched.seqs},
-            bucket=result.bucket, preempted=[r.request_id for r in sched.preempted], seconds=result.seconds))
+        return s
 
     # ---- outputs -------------------------------------------------------------------------------
 

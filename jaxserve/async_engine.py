@@ -1,0 +1,380 @@
+"""`AsyncEngine`: the LLMEngine run by one background thread, fed and read from asyncio.
+
+The thread owns all engine state. The event loop hands it adds and aborts through a thread-safe
+inbox, applied at the top of each loop iteration, and gets back per request an asyncio.Queue of
+output deltas (via ``call_soon_threadsafe``). ``server/`` reaches the engine only through this
+class, so it never imports JAX.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than --max-queue allows; the client should retry later."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is shutting down and accepts no new requests."""
+
+
+class EngineStepError(RuntimeError):
+    """The engine failed while this request was running (a server fault, not the client's)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What one finished (or aborted) request cost, for the request log and /metrics."""
+    request_id: str
+    log_id: str                       # the client-facing id (X-Request-ID) the logs show
+    prompt: str | None
+    num_prompt_tokens: int
+    num_generation_tokens: int        # over all n completions
+    arrival_time: float               # time.monotonic() when add_request was called
+    first_token_time: float | None
+    finish_time: float
+    finish_reasons: tuple[str, ...]   # one per completion; "abort" when the client left
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def e2e(self) -> float:
+        return self.finish_time - self.arrival_time
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        per_seq = self.num_generation_tokens / max(1, len(self.finish_reasons))
+        if self.first_token_time is None or per_seq < 2:
+            return None
+        return (self.finish_time - self.first_token_time) / (per_seq - 1)
+
+
+class _Progress:
+    """Engine-thread bookkeeping of what one request has already sent, to cut deltas."""
+
+    def __init__(self, request_id: str, n: int, arrival: float):
+        self.request_id = request_id
+        self.arrival = arrival
+        self.first_token_time: float | None = None
+        self.text_len = [0] * n
+        self.num_tokens = [0] * n
+        self.num_logprobs = [0] * n
+        self.done = [False] * n
+        self.sent_prompt = False
+
+    def delta(self, out: RequestOutput, now: float) -> RequestOutput | None:
+        pieces = []
+        for c in out.outputs:
+            i = c.index
+            if self.done[i]:
+                continue
+            text, tokens = c.text[self.text_len[i]:], c.token_ids[self.num_tokens[i]:]
+            if not text and not tokens and c.finish_reason is None:
+                continue
+            logprobs = c.logprobs[self.num_logprobs[i]:] if c.logprobs is not None else None
+            self.text_len[i], self.num_tokens[i] = len(c.text), len(c.token_ids)
+            self.num_logprobs[i] = len(c.logprobs or ())
+            self.done[i] = c.finish_reason is not None
+            pieces.append(CompletionOutput(i, text, tokens, c.cumulative_logprob, logprobs,
+                                           c.finish_reason, c.stop_reason))
+        if self.first_token_time is None and any(p.token_ids for p in pieces):
+            self.first_token_time = now
+        if not pieces and not out.finished:
+            return None
+        first = not self.sent_prompt
+        self.sent_prompt = True
+        metrics = dict(arrival_time=self.arrival, first_token_time=self.first_token_time)
+        if out.finished:
+            metrics["finish_time"] = now
+        return RequestOutput(self.request_id, out.prompt, out.prompt_token_ids, pieces, out.finished,
+                             prompt_logprobs=out.prompt_logprobs if first else None,
+                             num_cached_tokens=out.num_cached_tokens, metrics=metrics)
+
+    def aborted(self, now: float) -> RequestOutput:
+        """The closing delta of a request the engine dropped (shutdown or an engine fault)."""
+        pieces = [CompletionOutput(i, "", [], None, None, "abort") for i, d in enumerate(self.done) if not d]
+        return RequestOutput(self.request_id, None, [], pieces, True, metrics=dict(
+            arrival_time=self.arrival, first_token_time=self.first_token_time, finish_time=now))
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator of deltas; closing it early aborts it.
+
+    Use ``async with stream:`` (or call ``close()``) so that a handler that stops reading — a
+    client that disconnected, an exception — frees the request's KV pages.
+    """
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, params: SamplingParams, log_id: str,
+                 prompt: str | None):
+        self.request_id = request_id
+        self.params = params
+        self._engine = engine
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._log_id = log_id
+        self._prompt = prompt
+        self._finished = False
+        self._closed = False
+        self._num_prompt_tokens = 0
+        self._num_generated = 0
+        self._reasons: dict[int, str] = {}
+        self._metrics: dict = {}
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        self._observe(item)
+        return item
+
+    def _observe(self, out: RequestOutput) -> None:
+        if out.prompt_token_ids:
+            self._num_prompt_tokens = len(out.prompt_token_ids)
+        for c in out.outputs:
+            self._num_generated += len(c.token_ids)
+            if c.finish_reason is not None:
+                self._reasons[c.index] = c.finish_reason
+        self._metrics.update(out.metrics)
+        self._finished = out.finished
+
+    async def __aenter__(self) -> "RequestStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Abort the request unless it finished; report it once. Idempotent, event-loop thread only."""
+        if self._closed:
+            return
+        self._closed = True
+        now = time.monotonic()
+        if not self._finished:
+            self._engine._post(("abort", self.request_id))
+        reasons = tuple(self._reasons.get(i, "abort") for i in range(self.params.n))
+        self._engine._forget(self.request_id, self.params.n)
+        self._engine._report(RequestRecord(
+            self.request_id, self._log_id, self._prompt, self._num_prompt_tokens, self._num_generated,
+            self._metrics.get("arrival_time", now), self._metrics.get("first_token_time"),
+            self._metrics.get("finish_time", now), reasons))
+
+
+class AsyncEngine:
+    """Serve an LLMEngine to asyncio code. Call ``start()`` inside the running event loop.
+
+    ``max_queue``: sequences allowed to wait beyond the ``max_num_seqs`` the engine runs at once
+    (Ollama's OLLAMA_MAX_QUEUE); more are refused with QueueFullError.
+    ``on_request_done``: called on the event loop with a RequestRecord when a request ends.
+    """
+
+    def __init__(self, engine, *, max_queue: int = 512,
+                 on_request_done: Callable[[RequestRecord], None] | None = None):
+        if not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        self.engine = engine
+        # HF fast tokenizers are not safe to share between threads (encode may reconfigure the
+        # Rust object), so the event loop gets its own copy; the engine thread keeps the original.
+        self.tokenizer = copy.deepcopy(engine.tokenizer)
+        self.max_model_len: int = engine.max_model_len
+        self.vocab_size: int = engine.vocab_size
+        self.max_num_seqs: int = engine.scheduler.config.max_num_seqs
+        self.max_queue = max_queue
+        self.on_request_done = on_request_done
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = False
+        # Event-loop side only: the open streams and the sequences they hold.
+        self._streams: dict[str, RequestStream] = {}
+        self._num_seqs = 0
+        # Engine-thread side only.
+        self._progress: dict[str, _Progress] = {}
+        self._stats = dataclasses.replace(engine.refresh_stats(), step_seconds=[])
+
+    # ---- event-loop API ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("AsyncEngine already started")
+        self._loop = asyncio.get_running_loop()
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_open_sequences(self) -> int:
+        return self._num_seqs
+
+    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
+                          prompt_text: str | None = None, log_id: str | None = None) -> RequestStream:
+        """Queue a request and return its stream once the engine accepted it.
+
+        Raises ValueError (the request cannot be served, nothing changed), QueueFullError or
+        EngineClosedError.
+        """
+        if not self._accepting or not self.is_running:
+            raise EngineClosedError("the server is shutting down")
+        if self._num_seqs + params.n > self.max_num_seqs + self.max_queue:
+            raise QueueFullError(f"server busy: more than {self.max_queue} sequences waiting "
+                                 f"(--max-queue); retry later")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt_text if prompt_text is not None else (prompt if isinstance(prompt, str) else None)
+        stream = RequestStream(self, request_id, params, log_id or request_id, text)
+        self._streams[request_id] = stream
+        self._num_seqs += params.n
+        accepted = self._loop.create_future()
+        self._post(("add", request_id, prompt, params, prompt_text, accepted, time.monotonic()))
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            stream.close()  # the add may have landed already: the abort queued behind it undoes it
+            raise
+        except BaseException:
+            stream._finished = True
+            self._forget(request_id, params.n)
+            raise
+        return stream
+
+    def stats(self):
+        """The latest EngineStats snapshot published by the engine thread (gauges and counters)."""
+        return self._stats
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Refuse new requests, end every open stream with finish_reason "abort", join the thread."""
+        self._accepting = False
+        if self._thread is None:
+            return
+        self._post(("stop",))
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+        if self._thread.is_alive():
+            logger.warning("engine thread did not stop within %.1f s", timeout)
+
+    # ---- event-loop internals ------------------------------------------------------------------
+
+    def _post(self, message: tuple) -> None:
+        self._inbox.put(message)
+        self._wakeup.set()
+
+    def _forget(self, request_id: str, n: int) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self._num_seqs -= n
+
+    def _report(self, record: RequestRecord) -> None:
+        if self.on_request_done is not None:
+            try:
+                self.on_request_done(record)
+            except Exception:  # a logging or metrics bug must not break the request path
+                logger.exception("on_request_done failed for %s", record.request_id)
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream._queue.put_nowait(item)
+
+    # ---- engine thread -------------------------------------------------------------------------
+
+    def _send(self, request_id: str, item) -> None:
+        self._loop.call_soon_threadsafe(self._deliver, request_id, item)
+
+    @staticmethod
+    def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
+        if future.cancelled():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+    def _apply_inbox(self) -> bool:
+        """Apply queued adds and aborts; True when a stop was asked for."""
+        stop = False
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return stop
+            kind = message[0]
+            if kind == "add":
+                _, request_id, prompt, params, prompt_text, future, arrival = message
+                error = None
+                try:
+                    self.engine.add_request(request_id, prompt, params, prompt_text=prompt_text)
+                    self._progress[request_id] = _Progress(request_id, params.n, arrival)
+                except ValueError as e:
+                    error = e
+                except Exception as e:  # a bug, not the client's mistake: keep the loop alive
+                    logger.exception("add_request failed for %s", request_id)
+                    error = EngineStepError(f"the engine could not take the request: {e}")
+                self._loop.call_soon_threadsafe(self._resolve, future, error)
+            elif kind == "abort":
+                self.engine.abort_request(message[1])
+                self._progress.pop(message[1], None)
+            elif kind == "stop":
+                stop = True
+
+    def _abort_all(self, error: BaseException | None) -> None:
+        now = time.monotonic()
+        for request_id, progress in list(self._progress.items()):
+            self.engine.abort_request(request_id)
+            self._send(request_id, error if error is not None else progress.aborted(now))
+        self._progress.clear()
+
+    def _publish_stats(self) -> None:
+        # A fresh copy each time: readers on the event loop never see a half-updated object.
+        self._stats = dataclasses.replace(self.engine.refresh_stats(), step_seconds=[])
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            self._wakeup.clear()  # before reading the inbox, so a later post is never missed
+            if self._apply_inbox():
+                self._abort_all(None)
+                self._publish_stats()
+                return
+            if not engine.has_unfinished_requests():
+                self._publish_stats()
+                self._wakeup.wait()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as e:
+                logger.exception("engine step failed; aborting the running requests")
+                self._abort_all(EngineStepError(f"the engine failed: {e}"))
+                self._publish_stats()
+                continue
+            now = time.monotonic()
+            for out in outputs:
+                progress = self._progress.get(out.request_id)
+                if progress is None:
+                    continue
+                delta = progress.delta(out, now)
+                if delta is not None:
+                    self._send(out.request_id, delta)
+                if out.finished:
+                    del self._progress[out.request_id]
+            self._publish_stats()

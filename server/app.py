@@ -1,0 +1,139 @@
+"""The Sanic app factory: routes of both API families over one AsyncEngine, and the middleware
+every route shares (request ids, API key, CORS, errors in the caller's API format, request logs).
+
+Single process: ``create_app(...).run(single_process=True)``; the engine thread starts with the
+server and stops (ending every open stream) when it shuts down.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+
+from sanic import HTTPResponse, Request, Sanic
+from sanic.exceptions import SanicException
+from sanic.response import json as json_response
+
+from jaxserve.async_engine import AsyncEngine, EngineClosedError, QueueFullError, RequestRecord
+from jaxserve.server import ollama_protocol, openai_protocol
+from jaxserve.server.config import ServerConfig
+from jaxserve.server.metrics import CONTENT_TYPE, Metrics
+from jaxserve.server.model_card import ModelCard
+from jaxserve.server.ollama_routes import bp as ollama_bp
+from jaxserve.server.openai_routes import bp as openai_bp
+from jaxserve.server.validation import RequestError
+
+logger = logging.getLogger("jaxserve.server")
+_OPEN_PATHS = ("/health",)
+
+
+def _is_ollama(request: Request) -> bool:
+    return request.path.startswith("/api/")
+
+
+def error_response(request: Request, status: int, message: str, *, kind: str | None = None,
+                   param: str | None = None, code: str | None = None) -> HTTPResponse:
+    """An error in the format of the API family the path belongs to."""
+    if _is_ollama(request):
+        return json_response(ollama_protocol.error_body(message), status=status)
+    if kind is None:
+        kind = {401: "authentication_error", 404: "not_found_error", 503: "server_error"}.get(
+            status, "invalid_request_error" if status < 500 else "server_error")
+    return json_response(openai_protocol.error_body(message, kind=kind, param=param, code=code), status=status)
+
+
+def _log_record(config: ServerConfig, record: RequestRecord) -> None:
+    prompt = record.prompt
+    if prompt is not None and config.max_log_len is not None:
+        prompt = prompt[:config.max_log_len]
+    ttft = f"{record.ttft:.3f}s" if record.ttft is not None else "-"
+    logger.info("request %s: prompt_tokens=%d generation_tokens=%d ttft=%s total=%.3fs finish=%s prompt=%r",
+                record.log_id, record.num_prompt_tokens, record.num_generation_tokens, ttft, record.e2e,
+                ",".join(record.finish_reasons), prompt)
+
+
+def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, name: str = "jaxserve") -> Sanic:
+    app = Sanic(name)
+    app.config.REQUEST_MAX_SIZE = config.max_request_bytes
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = config.shutdown_timeout
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    metrics = Metrics(engine, card.names[0])
+    app.ctx.engine, app.ctx.card, app.ctx.config, app.ctx.metrics = engine, card, config, metrics
+
+    def on_request_done(record: RequestRecord) -> None:
+        metrics.observe(record)
+        if config.log_requests:
+            _log_record(config, record)
+
+    engine.on_request_done = on_request_done
+    api_key = config.api_key.encode() if config.api_key else None
+    any_origin = "*" in config.allowed_origins
+
+    @app.on_request
+    async def before(request: Request):
+        request.ctx.start = time.monotonic()
+        request.ctx.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        if api_key is not None and request.path not in _OPEN_PATHS and request.method != "OPTIONS":
+            given = request.headers.get("authorization", "")
+            token = given[7:].encode() if given[:7].lower() == "bearer " else b""
+            if not hmac.compare_digest(token, api_key):
+                raise RequestError("Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                   status=401, code="invalid_api_key")
+
+    @app.on_response
+    async def after(request: Request, response: HTTPResponse):
+        request_id = getattr(request.ctx, "request_id", None) or request.headers.get("x-request-id")
+        response.headers["X-Request-ID"] = request_id or uuid.uuid4().hex
+        origin = request.headers.get("origin")
+        if origin and (any_origin or origin in config.allowed_origins):
+            response.headers["Access-Control-Allow-Origin"] = "*" if any_origin else origin
+            response.headers["Access-Control-Expose-Headers"] = "X-Request-ID"
+            if not any_origin:
+                response.headers["Vary"] = "Origin"
+
+    @app.exception(Exception)
+    async def on_error(request: Request, error: Exception):
+        if isinstance(error, RequestError):
+            return error_response(request, error.status, error.message, kind=error.kind if error.status != 401
+                                  and error.status != 404 else None, param=error.param, code=error.code)
+        if isinstance(error, QueueFullError):
+            return error_response(request, 503, str(error), code="queue_full")
+        if isinstance(error, EngineClosedError):
+            return error_response(request, 503, str(error), code="shutting_down")
+        if isinstance(error, ValueError):  # the engine refused the request (it validates last)
+            return error_response(request, 400, str(error), code="invalid_value")
+        if isinstance(error, SanicException):
+            status = error.status_code
+            if request.method == "OPTIONS" and status in (404, 405):
+                return _preflight(request)
+            message = {404: f"route {request.method} {request.path} not found",
+                       405: f"method {request.method} not allowed on {request.path}",
+                       413: f"request body larger than {config.max_request_bytes} bytes"}.get(status, str(error))
+            return error_response(request, status, message)
+        logger.exception("internal error on %s %s", request.method, request.path)
+        return error_response(request, 500, "internal server error")
+
+    def _preflight(request: Request) -> HTTPResponse:
+        return HTTPResponse(status=204, headers={
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": request.headers.get("access-control-request-headers", "*"),
+            "Access-Control-Max-Age": "600"})
+
+    @app.get("/metrics")
+    async def metrics_route(request: Request):
+        return HTTPResponse(metrics.render(), content_type=CONTENT_TYPE)
+
+    app.blueprint(openai_bp)
+    app.blueprint(ollama_bp)
+
+    @app.before_server_start
+    async def start_engine(app):
+        engine.start()
+
+    @app.before_server_stop
+    async def stop_engine(app):
+        # Ends every open stream (finish_reason "abort") so the graceful shutdown is quick.
+        await engine.shutdown(timeout=config.shutdown_timeout)
+
+    return app

@@ -1,0 +1,49 @@
+"""`ServerConfig`: the HTTP server's own settings (bind address, auth, logging, limits).
+
+Built once by the CLI from flags, environment and YAML; the engine's settings live in
+jaxserve.config. Frozen: handlers read it, nothing changes it while serving.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerConfig:
+    served_model_names: tuple[str, ...]     # names clients may pass as "model"; the first is the main one
+    host: str = "127.0.0.1"                 # address to bind
+    port: int = 8000                        # TCP port to bind
+    api_key: str | None = None              # when set, every route but /health needs "Bearer <key>"
+    chat_template: str | None = None        # Jinja template text overriding the model's own
+    response_role: str = "assistant"        # role of the generated chat message
+    allowed_origins: tuple[str, ...] = ("*",)  # CORS origins; "*" allows any
+    ssl_keyfile: str | None = None          # serve HTTPS when both files are given
+    ssl_certfile: str | None = None
+    max_log_len: int | None = None          # characters of the prompt shown in request logs; None = all
+    log_requests: bool = True               # one log line per finished request
+    log_level: str = "info"                 # root log level
+    max_queue: int = 512                    # sequences allowed to wait beyond --max-num-seqs
+    max_request_bytes: int = 4 << 20        # larger bodies get 413
+    shutdown_timeout: float = 5.0           # seconds in-flight streams get on SIGINT/SIGTERM
+
+    def __post_init__(self):
+        if not self.served_model_names or not all(isinstance(n, str) and n for n in self.served_model_names):
+            raise ValueError(f"served_model_names must be non-empty strings, got {self.served_model_names!r}")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be an integer in [0, 65535], got {self.port!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if not isinstance(self.max_queue, int) or self.max_queue < 0:
+            raise ValueError(f"max_queue must be an integer >= 0, got {self.max_queue!r}")
+        if self.max_log_len is not None and self.max_log_len < 0:
+            raise ValueError(f"max_log_len must be >= 0 or None, got {self.max_log_len!r}")
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("ssl_keyfile and ssl_certfile must be given together")
+        if self.api_key == "":
+            raise ValueError("api_key must not be empty (leave it unset to disable authentication)")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]

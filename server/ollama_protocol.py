@@ -1,0 +1,162 @@
+"""The Ollama wire format: /api/generate and /api/chat bodies -> SamplingParams (``options`` mapped
+onto vLLM's fields, Ollama's defaults), and the NDJSON objects and model descriptions sent back.
+
+Pure functions over dicts, tested without a server. Durations are nanoseconds, as Ollama's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.server.validation import RequestError, get, sampling_error
+
+# Ollama's defaults for the sampling options it shares with us (api/types.go DefaultOptions).
+DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, repeat_penalty=1.1, presence_penalty=0.0,
+                frequency_penalty=0.0)
+# option -> (SamplingParams field, kind)
+_MAPPED = {"temperature": ("temperature", "number"), "top_k": ("top_k", "int"), "top_p": ("top_p", "number"),
+           "min_p": ("min_p", "number"), "repeat_penalty": ("repetition_penalty", "number"),
+           "presence_penalty": ("presence_penalty", "number"), "frequency_penalty": ("frequency_penalty", "number")}
+# Options that only tune llama.cpp's runtime (threads, GPU layers, mmap...): accepted, no effect here.
+_RUNTIME = {"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "logits_all", "vocab_only", "use_mmap",
+            "use_mlock", "embedding_only", "num_thread", "num_keep", "penalize_newline"}
+# Sampling options we do not implement: refused unless they hold their no-op value.
+_UNSUPPORTED = {"mirostat": 0, "tfs_z": 1.0, "typical_p": 1.0}
+_ALIASES = {"repetition_penalty": "repeat_penalty", "max_tokens": "num_predict"}
+
+
+def error_body(message: str) -> dict:
+    return {"error": message}
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclasses.dataclass
+class Options:
+    params: SamplingParams
+    num_ctx: int | None
+
+
+def parse_options(body: dict, *, num_prompt_tokens: int, max_model_len: int, logprobs: int | None = None) -> Options:
+    """``options`` -> SamplingParams; num_ctx caps the context, num_predict -1/-2 fill it."""
+    options = get(body, "options", "object", {})
+    kwargs = {}
+    for name, (field, kind) in _MAPPED.items():
+        kwargs[field] = get(options, name, kind, DEFAULTS[name], where="options.")
+    seed = get(options, "seed", "int", where="options.")
+    kwargs["seed"] = None if seed is None or seed < 0 else seed  # Ollama: -1 = random
+    stop = get(options, "stop", "str_or_list", where="options.")
+    repeat_last_n = get(options, "repeat_last_n", "int", 64, where="options.")
+    if repeat_last_n < -1:
+        raise RequestError(f"options.repeat_last_n must be -1, 0 or positive, got {repeat_last_n}",
+                           param="options.repeat_last_n")
+    if repeat_last_n == 0:  # Ollama: 0 disables the repetition penalties
+        kwargs.update(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+    for name, neutral in _UNSUPPORTED.items():
+        value = options.get(name)
+        if value is not None and value != neutral:
+            raise RequestError(f"options.{name} is not supported (only {neutral!r})", param=f"options.{name}")
+    num_ctx = get(options, "num_ctx", "int", where="options.")
+    if num_ctx is not None and num_ctx < 1:
+        raise RequestError(f"options.num_ctx must be >= 1, got {num_ctx}", param="options.num_ctx")
+    context = min(num_ctx or max_model_len, max_model_len)
+    if num_prompt_tokens >= context:
+        raise RequestError(f"the prompt has {num_prompt_tokens} tokens and the context length is {context} "
+                           f"(num_ctx {num_ctx}, server max {max_model_len}): no room to generate",
+                           param="prompt")
+    num_predict = get(options, "num_predict", "int", -1, where="options.")
+    if num_predict in (-1, -2):
+        max_tokens = context - num_prompt_tokens
+    elif num_predict >= 1:
+        max_tokens = min(num_predict, context - num_prompt_tokens)
+    else:
+        raise RequestError(f"options.num_predict must be -1, -2 or >= 1, got {num_predict}",
+                           param="options.num_predict")
+    try:
+        params = SamplingParams(**kwargs, stop=stop, max_tokens=max_tokens, logprobs=logprobs)
+    except ValueError as e:
+        err = sampling_error(e, _ALIASES)
+        err.message = f"options.{err.message}"
+        raise err from None
+    return Options(params, num_ctx)
+
+
+def refuse_unsupported(body: dict) -> None:
+    if body.get("format"):
+        raise RequestError("format (structured output / JSON mode) is not supported yet", param="format")
+    if body.get("images"):
+        raise RequestError("this model does not take images", param="images")
+    if body.get("tools"):
+        raise RequestError("this model does not support tools", param="tools")
+    if body.get("think"):
+        raise RequestError("this model does not support thinking", param="think")
+    for name in ("suffix", "template"):
+        if body.get(name):
+            raise RequestError(f"{name} is not supported", param=name)
+
+
+def logprobs_request(body: dict) -> int | None:
+    if not get(body, "logprobs", "bool", False):
+        return None
+    return get(body, "top_logprobs", "int", 0)
+
+
+def logprob_items(entries, token_ids, num_top: int) -> list[dict]:
+    items = []
+    for entry, tid in zip(entries or [], token_ids):
+        chosen = entry[tid]
+        top = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= num_top),
+                     key=lambda lp: lp.rank)
+        items.append({"token": chosen.decoded_token or "", "logprob": max(chosen.logprob, -9999.0),
+                      "top_logprobs": [{"token": lp.decoded_token or "", "logprob": max(lp.logprob, -9999.0)}
+                                       for lp in top]})
+    return items
+
+
+def final_stats(*, start: float, arrival: float, first_token: float | None, finish: float, num_prompt: int,
+                num_generated: int) -> dict:
+    """The closing object's counts and durations (ns). Times are time.monotonic() seconds."""
+    first = first_token if first_token is not None else finish
+    ns = lambda seconds: max(0, int(seconds * 1e9))  # noqa: E731
+    return {"total_duration": ns(finish - start), "load_duration": ns(arrival - start),
+            "prompt_eval_count": num_prompt, "prompt_eval_duration": ns(first - arrival),
+            "eval_count": num_generated, "eval_duration": ns(finish - first)}
+
+
+def done_reason(finish_reason: str | None) -> str:
+    return {"length": "length", "abort": "abort"}.get(finish_reason, "stop")
+
+
+# ---- model descriptions --------------------------------------------------------------------------
+
+def details(card) -> dict:
+    return {"parent_model": "", "format": card.format, "family": card.family, "families": [card.family],
+            "parameter_size": card.parameter_size, "quantization_level": card.quantization}
+
+
+def tag(name: str) -> str:
+    return name if ":" in name else f"{name}:latest"
+
+
+def tags(card) -> dict:
+    return {"models": [{"name": tag(n), "model": tag(n), "modified_at": card.modified_at, "size": card.size_bytes,
+                        "digest": card.digest, "details": details(card)} for n in card.names]}
+
+
+def show(card, name: str) -> dict:
+    parameters = "\n".join(f"stop {s!r}".replace("'", '"') for s in card.stop)
+    template = card.chat_template or ""
+    modelfile = (f"# Modelfile generated by jaxserve\nFROM {card.source}\nTEMPLATE \"\"\"{template}\"\"\"\n"
+                 + "".join(f"PARAMETER {line}\n" for line in parameters.splitlines()))
+    return {"modelfile": modelfile, "parameters": parameters, "template": template, "details": details(card),
+            "model_info": dict(card.model_info), "capabilities": ["completion"], "modified_at": card.modified_at}
+
+
+def ps(card) -> dict:
+    far = "2318-01-01T00:00:00Z"  # served until the process stops: keep_alive has no end here
+    return {"models": [{"name": tag(n), "model": tag(n), "size": card.size_bytes, "digest": card.digest,
+                        "details": details(card), "expires_at": far, "size_vram": 0,
+                        "context_length": card.max_model_len} for n in card.names]}

@@ -1,0 +1,163 @@
+"""Ollama-compatible routes on the same port: /api/generate and /api/chat (NDJSON stream by default),
+/api/tags, /api/show, /api/ps, /api/version.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from sanic import Blueprint, Request
+from sanic.response import json as json_response
+
+import jaxserve
+from jaxserve.async_engine import EngineStepError
+from jaxserve.server import ollama_protocol as proto
+from jaxserve.server.chat import normalize_messages, render_chat
+from jaxserve.server.validation import RequestError, get, parse_json_body
+
+bp = Blueprint("ollama")
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _model(request: Request, body: dict) -> str:
+    name = get(body, "model", "str") or get(body, "name", "str")  # "name" is the older spelling
+    if not name:
+        raise RequestError("model is required", param="model")
+    if not request.app.ctx.card.matches(name):
+        raise RequestError(f'model "{name}" not found, try pulling it first', param="model", status=404)
+    return name
+
+
+def _loaded(model: str, key: str, empty) -> dict:
+    """Ollama's answer to an empty prompt: the model is loaded, nothing generated."""
+    return {"model": model, "created_at": proto.now_rfc3339(), key: empty, "done": True, "done_reason": "load"}
+
+
+async def _run(request: Request, body: dict, model: str, ids: list[int], text: str, piece, final_extra):
+    """Submit one request and answer as NDJSON (default) or one JSON object (stream false).
+
+    ``piece(text) -> dict`` is the per-chunk payload; ``final_extra(full_text, output_ids)`` adds
+    the closing object's route-specific fields."""
+    engine = request.app.ctx.engine
+    num_top = proto.logprobs_request(body)
+    opts = proto.parse_options(body, num_prompt_tokens=len(ids), max_model_len=engine.max_model_len,
+                               logprobs=num_top)
+    streaming = get(body, "stream", "bool", True)
+    stream = await engine.add_request(f"ollama-{uuid.uuid4().hex}", ids, opts.params, prompt_text=text,
+                                      log_id=request.ctx.request_id)
+    start = request.ctx.start
+
+    def closing(out_ids, full_text, reason, metrics):
+        obj = {"model": model, "created_at": proto.now_rfc3339(), **piece(""), "done": True,
+               "done_reason": proto.done_reason(reason)}
+        obj.update(final_extra(full_text, out_ids))
+        obj.update(proto.final_stats(start=start, arrival=metrics.get("arrival_time", start),
+                                     first_token=metrics.get("first_token_time"),
+                                     finish=metrics.get("finish_time", time.monotonic()),
+                                     num_prompt=len(ids), num_generated=len(out_ids)))
+        return obj
+
+    if streaming:
+        out_ids, pieces = [], []
+        async with stream:
+            response = await request.respond(content_type="application/x-ndjson")
+            try:
+                async for out in stream:
+                    c = out.outputs[0]
+                    out_ids += c.token_ids
+                    pieces.append(c.text)
+                    if c.text or (num_top is not None and c.token_ids):
+                        chunk = {"model": model, "created_at": proto.now_rfc3339(), **piece(c.text), "done": False}
+                        if num_top is not None:
+                            chunk["logprobs"] = proto.logprob_items(c.logprobs, c.token_ids, num_top)
+                        await response.send(_dumps(chunk) + "\n")
+                    if c.finish_reason is not None:  # the closing object carries no text, only stats
+                        await response.send(_dumps(closing(out_ids, "".join(pieces), c.finish_reason,
+                                                               out.metrics)) + "\n")
+            except EngineStepError as e:
+                await response.send(_dumps(proto.error_body(str(e))) + "\n")
+        await response.eof()
+        return None
+
+    out_ids, pieces, logprobs, reason, metrics = [], [], [], None, {}
+    async with stream:
+        async for out in stream:
+            c = out.outputs[0]
+            out_ids += c.token_ids
+            pieces.append(c.text)
+            if num_top is not None:
+                logprobs += proto.logprob_items(c.logprobs, c.token_ids, num_top)
+            reason, metrics = c.finish_reason or reason, out.metrics
+    full = "".join(pieces)
+    obj = closing(out_ids, full, reason, metrics)
+    obj.update(piece(full))
+    if num_top is not None:
+        obj["logprobs"] = logprobs
+    return json_response(obj)
+
+
+@bp.post("/api/generate")
+async def generate(request: Request):
+    body = parse_json_body(request.body)
+    model = _model(request, body)
+    proto.refuse_unsupported(body)
+    engine, config = request.app.ctx.engine, request.app.ctx.config
+    prompt = get(body, "prompt", "str", "")
+    system = get(body, "system", "str")
+    context = get(body, "context", "int_list", [])
+    if not isinstance(body.get("keep_alive"), (str, int, float, type(None))):
+        raise RequestError("keep_alive must be a duration string or a number of seconds", param="keep_alive")
+    if not prompt and not context:
+        return json_response(_loaded(model, "response", ""))
+    if get(body, "raw", "bool", False):
+        text = prompt
+        ids = engine.tokenizer(prompt).input_ids if prompt else []
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text, ids = render_chat(engine.tokenizer, messages, config.chat_template)
+    ids = list(context) + ids
+    bad = [t for t in ids if not 0 <= t < engine.vocab_size]
+    if bad:
+        raise RequestError(f"context token id {bad[0]} is outside the vocabulary", param="context")
+    return await _run(request, body, model, ids, text, lambda t: {"response": t},
+                      lambda full, out_ids: {"context": ids + out_ids})
+
+
+@bp.post("/api/chat")
+async def chat(request: Request):
+    body = parse_json_body(request.body)
+    model = _model(request, body)
+    proto.refuse_unsupported(body)
+    engine, config = request.app.ctx.engine, request.app.ctx.config
+    messages = normalize_messages(get(body, "messages", "array", []))
+    if not messages:
+        return json_response(_loaded(model, "message", {"role": config.response_role, "content": ""}))
+    text, ids = render_chat(engine.tokenizer, messages, config.chat_template)
+    role = config.response_role
+    return await _run(request, body, model, ids, text, lambda t: {"message": {"role": role, "content": t}},
+                      lambda full, out_ids: {})
+
+
+@bp.get("/api/tags")
+async def tags(request: Request):
+    return json_response(proto.tags(request.app.ctx.card))
+
+
+@bp.post("/api/show")
+async def show(request: Request):
+    body = parse_json_body(request.body)
+    return json_response(proto.show(request.app.ctx.card, _model(request, body)))
+
+
+@bp.get("/api/ps")
+async def ps(request: Request):
+    return json_response(proto.ps(request.app.ctx.card))
+
+
+@bp.get("/api/version")
+async def version(request: Request):
+    return json_response({"version": jaxserve.__version__})

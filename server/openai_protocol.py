@@ -1,0 +1,245 @@
+"""The OpenAI wire format: request bodies -> validated requests with SamplingParams, and engine
+outputs -> completion / chat objects, stream chunks, logprobs and error bodies.
+
+Pure functions over dicts; no Sanic here, so the conversion is tested without a server.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jaxserve.outputs import Logprob
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.server.chat import normalize_messages
+from jaxserve.server.validation import RequestError, get, sampling_error
+
+# vLLM clamps -inf logprobs (tokens the sampler filtered out) so the JSON stays standard.
+_MIN_LOGPROB = -9999.0
+
+# OpenAI (and vLLM extra) sampling fields -> (SamplingParams name, kind).
+_SAMPLING_FIELDS = {
+    "temperature": "number", "top_p": "number", "n": "int", "seed": "int", "presence_penalty": "number",
+    "frequency_penalty": "number", "top_k": "int", "min_p": "number", "repetition_penalty": "number",
+    "min_tokens": "int", "ignore_eos": "bool", "stop_token_ids": "int_list", "skip_special_tokens": "bool",
+    "include_stop_str_in_output": "bool", "spaces_between_special_tokens": "bool",
+}
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern",
+           "structured_outputs")
+
+
+def error_body(message: str, *, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclasses.dataclass
+class CompletionRequest:
+    model: str
+    prompts: list                   # each a string or a list of token ids
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    echo: bool
+
+
+@dataclasses.dataclass
+class ChatRequest:
+    model: str
+    messages: list[dict]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    add_generation_prompt: bool
+
+
+def _refuse_unsupported(body: dict) -> None:
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise RequestError("response_format (structured output) is not supported yet; only {\"type\": "
+                           "\"text\"} is accepted", param="response_format", code="unsupported_parameter")
+    for name in _GUIDED:
+        if body.get(name) is not None:
+            raise RequestError(f"{name} (guided decoding) is not supported yet", param=name,
+                               code="unsupported_parameter")
+    if body.get("logit_bias"):
+        raise RequestError("logit_bias is not supported yet", param="logit_bias", code="unsupported_parameter")
+    if body.get("tools") or body.get("functions"):
+        name = "tools" if body.get("tools") else "functions"
+        raise RequestError(f"{name} (tool calling) is not supported yet", param=name, code="unsupported_parameter")
+    if body.get("use_beam_search"):
+        raise RequestError("use_beam_search is not supported", param="use_beam_search",
+                           code="unsupported_parameter")
+
+
+def _stream_fields(body: dict) -> tuple[bool, bool]:
+    stream = get(body, "stream", "bool", False)
+    options = get(body, "stream_options", "object")
+    if options is not None and not stream:
+        raise RequestError("stream_options is only allowed when stream is true", param="stream_options")
+    include_usage = bool(options and get(options, "include_usage", "bool", False, where="stream_options."))
+    return stream, include_usage
+
+
+def _sampling_params(body: dict, *, max_tokens, logprobs: int | None, prompt_logprobs: int | None = None
+                     ) -> SamplingParams:
+    kwargs = {}
+    for name, kind in _SAMPLING_FIELDS.items():
+        value = get(body, name, kind)
+        if value is not None:
+            kwargs[name] = value
+    stop = get(body, "stop", "str_or_list")
+    best_of = get(body, "best_of", "int")
+    if best_of is not None and best_of != kwargs.get("n", 1):
+        raise RequestError("best_of different from n is not supported", param="best_of",
+                           code="unsupported_parameter")
+    try:
+        return SamplingParams(**kwargs, stop=stop, max_tokens=max_tokens, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs)
+    except ValueError as e:
+        raise sampling_error(e) from None
+
+
+def parse_completion(body: dict) -> CompletionRequest:
+    _refuse_unsupported(body)
+    model = get(body, "model", "str", required=True)
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise RequestError("'prompt' is required", param="prompt", code="missing_required_parameter")
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
+        prompts = [list(p) for p in prompt]
+    else:
+        raise RequestError("'prompt' must be a string, an array of strings, an array of token ids or an array "
+                           "of token id arrays (non-empty)", param="prompt", code="invalid_type")
+    if body.get("suffix"):
+        raise RequestError("suffix is not supported", param="suffix", code="unsupported_parameter")
+    stream, include_usage = _stream_fields(body)
+    echo = get(body, "echo", "bool", False)
+    logprobs = get(body, "logprobs", "int")
+    params = _sampling_params(body, max_tokens=get(body, "max_tokens", "int", 16), logprobs=logprobs,
+                              prompt_logprobs=logprobs if echo and logprobs is not None else None)
+    return CompletionRequest(model, prompts, params, stream, include_usage, echo)
+
+
+def parse_chat(body: dict) -> ChatRequest:
+    _refuse_unsupported(body)
+    model = get(body, "model", "str", required=True)
+    if "messages" not in body:
+        raise RequestError("'messages' is required", param="messages", code="missing_required_parameter")
+    messages = normalize_messages(body["messages"])
+    if not messages:
+        raise RequestError("'messages' must hold at least one message", param="messages", code="invalid_value")
+    stream, include_usage = _stream_fields(body)
+    logprobs = get(body, "logprobs", "bool", False)
+    top_logprobs = get(body, "top_logprobs", "int")
+    if top_logprobs is not None and not logprobs:
+        raise RequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
+    max_tokens = get(body, "max_completion_tokens", "int")
+    if max_tokens is None:
+        max_tokens = get(body, "max_tokens", "int")
+    elif body.get("max_tokens") is not None:
+        get(body, "max_tokens", "int")  # still type-checked
+    try:
+        params = _sampling_params(body, max_tokens=max_tokens, logprobs=(top_logprobs or 0) if logprobs else None)
+    except RequestError as e:
+        if e.param == "max_tokens" and body.get("max_completion_tokens") is not None:
+            e.param = "max_completion_tokens"
+            e.message = e.message.replace("max_tokens", "max_completion_tokens", 1)
+            e.args = (e.message,)
+        raise
+    if get(body, "continue_final_message", "bool", False):
+        raise RequestError("continue_final_message is not supported", param="continue_final_message",
+                           code="unsupported_parameter")
+    return ChatRequest(model, messages, params, stream, include_usage, logprobs,
+                       get(body, "add_generation_prompt", "bool", True))
+
+
+def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, *, prompt_param: str,
+                  max_tokens_param: str = "max_tokens") -> None:
+    """Refuse, naming the field, a request that cannot fit the context (the engine would too)."""
+    if num_prompt_tokens >= max_model_len:
+        raise RequestError(f"This model's maximum context length is {max_model_len} tokens. However, your "
+                           f"{prompt_param} has {num_prompt_tokens} tokens, leaving no room to generate.",
+                           param=prompt_param, code="context_length_exceeded")
+    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+        raise RequestError(f"This model's maximum context length is {max_model_len} tokens. However, you "
+                           f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+                           f"{prompt_param}, {max_tokens} for the completion). Please reduce the length of the "
+                           f"{prompt_param} or of {max_tokens_param}.", param=max_tokens_param,
+                           code="context_length_exceeded")
+
+
+# ---- logprobs ------------------------------------------------------------------------------------
+
+def _lp(value: float) -> float:
+    return value if math.isfinite(value) else _MIN_LOGPROB
+
+
+def _ranked(entry: dict[int, Logprob], num: int) -> list[Logprob]:
+    top = [lp for lp in entry.values() if lp.rank is not None and lp.rank <= num]
+    return sorted(top, key=lambda lp: lp.rank)
+
+
+def chat_logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], num_top: int) -> list[dict]:
+    """OpenAI chat ``logprobs.content`` items for these generated tokens."""
+    items = []
+    for entry, tid in zip(entries, token_ids):
+        chosen = entry[tid]
+        token = chosen.decoded_token or ""
+        items.append({"token": token, "logprob": _lp(chosen.logprob), "bytes": list(token.encode()),
+                      "top_logprobs": [{"token": lp.decoded_token or "", "logprob": _lp(lp.logprob),
+                                        "bytes": list((lp.decoded_token or "").encode())}
+                                       for lp in _ranked(entry, num_top)]})
+    return items
+
+
+class CompletionLogprobs:
+    """Builds the legacy completions ``logprobs`` object piece by piece (text offsets carry on)."""
+
+    def __init__(self, tokenizer, num_top: int):
+        self.tokenizer = tokenizer
+        self.num_top = num_top
+        self.offset = 0
+
+    def _item(self, token: str, logprob: float | None, top: dict | None, out: dict) -> None:
+        out["tokens"].append(token)
+        out["token_logprobs"].append(None if logprob is None else _lp(logprob))
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(self.offset)
+        self.offset += len(token)
+
+    def piece(self, entries, token_ids, *, prompt: bool = False) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for entry, tid in zip(entries, token_ids):
+            if entry is None:  # the first prompt token has no logprob
+                self._item(self.tokenizer.decode([tid]), None, None, out)
+                continue
+            chosen = entry[tid]
+            top = {(lp.decoded_token or ""): _lp(lp.logprob)
+                   for lp in [chosen] + _ranked(entry, self.num_top)}
+            self._item(chosen.decoded_token or "", chosen.logprob, top, out)
+        return out
+
+    def skip_text(self, text: str) -> None:
+        """Echoed prompt text without logprobs still moves the offsets."""
+        self.offset += len(text)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def merge_logprobs(into: dict | None, piece: dict) -> dict:
+    if into is None:
+        return {k: list(v) for k, v in piece.items()}
+    for k, v in piece.items():
+        into[k].extend(v)
+    return into

@@ -1,0 +1,317 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (JSON or SSE), and
+vLLM's /tokenize, /detokenize, /health, /version.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from sanic import Blueprint, HTTPResponse, Request
+from sanic.response import json as json_response
+
+import jaxserve
+from jaxserve.async_engine import EngineStepError
+from jaxserve.server import openai_protocol as proto
+from jaxserve.server.chat import normalize_messages, render_chat
+from jaxserve.server.validation import RequestError, get, parse_json_body
+
+bp = Blueprint("openai")
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _model(request: Request, name: str | None) -> str:
+    card = request.app.ctx.card
+    if name is None:
+        return card.names[0]
+    if name not in card.names:
+        raise RequestError(f"The model `{name}` does not exist.", param="model", status=404,
+                           code="model_not_found")
+    return name
+
+
+def _tokenize(request: Request, prompt) -> tuple[list[int], str | None]:
+    if isinstance(prompt, str):
+        return request.app.ctx.engine.tokenizer(prompt).input_ids, prompt
+    return list(prompt), None
+
+
+async def _add_all(request: Request, prompts: list[tuple[list[int], str | None]], params, kind: str) -> list:
+    """One engine request per prompt; if any is refused, the ones already queued are aborted."""
+    engine = request.app.ctx.engine
+    base = f"{kind}-{uuid.uuid4().hex}"
+    streams = []
+    try:
+        for i, (ids, text) in enumerate(prompts):
+            streams.append(await engine.add_request(base if len(prompts) == 1 else f"{base}-{i}", ids, params,
+                                                    prompt_text=text, log_id=request.ctx.request_id))
+    except BaseException:
+        for s in streams:
+            s.close()
+        raise
+    return streams
+
+
+async def merged(streams):
+    """(stream index, delta) from several request streams as they arrive; closes them all at the end."""
+    inbox: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for out in stream:
+                inbox.put_nowait((i, out))
+            inbox.put_nowait((i, None))
+        except Exception as e:
+            inbox.put_nowait((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await inbox.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            s.close()
+
+
+async def _sse(request: Request, chunks) -> None:
+    """Send an async iterator of dicts as server-sent events, then one ``data: [DONE]``."""
+    response = await request.respond(content_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+    try:
+        async for chunk in chunks:
+            await response.send(f"data: {_dumps(chunk)}\n\n")
+    except RequestError as e:
+        await response.send(f"data: {_dumps(proto.error_body(e.message, kind=e.kind, param=e.param, code=e.code))}\n\n")
+    except EngineStepError as e:  # the engine failed mid-stream: tell the client inside the stream
+        await response.send(f"data: {_dumps(proto.error_body(str(e), kind='server_error'))}\n\n")
+    await response.send("data: [DONE]\n\n")
+    await response.eof()
+
+
+# ---- /v1/completions -----------------------------------------------------------------------------
+
+@bp.post("/v1/completions")
+async def completions(request: Request):
+    req = proto.parse_completion(parse_json_body(request.body))
+    model = _model(request, req.model)
+    engine = request.app.ctx.engine
+    prompts = [_tokenize(request, p) for p in req.prompts]
+    for ids, _ in prompts:
+        if not ids:
+            raise RequestError("'prompt' must not be empty", param="prompt", code="invalid_value")
+        proto.check_context(len(ids), req.params.max_tokens, engine.max_model_len, prompt_param="prompt")
+    streams = await _add_all(request, prompts, req.params, "cmpl")
+    rid, created, n = streams[0].request_id, int(time.time()), req.params.n
+    num_top = req.params.logprobs
+    builders = {}  # choice index -> CompletionLogprobs
+
+    def echo_piece(choice: int, out) -> tuple[str, dict | None]:
+        """The echoed prompt text (and its logprobs) opening a choice."""
+        ids, text = prompts[choice // n]
+        text = text if text is not None else engine.tokenizer.decode(ids)
+        lp = None
+        if num_top is not None:
+            lp = builders[choice].piece(out.prompt_logprobs or [None] * len(ids), ids, prompt=True)
+        return text, lp
+
+    def piece(choice: int, c) -> dict | None:
+        if num_top is None:
+            return None
+        b = builders.setdefault(choice, proto.CompletionLogprobs(engine.tokenizer, num_top))
+        return b.piece(c.logprobs or [], c.token_ids)
+
+    if req.stream:
+        async def chunks():
+            started, tokens = set(), {}
+            async for i, out in merged(streams):
+                for c in out.outputs:
+                    choice = i * n + c.index
+                    text, lp = c.text, None
+                    if choice not in started:
+                        started.add(choice)
+                        builders[choice] = proto.CompletionLogprobs(engine.tokenizer, num_top or 0)
+                        if req.echo:
+                            echo_text, lp = echo_piece(choice, out)
+                            if lp is None:
+                                builders[choice].skip_text(echo_text)
+                            text = echo_text + text
+                    gen_lp = piece(choice, c)
+                    lp = gen_lp if lp is None else (proto.merge_logprobs(lp, gen_lp) if gen_lp else lp)
+                    tokens[i] = tokens.get(i, 0) + len(c.token_ids)
+                    if not text and not c.token_ids and c.finish_reason is None:
+                        continue
+                    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                             "choices": [{"index": choice, "text": text, "logprobs": lp,
+                                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
+                    if req.include_usage:
+                        chunk["usage"] = None
+                    yield chunk
+            if req.include_usage:
+                num_prompt = sum(len(ids) for ids, _ in prompts)
+                yield {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+                       "usage": proto.usage(num_prompt, sum(tokens.values()))}
+        try:
+            return await _sse(request, chunks())
+        finally:
+            for s in streams:
+                s.close()
+
+    choices: dict[int, dict] = {}
+    num_generated = 0
+    async for i, out in merged(streams):
+        for c in out.outputs:
+            choice = i * n + c.index
+            if choice not in choices:
+                builders[choice] = proto.CompletionLogprobs(engine.tokenizer, num_top or 0)
+                text, lp = "", None
+                if req.echo:
+                    text, lp = echo_piece(choice, out)
+                    if lp is None:
+                        builders[choice].skip_text(text)
+                choices[choice] = {"index": choice, "text": text, "logprobs": lp, "finish_reason": None,
+                                   "stop_reason": None}
+            entry = choices[choice]
+            entry["text"] += c.text
+            num_generated += len(c.token_ids)
+            gen_lp = piece(choice, c)
+            if gen_lp is not None:
+                entry["logprobs"] = proto.merge_logprobs(entry["logprobs"], gen_lp)
+            if c.finish_reason is not None:
+                entry["finish_reason"], entry["stop_reason"] = c.finish_reason, c.stop_reason
+    num_prompt = sum(len(ids) for ids, _ in prompts)
+    return json_response({"id": rid, "object": "text_completion", "created": created, "model": model,
+                          "choices": [choices[k] for k in sorted(choices)], "system_fingerprint": None,
+                          "usage": proto.usage(num_prompt, num_generated)})
+
+
+# ---- /v1/chat/completions ------------------------------------------------------------------------
+
+@bp.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    req = proto.parse_chat(parse_json_body(request.body))
+    model = _model(request, req.model)
+    engine, config = request.app.ctx.engine, request.app.ctx.config
+    text, ids = render_chat(engine.tokenizer, req.messages, config.chat_template,
+                            add_generation_prompt=req.add_generation_prompt)
+    proto.check_context(len(ids), req.params.max_tokens, engine.max_model_len, prompt_param="messages",
+                        max_tokens_param="max_completion_tokens")
+    (stream,) = await _add_all(request, [(ids, text)], req.params, "chatcmpl")
+    rid, created, n, role = stream.request_id, int(time.time()), req.params.n, config.response_role
+    num_top = req.params.logprobs or 0
+
+    def chunk(choices, **extra):
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": None, "choices": choices, **extra}
+
+    if req.stream:
+        async def chunks():
+            usage_field = {"usage": None} if req.include_usage else {}
+            for i in range(n):  # the role comes first, before any token, as OpenAI does
+                yield chunk([{"index": i, "delta": {"role": role, "content": ""}, "logprobs": None,
+                              "finish_reason": None}], **usage_field)
+            generated = 0
+            async for _, out in merged([stream]):
+                for c in out.outputs:
+                    generated += len(c.token_ids)
+                    if not c.text and c.finish_reason is None and not req.logprobs:
+                        continue
+                    lp = ({"content": proto.chat_logprobs(c.logprobs or [], c.token_ids, num_top)}
+                          if req.logprobs else None)
+                    yield chunk([{"index": c.index, "delta": {"content": c.text}, "logprobs": lp,
+                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}], **usage_field)
+            if req.include_usage:
+                yield chunk([], usage=proto.usage(len(ids), generated))
+        try:
+            return await _sse(request, chunks())
+        finally:
+            stream.close()
+
+    texts, lps, reasons = [""] * n, [[] for _ in range(n)], [(None, None)] * n
+    generated = 0
+    async for _, out in merged([stream]):
+        for c in out.outputs:
+            texts[c.index] += c.text
+            generated += len(c.token_ids)
+            if req.logprobs:
+                lps[c.index] += proto.chat_logprobs(c.logprobs or [], c.token_ids, num_top)
+            if c.finish_reason is not None:
+                reasons[c.index] = (c.finish_reason, c.stop_reason)
+    choices = [{"index": i, "message": {"role": role, "content": texts[i], "tool_calls": []},
+                "logprobs": {"content": lps[i]} if req.logprobs else None,
+                "finish_reason": reasons[i][0], "stop_reason": reasons[i][1]} for i in range(n)]
+    return json_response({"id": rid, "object": "chat.completion", "created": created, "model": model,
+                          "choices": choices, "system_fingerprint": None,
+                          "usage": proto.usage(len(ids), generated)})
+
+
+# ---- models, tokenizer, health -------------------------------------------------------------------
+
+@bp.get("/v1/models")
+async def models(request: Request):
+    card = request.app.ctx.card
+    data = [{"id": name, "object": "model", "created": card.created, "owned_by": "jaxserve", "root": card.source,
+             "parent": None, "max_model_len": card.max_model_len} for name in card.names]
+    return json_response({"object": "list", "data": data})
+
+
+@bp.get("/v1/models/<name:path>")
+async def model(request: Request, name: str):
+    card = request.app.ctx.card
+    name = _model(request, name)
+    return json_response({"id": name, "object": "model", "created": card.created, "owned_by": "jaxserve",
+                          "root": card.source, "parent": None, "max_model_len": card.max_model_len})
+
+
+@bp.post("/tokenize")
+async def tokenize(request: Request):
+    body = parse_json_body(request.body)
+    _model(request, get(body, "model", "str"))
+    engine = request.app.ctx.engine
+    if "messages" in body:
+        messages = normalize_messages(body["messages"])
+        _, ids = render_chat(engine.tokenizer, messages, request.app.ctx.config.chat_template,
+                             add_generation_prompt=get(body, "add_generation_prompt", "bool", True))
+    else:
+        prompt = get(body, "prompt", "str", required=True)
+        ids = engine.tokenizer(prompt, add_special_tokens=get(body, "add_special_tokens", "bool", True)).input_ids
+    token_strs = engine.tokenizer.convert_ids_to_tokens(ids) if get(body, "return_token_strs", "bool") else None
+    return json_response({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids,
+                          "token_strs": token_strs})
+
+
+@bp.post("/detokenize")
+async def detokenize(request: Request):
+    body = parse_json_body(request.body)
+    _model(request, get(body, "model", "str"))
+    ids = get(body, "tokens", "int_list", required=True)
+    vocab = request.app.ctx.engine.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens",
+                           code="invalid_value")
+    return json_response({"prompt": request.app.ctx.engine.tokenizer.decode(ids)})
+
+
+@bp.get("/health")
+async def health(request: Request):
+    if not request.app.ctx.engine.is_running:
+        raise RequestError("the engine is not running", status=503, kind="server_error")
+    return HTTPResponse(status=200)
+
+
+@bp.get("/version")
+async def version(request: Request):
+    return json_response({"version": jaxserve.__version__})

@@ -1,0 +1,217 @@
+"""AsyncEngine over a scripted fake LLMEngine (no JAX): deltas, errors travelling back to the caller,
+the queue limit, aborts on cancellation, engine faults, idling without spinning, shutdown."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from jaxserve.async_engine import AsyncEngine, EngineClosedError, EngineStepError, QueueFullError
+from jaxserve.engine import EngineStats
+from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+
+class FakeEngine:
+    """One token per request per step; token i of a request reads "w{i} ". Step count observable."""
+
+    def __init__(self, max_num_seqs=2, step_seconds=0.0):
+        self.tokenizer = SimpleNamespace(name="fake")
+        self.max_model_len = 64
+        self.vocab_size = 100
+        self.scheduler = SimpleNamespace(config=SimpleNamespace(max_num_seqs=max_num_seqs))
+        self.requests = {}
+        self.aborted = []
+        self.steps = 0
+        self.fail_next_step = False
+        self.step_seconds = step_seconds
+        self.thread_ids = set()
+
+    def refresh_stats(self):
+        return EngineStats(num_running=len(self.requests))
+
+    def add_request(self, request_id, prompt, params, prompt_text=None):
+        self.thread_ids.add(threading.get_ident())
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        self.requests[request_id] = (list(prompt), params, [[] for _ in range(params.n)])
+
+    def abort_request(self, request_id):
+        self.thread_ids.add(threading.get_ident())
+        if self.requests.pop(request_id, None) is not None:
+            self.aborted.append(request_id)
+
+    def has_unfinished_requests(self):
+        return bool(self.requests)
+
+    def step(self):
+        self.thread_ids.add(threading.get_ident())
+        self.steps += 1
+        time.sleep(self.step_seconds)
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("device on fire")
+        outs = []
+        for rid, (prompt, params, children) in list(self.requests.items()):
+            completions = []
+            for i, toks in enumerate(children):
+                toks.append(len(toks))
+                done = len(toks) >= params.max_tokens
+                completions.append(CompletionOutput(i, "".join(f"w{t} " for t in toks), list(toks), None, None,
+                                                    "length" if done else None))
+            finished = all(c.finish_reason for c in completions)
+            if finished:
+                del self.requests[rid]
+            outs.append(RequestOutput(rid, None, prompt, completions, finished))
+        return outs
+
+
+async def _collect(stream):
+    return [out async for out in stream]
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_deltas_concatenate_to_the_full_output_and_the_engine_runs_in_one_thread():
+    async def main():
+        fake = FakeEngine()
+        engine = AsyncEngine(fake)
+        engine.start()
+        records = []
+        engine.on_request_done = records.append
+        stream = await engine.add_request("a", [1, 2], SamplingParams(max_tokens=4, n=2), log_id="client-1")
+        async with stream:
+            outs = await _collect(stream)
+        await engine.shutdown()
+        return fake, outs, records
+
+    fake, outs, records = _run(main())
+    assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+    for i in range(2):
+        text = "".join(c.text for o in outs for c in o.outputs if c.index == i)
+        ids = [t for o in outs for c in o.outputs if c.index == i for t in c.token_ids]
+        assert text == "w0 w1 w2 w3 " and ids == [0, 1, 2, 3]
+    assert len(fake.thread_ids) == 1 and threading.get_ident() not in fake.thread_ids
+    (record,) = records
+    assert record.log_id == "client-1" and record.num_generation_tokens == 8 and record.num_prompt_tokens == 2
+    assert record.finish_reasons == ("length", "length") and record.ttft is not None and record.e2e >= record.ttft
+
+
+def test_a_refused_request_raises_to_the_caller_and_leaves_the_others_running():
+    async def main():
+        engine = AsyncEngine(FakeEngine())
+        engine.start()
+        good = await engine.add_request("good", [1], SamplingParams(max_tokens=3))
+        with pytest.raises(ValueError, match="must not be empty"):
+            await engine.add_request("bad", [], SamplingParams(max_tokens=3))
+        outs = await _collect(good)
+        good.close()
+        open_after = engine.num_open_sequences
+        await engine.shutdown()
+        return outs, open_after
+
+    outs, open_after = _run(main())
+    assert outs[-1].finished and open_after == 0
+
+
+def test_requests_beyond_max_queue_are_refused_until_room_frees():
+    async def main():
+        engine = AsyncEngine(FakeEngine(max_num_seqs=2, step_seconds=0.01), max_queue=1)
+        engine.start()
+        streams = [await engine.add_request(f"r{i}", [1], SamplingParams(max_tokens=50)) for i in range(3)]
+        with pytest.raises(QueueFullError):
+            await engine.add_request("r3", [1], SamplingParams(max_tokens=50))
+        streams[0].close()  # an abort frees its place at once
+        late = await engine.add_request("r4", [1], SamplingParams(max_tokens=2))
+        await _collect(late)
+        for s in streams + [late]:
+            s.close()
+        await engine.shutdown()
+
+    _run(main())
+
+
+def test_cancelling_the_consumer_aborts_the_request():
+    async def main():
+        fake = FakeEngine(step_seconds=0.01)
+        engine = AsyncEngine(fake)
+        engine.start()
+
+        async def consume():
+            async with await engine.add_request("slow", [1], SamplingParams(max_tokens=10_000)) as stream:
+                async for _ in stream:
+                    pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if not fake.requests:
+                break
+            await asyncio.sleep(0.01)
+        await engine.shutdown()
+        return fake
+
+    fake = _run(main())
+    assert fake.aborted == ["slow"] and not fake.requests
+
+
+def test_an_engine_fault_fails_the_running_requests_and_the_loop_carries_on():
+    async def main():
+        fake = FakeEngine()
+        engine = AsyncEngine(fake)
+        engine.start()
+        fake.fail_next_step = True
+        stream = await engine.add_request("x", [1], SamplingParams(max_tokens=5))
+        with pytest.raises(EngineStepError, match="device on fire"):
+            await _collect(stream)
+        stream.close()
+        after = await engine.add_request("y", [1], SamplingParams(max_tokens=2))
+        outs = await _collect(after)
+        after.close()
+        await engine.shutdown()
+        return fake, outs
+
+    fake, outs = _run(main())
+    assert "x" in fake.aborted and outs[-1].finished
+
+
+def test_idle_loop_sleeps_instead_of_spinning():
+    async def main():
+        fake = FakeEngine()
+        engine = AsyncEngine(fake)
+        engine.start()
+        await asyncio.sleep(0.3)
+        steps_idle = fake.steps
+        stream = await engine.add_request("z", [1], SamplingParams(max_tokens=2))
+        await _collect(stream)
+        stream.close()
+        await engine.shutdown()
+        return steps_idle, engine
+
+    steps_idle, engine = _run(main())
+    assert steps_idle == 0 and not engine.is_running
+
+
+def test_shutdown_ends_open_streams_with_abort_and_refuses_new_requests():
+    async def main():
+        engine = AsyncEngine(FakeEngine(step_seconds=0.01))
+        engine.start()
+        stream = await engine.add_request("long", [1], SamplingParams(max_tokens=10_000))
+        reader = asyncio.ensure_future(_collect(stream))
+        await asyncio.sleep(0.05)
+        await engine.shutdown()
+        outs = await asyncio.wait_for(reader, 5)
+        with pytest.raises(EngineClosedError):
+            await engine.add_request("late", [1], SamplingParams())
+        return outs
+
+    outs = _run(main())
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
