@@ -1,0 +1,21 @@
+"""The session's `jaxserve serve` subprocess: one default server (no API key) shared by every test
+that needs one, with the small engine shape so warm-up reuses the persistent compilation cache.
+"""
+from __future__ import annotations
+
+import pytest
+
+from serverlib import MODEL, ServerProcess
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The default server (no API key), shared by every test that needs one."""
+    srv = ServerProcess(["--served-model-name", MODEL, "--max-queue", "512"],
+                        tmp_path_factory.mktemp("server") / "serve.log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+

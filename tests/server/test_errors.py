@@ -1,0 +1,111 @@
+"""Bad requests get a 4xx in the OpenAI error format and leave the server, and the valid requests
+running beside them, untouched."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from serverlib import MODEL, metric, wait_idle
+
+CHAT = "/v1/chat/completions"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+OK_CHAT = {"model": MODEL, "messages": QUESTION, "max_tokens": 8}
+
+# (path, body or raw bytes, status, param the error must name (None: any), code (None: any))
+BAD = [
+    (CHAT, b'{"model": "smollm2", "messages": [', 400, None, "invalid_json"),
+    (CHAT, b"[1, 2, 3]", 400, None, "invalid_json"),
+    (CHAT, b"", 400, None, "invalid_json"),
+    (CHAT, {**OK_CHAT, "max_tokens": "ten"}, 400, "max_tokens", "invalid_type"),
+    (CHAT, {**OK_CHAT, "temperature": "hot"}, 400, "temperature", "invalid_type"),
+    (CHAT, {**OK_CHAT, "messages": "hello"}, 400, "messages", "invalid_type"),
+    (CHAT, {**OK_CHAT, "messages": [{"content": "no role"}]}, 400, "messages[0].role", None),
+    (CHAT, {**OK_CHAT, "stream": "yes"}, 400, "stream", "invalid_type"),
+    (CHAT, {"model": MODEL}, 400, "messages", "missing_required_parameter"),
+    (CHAT, {"messages": QUESTION}, 400, "model", "missing_required_parameter"),
+    (CHAT, {**OK_CHAT, "messages": []}, 400, "messages", None),
+    (CHAT, {**OK_CHAT, "max_tokens": -1}, 400, "max_tokens", None),
+    (CHAT, {**OK_CHAT, "max_completion_tokens": 0}, 400, "max_completion_tokens", None),
+    (CHAT, {**OK_CHAT, "n": 0}, 400, "n", None),
+    (CHAT, {**OK_CHAT, "top_p": 2}, 400, "top_p", None),
+    (CHAT, {**OK_CHAT, "top_logprobs": 2}, 400, "top_logprobs", None),
+    (CHAT, {**OK_CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+    (CHAT, {**OK_CHAT, "max_tokens": 5000}, 400, "max_completion_tokens", "context_length_exceeded"),
+    (CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages",
+     "context_length_exceeded"),
+    (CHAT, {**OK_CHAT, "model": "gpt-4"}, 404, "model", "model_not_found"),
+    (CHAT, {**OK_CHAT, "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
+    (CHAT, {**OK_CHAT, "guided_json": {"type": "object"}}, 400, "guided_json", "unsupported_parameter"),
+    (CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
+     "messages[0].content[0].type", None),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt", "missing_required_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": [1, "a"]}, 400, "prompt", "invalid_type"),
+    ("/v1/completions", {"model": MODEL, "prompt": [999999]}, 400, None, None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 50}, 400, "logprobs", None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": [1]}, 400, "stop", "invalid_type"),
+    ("/v1/no-such-route", {}, 404, None, None),
+]
+
+
+def _check_error(response: httpx.Response, status: int, param, code) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+
+
+def test_bad_requests_get_4xx_while_valid_ones_beside_them_complete(server):
+    want = httpx.post(f"{server.url}{CHAT}", json={**OK_CHAT, "temperature": 0}, timeout=60).json()
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http, \
+                openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0) as client:
+            async def valid():
+                stream = await client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8,
+                                                              temperature=0, stream=True)
+                return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+            async def bad(path, body):
+                await asyncio.sleep(0.05)
+                if isinstance(body, bytes):
+                    return await http.post(path, content=body, headers={"Content-Type": "application/json"})
+                return await http.post(path, json=body)
+
+            valid_tasks = [asyncio.ensure_future(valid()) for _ in range(4)]
+            responses = await asyncio.gather(*(bad(path, body) for path, body, *_ in BAD))
+            return await asyncio.gather(*valid_tasks), responses
+
+    texts, responses = asyncio.run(main())
+    assert texts == [want["choices"][0]["message"]["content"]] * 4
+    for (path, body, status, param, code), response in zip(BAD, responses):
+        _check_error(response, status, param, code)
+    samples = wait_idle(server.url)
+    assert metric(samples, "jaxserve:kv_cache_usage_perc") == 0.0
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_body_too_large_is_413_in_the_right_format(server):
+    big = {**OK_CHAT, "messages": [{"role": "user", "content": "x" * (5 << 20)}]}
+    _check_error(httpx.post(f"{server.url}{CHAT}", json=big, timeout=60), 413, None, None)
+    r = httpx.post(f"{server.url}/api/chat", json={**big, "model": MODEL}, timeout=60)
+    assert r.status_code == 413 and set(r.json()) == {"error"}
+
+
+def test_the_openai_client_raises_the_matching_errors(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=QUESTION)
+    assert e.value.code == "model_not_found" and e.value.param == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=-3)
+    assert e.value.param == "max_tokens" and "max_tokens" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, response_format={"type": "json_object"})
+    assert "not supported" in e.value.message
