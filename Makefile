@@ -22,6 +22,10 @@ test: $(STAMP)
 generate: $(STAMP)
 	$(BIN)/jaxserve generate --chat "What is the capital of France?"
 
+# The OpenAI- and Ollama-compatible server on 127.0.0.1:8000; more flags via ARGS (make serve ARGS="--port 9000").
+serve: $(STAMP)
+	$(BIN)/jaxserve serve $(ARGS)
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/offline_throughput.py
 

@@ -1,0 +1,73 @@
+"""`jaxserve serve` option precedence (flag > environment > --config > default) and `jaxserve run`,
+one-shot and interactive, against the offline API's greedy chat."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxserve import SamplingParams
+from jaxserve.cli import build_parser, resolve_serve_options
+
+JAXSERVE = os.path.join(os.path.dirname(sys.executable), "jaxserve")
+QUESTION = "What is the capital of France?"
+
+
+def _resolve(argv, env=None):
+    return resolve_serve_options(build_parser().parse_args(["serve", *argv]), environ=env or {})
+
+
+def test_flag_beats_environment_beats_config_beats_default(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("port: 9001\nhost: 0.0.0.0\nmax_num_seqs: 4\napi-key: file\nenable-prefix-caching: false\n"
+                      "served-model-name: [a, b]\nmodel: smollm2\n")
+    o = _resolve(["--config", str(config)])
+    assert (o["port"], o["host"], o["max-num-seqs"], o["api-key"]) == (9001, "0.0.0.0", 4, "file")
+    assert o["enable-prefix-caching"] is False and o["served-model-name"] == ["a", "b"] and o["model"] == "smollm2"
+    assert o["max-queue"] == 512 and o["log-level"] == "info"  # defaults
+    env = {"JAXSERVE_PORT": "9002", "JAXSERVE_API_KEY": "env", "JAXSERVE_LOGGING_LEVEL": "debug"}
+    o = _resolve(["--config", str(config)], env)
+    assert (o["port"], o["api-key"], o["log-level"], o["host"]) == (9002, "env", "debug", "0.0.0.0")
+    o = _resolve(["--config", str(config), "--port", "9003", "--enable-prefix-caching", "my-model"], env)
+    assert (o["port"], o["api-key"], o["enable-prefix-caching"], o["model"]) == (9003, "env", True, "my-model")
+
+
+def test_bad_config_and_environment_are_reported(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("max-num-seq: 4\n")
+    with pytest.raises(ValueError, match="unknown key 'max-num-seq'"):
+        _resolve(["--config", str(config)])
+    config.write_text("port: eighty\n")
+    with pytest.raises(ValueError, match="port must be int"):
+        _resolve(["--config", str(config)])
+    with pytest.raises(ValueError, match="JAXSERVE_PORT"):
+        _resolve([], {"JAXSERVE_PORT": "x"})
+    done = subprocess.run([JAXSERVE, "serve", "--config", str(tmp_path / "missing.yaml")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "missing.yaml" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_serve_help_groups_the_flags():
+    done = subprocess.run([JAXSERVE, "serve", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for group in ("server:", "logging:", "model and engine:"):
+        assert group in done.stdout
+    for flag in ("--api-key", "--served-model-name", "--max-queue", "--no-enable-prefix-caching", "--ssl-certfile",
+                 "--kv-cache-memory", "--gpu-memory-utilization", "--disable-log-requests", "--max-log-len"):
+        assert flag in done.stdout
+
+
+def test_run_with_a_prompt_prints_the_answer_and_without_one_chats(smollm2_llm):
+    want = smollm2_llm.chat([{"role": "user", "content": QUESTION}], SamplingParams(temperature=0, max_tokens=12),
+                            use_tqdm=False)[0].outputs[0].text
+    args = ["--temperature", "0", "--max-tokens", "12", "--max-model-len", "512"]
+    done = subprocess.run([JAXSERVE, "run", "smollm2", QUESTION, *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.rstrip("\n") == want
+    chat = subprocess.run([JAXSERVE, "run", *args, "--verbose"], input=f"{QUESTION}\nAnd of Italy?\n/bye\n",
+                          capture_output=True, text=True, timeout=600)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert chat.stdout.startswith(f">>> {want}\n>>> ") and chat.stdout.count(">>> ") == 3
+    assert chat.stderr.count("\neval rate:") == 2 and chat.stderr.count("prompt eval count:") == 2
