@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve generate bench clean
+.PHONY: install test serve generate bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,5 +29,19 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/offline_throughput.py
 
+# The serving peer: llama-cpp-python's OpenAI server, built from source in its own venv (it compiles
+# llama.cpp for this CPU: about 7 minutes on 2 cores). Never part of `make test`.
+PEERS := .venv-peers
+LLAMA_CPP_PYTHON ?= 0.3.36
+$(PEERS)/.installed:
+	$(PY) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q --upgrade pip
+	$(PEERS)/bin/pip install -q --no-binary llama-cpp-python 'llama-cpp-python[server]==$(LLAMA_CPP_PYTHON)'
+	touch $@
+
+bench-peers: $(STAMP) $(PEERS)/.installed
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python benchmarks/serving.py peers --peer-python $(PEERS)/bin/python
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(PEERS) build *.egg-info
