@@ -238,6 +238,9 @@ class AsyncEngine:
         """
         if not self._accepting or not self.is_running:
             raise EngineClosedError("the server is shutting down")
+        if params.n > self.max_num_seqs + self.max_queue:
+            raise ValueError(f"n must be <= {self.max_num_seqs + self.max_queue} (--max-num-seqs plus "
+                             f"--max-queue), got {params.n}")
         if self._num_seqs + params.n > self.max_num_seqs + self.max_queue:
             raise QueueFullError(f"server busy: more than {self.max_queue} sequences waiting "
                                  f"(--max-queue); retry later")

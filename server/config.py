@@ -6,6 +6,7 @@ jaxserve.config. Frozen: handlers read it, nothing changes it while serving.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -41,6 +42,9 @@ class ServerConfig:
             raise ValueError(f"max_log_len must be >= 0 or None, got {self.max_log_len!r}")
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
             raise ValueError("ssl_keyfile and ssl_certfile must be given together")
+        for path in (self.ssl_keyfile, self.ssl_certfile):
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"TLS file {path!r} does not exist")
         if self.api_key == "":
             raise ValueError("api_key must not be empty (leave it unset to disable authentication)")
 

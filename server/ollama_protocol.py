@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.server.validation import RequestError, get, sampling_error
+
+logger = logging.getLogger(__name__)
 
 # Ollama's defaults for the sampling options it shares with us (api/types.go DefaultOptions).
 DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, repeat_penalty=1.1, presence_penalty=0.0,
@@ -21,8 +24,12 @@ _MAPPED = {"temperature": ("temperature", "number"), "top_k": ("top_k", "int"), 
 # Options that only tune llama.cpp's runtime (threads, GPU layers, mmap...): accepted, no effect here.
 _RUNTIME = {"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "logits_all", "vocab_only", "use_mmap",
             "use_mlock", "embedding_only", "num_thread", "num_keep", "penalize_newline"}
-# Sampling options we do not implement: refused unless they hold their no-op value.
-_UNSUPPORTED = {"mirostat": 0, "tfs_z": 1.0, "typical_p": 1.0}
+# Ollama sampling options named as SamplingParams fields: passed through when SamplingParams has
+# the field; otherwise refused unless they hold their no-op value (None: ignored while mirostat is 0).
+_SAME_NAME = {"typical_p": ("number", 1.0), "tfs_z": ("number", 1.0), "mirostat": ("int", 0),
+              "mirostat_tau": ("number", None), "mirostat_eta": ("number", None)}
+_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+_KNOWN = set(DEFAULTS) | _RUNTIME | set(_SAME_NAME) | {"seed", "stop", "num_predict", "num_ctx", "repeat_last_n"}
 _ALIASES = {"repetition_penalty": "repeat_penalty", "max_tokens": "num_predict"}
 
 
@@ -49,16 +56,23 @@ def parse_options(body: dict, *, num_prompt_tokens: int, max_model_len: int, log
     seed = get(options, "seed", "int", where="options.")
     kwargs["seed"] = None if seed is None or seed < 0 else seed  # Ollama: -1 = random
     stop = get(options, "stop", "str_or_list", where="options.")
+    for name, (kind, neutral) in _SAME_NAME.items():
+        value = get(options, name, kind, where="options.")
+        if value is not None and name in _FIELDS:
+            kwargs[name] = value
+        elif value is not None and neutral is not None and value != neutral:
+            raise RequestError(f"options.{name} is not supported (only {neutral!r})", param=f"options.{name}")
     repeat_last_n = get(options, "repeat_last_n", "int", 64, where="options.")
     if repeat_last_n < -1:
         raise RequestError(f"options.repeat_last_n must be -1, 0 or positive, got {repeat_last_n}",
                            param="options.repeat_last_n")
-    if repeat_last_n == 0:  # Ollama: 0 disables the repetition penalties
+    if "repeat_last_n" in _FIELDS:
+        kwargs["repeat_last_n"] = repeat_last_n
+    elif repeat_last_n == 0:  # without windows, at least Ollama's "0 disables the penalties" holds
         kwargs.update(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
-    for name, neutral in _UNSUPPORTED.items():
-        value = options.get(name)
-        if value is not None and value != neutral:
-            raise RequestError(f"options.{name} is not supported (only {neutral!r})", param=f"options.{name}")
+    unknown = sorted(set(options) - _KNOWN)
+    if unknown:
+        logger.warning("ignoring unknown Ollama options: %s", ", ".join(unknown))
     num_ctx = get(options, "num_ctx", "int", where="options.")
     if num_ctx is not None and num_ctx < 1:
         raise RequestError(f"options.num_ctx must be >= 1, got {num_ctx}", param="options.num_ctx")

@@ -305,7 +305,7 @@ async def detokenize(request: Request):
     return json_response({"prompt": request.app.ctx.engine.tokenizer.decode(ids)})
 
 
-@bp.get("/health")
+@bp.route("/health", methods=["GET", "HEAD"])
 async def health(request: Request):
     if not request.app.ctx.engine.is_running:
         raise RequestError("the engine is not running", status=503, kind="server_error")

@@ -126,6 +126,8 @@ def test_requests_beyond_max_queue_are_refused_until_room_frees():
         streams = [await engine.add_request(f"r{i}", [1], SamplingParams(max_tokens=50)) for i in range(3)]
         with pytest.raises(QueueFullError):
             await engine.add_request("r3", [1], SamplingParams(max_tokens=50))
+        with pytest.raises(ValueError, match="n must be <= 3"):  # could never fit: the client's mistake
+            await engine.add_request("r5", [1], SamplingParams(max_tokens=50, n=4))
         streams[0].close()  # an abort frees its place at once
         late = await engine.add_request("r4", [1], SamplingParams(max_tokens=2))
         await _collect(late)

@@ -46,6 +46,9 @@ def test_wrong_or_missing_key_is_401_in_each_family_format(keyed):
             r = httpx.request(method, f"{keyed.url}{path}", headers=headers, json={})
             assert r.status_code == 401 and set(r.json()) == {"error"}, (path, r.text)
     assert httpx.get(f"{keyed.url}/health").status_code == 200
+    assert httpx.head(f"{keyed.url}/health").status_code == 200
+    refused = httpx.get(f"{keyed.url}/v1/models", headers={"X-Request-ID": "who-am-i"})
+    assert refused.status_code == 401 and refused.headers["x-request-id"] == "who-am-i"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="wrong", max_retries=0).models.list()
     with pytest.raises(ollama.ResponseError) as e:

@@ -76,7 +76,7 @@ def test_bad_requests_get_4xx_while_valid_ones_beside_them_complete(server):
                 await asyncio.sleep(0.05)
                 if isinstance(body, bytes):
                     return await http.post(path, content=body, headers={"Content-Type": "application/json"})
-                return await http.post(path, json=body)
+                return await http.post(path, json=body, headers={"X-Request-ID": f"bad-{path}"})
 
             valid_tasks = [asyncio.ensure_future(valid()) for _ in range(4)]
             responses = await asyncio.gather(*(bad(path, body) for path, body, *_ in BAD))
@@ -86,6 +86,8 @@ def test_bad_requests_get_4xx_while_valid_ones_beside_them_complete(server):
     assert texts == [want["choices"][0]["message"]["content"]] * 4
     for (path, body, status, param, code), response in zip(BAD, responses):
         _check_error(response, status, param, code)
+        if not isinstance(body, bytes):
+            assert response.headers["x-request-id"] == f"bad-{path}"
     samples = wait_idle(server.url)
     assert metric(samples, "jaxserve:kv_cache_usage_perc") == 0.0
     assert httpx.get(f"{server.url}/health").status_code == 200

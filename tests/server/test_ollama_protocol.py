@@ -2,12 +2,18 @@
 stats in nanoseconds, and model descriptions the `ollama` client's own types accept; no server."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from ollama._types import ListResponse, ProcessResponse, ShowResponse
 
 from jaxserve.server import ollama_protocol as proto
 from jaxserve.server.model_card import ModelCard
+from jaxserve.sampling_params import SamplingParams
 from jaxserve.server.validation import RequestError
+
+# Ollama's extra samplers and penalty window, where SamplingParams has them, pass straight through.
+HAS_OLLAMA_SAMPLERS = "repeat_last_n" in {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 def _params(options=None, prompt=10, max_len=100):
@@ -34,7 +40,22 @@ def test_options_map_onto_vllm_fields():
     assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.3, 0.5, 0.25)
     assert _params({"seed": -1}).seed is None
     off = _params({"repeat_last_n": 0, "repeat_penalty": 1.5, "presence_penalty": 1.0})
-    assert (off.repetition_penalty, off.presence_penalty) == (1.0, 0.0)
+    if HAS_OLLAMA_SAMPLERS:
+        assert off.repeat_last_n == 0 and _params().repeat_last_n == 64  # Ollama's default window
+    else:  # no windows: 0 still turns the penalties off
+        assert (off.repetition_penalty, off.presence_penalty) == (1.0, 0.0)
+
+
+def test_typical_tfs_and_mirostat_pass_through_or_are_refused():
+    options = {"typical_p": 0.5, "mirostat_tau": 4.0}
+    if HAS_OLLAMA_SAMPLERS:
+        p = _params(options)
+        assert (p.typical_p, p.mirostat_tau) == (0.5, 4.0)
+        assert _params({"mirostat": 2, "mirostat_eta": 0.2}).mirostat == 2
+    else:
+        with pytest.raises(RequestError, match="options.typical_p is not supported"):
+            _params(options)
+        assert _params({"mirostat_tau": 4.0, "tfs_z": 1.0}).temperature == 0.8  # no-op values are fine
 
 
 @pytest.mark.parametrize("options, words", [
@@ -45,7 +66,7 @@ def test_options_map_onto_vllm_fields():
     ({"num_predict": -3}, "options.num_predict"),
     ({"num_ctx": 0}, "options.num_ctx"),
     ({"num_ctx": 10}, "context length is 10"),
-    ({"mirostat": 2}, "options.mirostat"),
+    ({"mirostat": 5}, "options.mirostat"),
     ({"stop": [1]}, "options.stop"),
 ])
 def test_bad_options_name_the_option(options, words):
