@@ -21,7 +21,7 @@ from jaxserve.detokenizer import IncrementalDetokenizer, find_stop
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.request import Request, RequestStatus
 from jaxserve.runner import BANNED_WIDTH, ModelRunner, StepResult
-from jaxserve.sampler import SamplingRow
+from jaxserve.sampler import DEFAULT_SAMPLER, SamplingRow
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerOutput
 
@@ -205,7 +205,8 @@ class LLMEngine:
         if len(req.output_token_ids) < p.min_tokens:
             banned = tuple(p.stop_token_ids or ()) + (() if p.ignore_eos else req.eos_token_ids)
         return SamplingRow(params=p, seed=req.seed, step=len(req.output_token_ids),
-                           prompt_ids=req.prompt_token_ids, output_ids=req.output_token_ids, banned_ids=banned)
+                           prompt_ids=req.prompt_token_ids, output_ids=req.output_token_ids, banned_ids=banned,
+                           sampler_state=req.sampler_state)
 
     def _process_samples(self, sched: SchedulerOutput, result: StepResult) -> list[_Group]:
         touched: dict[str, _Group] = {}
@@ -217,6 +218,8 @@ class LLMEngine:
             group = self.groups[req.group_id]
             token = int(result.tokens[i])
             req.output_token_ids.append(token)
+            if req.params.selected_sampler != DEFAULT_SAMPLER:  # e.g. mirostat's mu, for the next step
+                req.sampler_state = result.sampler_state[i].copy()
             req.cumulative_logprob += float(result.logprobs[i])
             if req.first_token_time is None:
                 req.first_token_time = now

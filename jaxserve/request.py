@@ -49,6 +49,7 @@ class Request:
     logprobs: list[dict] | None = None
     prompt_logprobs: list[dict | None] | None = None  # one per prompt token; the first is always None
     cumulative_logprob: float = 0.0
+    sampler_state: object = None     # a pluggable sampler's row state (mirostat's mu), [SAMPLER_STATE_WIDTH] f32
     stop_reason: int | str | None = None
     final_text: str | None = None    # the text cut at a stop string, once one is found
     first_token_time: float | None = None

@@ -3,7 +3,9 @@
 It owns the parameters and the paged KV cache (donated into every step so XLA updates it in
 place) and one compiled executable per bucket. The step's token count T is padded to a power of
 two and its sequence slots to B = min(T, max_num_seqs): pure decode steps pad nothing twice, and
-the number of graphs is the number of token buckets, all compiled at warm-up.
+the number of graphs is the number of token buckets, all compiled at warm-up. A step in which
+some row names a pluggable sampler runs a second graph per bucket, compiled on first use for
+the sampler registry's current version (so registering a sampler costs one compile per bucket).
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve import sampling
 from jaxserve.block_pool import NULL_PAGE
 from jaxserve.models.metadata import AttentionMetadata, KVCache
-from jaxserve.sampler import (SamplerOutput, SamplingRow, SamplingTensors, build_sampling_tensors,
+from jaxserve.sampler import (DEFAULT_SAMPLER, SamplingRow, SamplingTensors, build_sampling_tensors,
                               compute_logprobs, sample)
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
 from jaxserve.scheduler import SchedulerOutput
@@ -52,6 +55,7 @@ class StepResult:
     logprobs: np.ndarray       # [n]
     top_ids: np.ndarray        # [n, MAX_LOGPROBS]
     top_logprobs: np.ndarray   # [n, MAX_LOGPROBS]
+    sampler_state: np.ndarray  # [n, SAMPLER_STATE_WIDTH], each row's pluggable-sampler state after its token
     bucket: tuple[int, int]
     seconds: float
     # Only when a scheduled request asked for prompt_logprobs: per flat token, the log-prob of the
@@ -77,20 +81,21 @@ class ModelRunner:
         shape = (cfg.num_layers, num_pages, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
         self.buckets = [(t, min(t, max_num_seqs)) for t in token_buckets(max_num_batched_tokens)]
-        self._jitted = jax.jit(self._step, donate_argnums=(1,))
-        self._compiled: dict[tuple[tuple[int, int], bool], object] = {}  # (bucket, prompt_logprobs)
+        self._jitted = jax.jit(self._step, donate_argnums=(1,), static_argnames=("samplers",))
+        # (bucket, prompt_logprobs, sampler registry version or None for the default-only graph)
+        self._compiled: dict[tuple[tuple[int, int], bool, int | None], object] = {}
         self.compile_seconds = 0.0
 
     # ---- device side -------------------------------------------------------------------------
 
-    def _step(self, params, kv_cache: KVCache, inputs: StepInputs, prompt_targets=None):
+    def _step(self, params, kv_cache: KVCache, inputs: StepInputs, prompt_targets=None, samplers=()):
         with jax.named_scope("model"):
             hidden, kv_cache = self.model.forward(params, inputs.tokens, kv_cache, inputs.attn,
                                                   attention_fn=self.attention_fn)
         with jax.named_scope("logits"):
             logits = self.model.compute_logits(params, hidden[inputs.logits_indices])  # [B, V]
         with jax.named_scope("sampler"):
-            out = sample(logits, inputs.sampling)
+            out = sample(logits, inputs.sampling, samplers=samplers)
         if prompt_targets is None:
             return kv_cache, out
         # The prompt_logprobs variant (compiled only when a request asks): every position scores
@@ -107,19 +112,27 @@ class ModelRunner:
 
     @property
     def num_compiled_steps(self) -> int:
-        """Plain step executables (the ones warm-up builds, one per bucket)."""
-        return sum(1 for _, with_prompt_logprobs in self._compiled if not with_prompt_logprobs)
+        """Plain default-sampler step executables (the ones warm-up builds, one per bucket)."""
+        return sum(1 for _, with_prompt_logprobs, version in self._compiled
+                   if not with_prompt_logprobs and version is None)
 
-    def _executable(self, bucket: tuple[int, int], inputs: StepInputs, prompt_targets=None):
-        key = (bucket, prompt_targets is not None)
+    def _executable(self, bucket: tuple[int, int], inputs: StepInputs, prompt_targets=None,
+                    samplers: sampling.Snapshot | None = None):
+        """The step for `bucket`; with `samplers`, the variant that also runs their pluggable ones."""
+        version = samplers.version if samplers is not None else None
+        key = (bucket, prompt_targets is not None, version)
         exe = self._compiled.get(key)
         if exe is None:
+            if version is not None:  # graphs of older registry versions are never used again
+                for stale in [k for k in self._compiled if k[2] not in (None, version)]:
+                    del self._compiled[stale]
             start = time.perf_counter()
-            exe = self._jitted.lower(self.params, self.kv_cache, inputs, prompt_targets).compile()
+            exe = self._jitted.lower(self.params, self.kv_cache, inputs, prompt_targets,
+                                     samplers=samplers.pluggable if samplers is not None else ()).compile()
             seconds = time.perf_counter() - start
             self.compile_seconds += seconds
             self._compiled[key] = exe
-            logger.debug("compiled step T=%d B=%d in %.2fs", *bucket, seconds)
+            logger.debug("compiled step T=%d B=%d (sampler registry %s) in %.2fs", *bucket, version, seconds)
         return exe
 
     def warmup(self) -> None:
@@ -135,23 +148,26 @@ class ModelRunner:
 
     # ---- host side ---------------------------------------------------------------------------
 
-    def _empty_inputs(self, bucket: tuple[int, int], rows: list[SamplingRow] = ()) -> StepInputs:
+    def _empty_inputs(self, bucket: tuple[int, int], rows: list[SamplingRow] = (),
+                      samplers: sampling.Snapshot | None = None) -> StepInputs:
         """All-padding inputs of a bucket, with the sampling rows of the real sequences."""
         T, B = bucket
-        sampling = build_sampling_tensors(list(rows), B, self.max_model_len, BANNED_WIDTH)
+        tensors = build_sampling_tensors(list(rows), B, self.max_model_len, BANNED_WIDTH,
+                                         samplers.samplers if samplers is not None else None)
         attn = AttentionMetadata(
             positions=np.zeros(T, np.int32), slot_mapping=np.zeros(T, np.int32),
             cu_q_lens=np.zeros(B + 1, np.int32), kv_lens=np.zeros(B, np.int32),
             page_table=np.full((B, self.page_table_width), NULL_PAGE, np.int32),
             num_seqs=np.int32(0))
         return StepInputs(tokens=np.zeros(T, np.int32), attn=attn,
-                          logits_indices=np.zeros(B, np.int32), sampling=sampling)
+                          logits_indices=np.zeros(B, np.int32), sampling=tensors)
 
-    def prepare(self, sched: SchedulerOutput, rows: list[SamplingRow | None]) -> tuple[tuple[int, int], StepInputs]:
+    def prepare(self, sched: SchedulerOutput, rows: list[SamplingRow | None],
+                samplers: sampling.Snapshot | None = None) -> tuple[tuple[int, int], StepInputs]:
         """The flat ragged batch of a step, padded to its bucket (numpy only)."""
         bucket = self.bucket_for(sched.num_tokens)
         greedy_row = SamplingRow(params=_GREEDY, seed=0, step=0, prompt_ids=(), output_ids=(), banned_ids=())
-        inputs = self._empty_inputs(bucket, [r or greedy_row for r in rows])
+        inputs = self._empty_inputs(bucket, [r or greedy_row for r in rows], samplers)
         a = inputs.attn
         S = self.block_size
         offset = 0
@@ -192,12 +208,16 @@ class ModelRunner:
 
     def execute(self, sched: SchedulerOutput, rows: list[SamplingRow | None]) -> StepResult:
         start = time.perf_counter()
-        bucket, inputs = self.prepare(sched, rows)
+        # Only a step in which some row names a pluggable sampler pays for (and compiles) them.
+        pluggable = any(r is not None and r.params.selected_sampler != DEFAULT_SAMPLER for r in rows)
+        samplers = sampling.snapshot() if pluggable else None
+        bucket, inputs = self.prepare(sched, rows, samplers)
         targets = self._prompt_targets(sched, bucket[0])
-        exe = self._executable(bucket, inputs, targets)
+        exe = self._executable(bucket, inputs, targets, samplers)
         self.kv_cache, *outs = exe(self.params, self.kv_cache, inputs, targets)
         out, *prompt = jax.device_get(outs)  # the step's one device->host transfer
         n = len(sched.seqs)
         return StepResult(tokens=out.tokens[:n], logprobs=out.logprobs[:n], top_ids=out.top_ids[:n],
-                          top_logprobs=out.top_logprobs[:n], bucket=bucket,
+                          top_logprobs=out.top_logprobs[:n],
+                          sampler_state=out.sampler_state[:n], bucket=bucket,
                           seconds=time.perf_counter() - start, prompt_logprobs=prompt[0] if prompt else None)

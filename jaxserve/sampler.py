@@ -3,6 +3,8 @@
 Vectorised over the batch with per-row parameters, so requests with different sampling settings
 share one compiled graph; traceable with no host sync (the engine jits it inside its step).
 Order as in vLLM: penalties, banned ids, temperature, top-k / top-p / min-p, then one draw.
+Rows may instead name a pluggable sampler (`jaxserve.sampling`): `sample` then also runs each
+such sampler on the penalised logits, only when some row uses it, and takes its tokens there.
 
 Cost notes (2-core CPU, B=64, V=49152): a full `lax.sort` of the logits takes ~0.9 s, so top-k
 and top-p share one `lax.top_k` prefix of TOP_K_CAP values instead, and fall back to an exact
@@ -27,6 +29,10 @@ from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
 TOP_K_CAP = 256
 # Chunk width of the inverse-CDF search: one pass finds the chunk, one small cumsum the token.
 _CHUNK = 128
+# Floats of per-row state a pluggable sampler may keep between steps (mirostat uses one: mu).
+# Fixed, so that registering a sampler never changes the default step's input shapes.
+SAMPLER_STATE_WIDTH = 4
+DEFAULT_SAMPLER = "default"
 
 
 @jax.tree_util.register_dataclass
@@ -49,6 +55,13 @@ class SamplingTensors:
     token_history: jax.Array       # [B, W_h] i32, prompt then output ids, -1 padded (rows without penalties: all -1)
     prompt_lens: jax.Array         # [B] i32, history entries at index >= prompt_len are output tokens
     banned_token_ids: jax.Array    # [B, E] i32, ids forced to -inf this step (min_tokens), -1 padded
+    # Pluggable samplers (read only when some row names one; 0 = the default path).
+    sampler_ids: jax.Array         # [B] i32, index of the row's sampler in the registry snapshot
+    typical_p: jax.Array           # [B] f32, 1 = off
+    tfs_z: jax.Array               # [B] f32, 1 = off
+    mirostat_tau: jax.Array        # [B] f32, target surprise (bits)
+    mirostat_eta: jax.Array        # [B] f32, learning rate
+    sampler_state: jax.Array       # [B, SAMPLER_STATE_WIDTH] f32, the row's state after its last token
 
 
 @jax.tree_util.register_dataclass
@@ -60,6 +73,7 @@ class SamplerOutput:
     logprobs: jax.Array      # [B] f32, its log-prob under the raw (unprocessed) model distribution
     top_ids: jax.Array       # [B, num_top_logprobs] i32, most likely raw tokens, best first
     top_logprobs: jax.Array  # [B, num_top_logprobs] f32, their raw log-probs
+    sampler_state: jax.Array  # [B, SAMPLER_STATE_WIDTH] f32, each row's state after this token
 
 
 @dataclasses.dataclass
@@ -72,6 +86,7 @@ class SamplingRow:
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
     banned_ids: Sequence[int]   # ids to forbid this step (EOS + stop_token_ids while under min_tokens)
+    sampler_state: Sequence[float] | None = None  # the pluggable sampler's state; None before the first token
 
 
 def _fold_seed(seed: int) -> int:
@@ -81,11 +96,13 @@ def _fold_seed(seed: int) -> int:
 
 
 def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_width: int,
-                           banned_width: int = 16) -> SamplingTensors:
+                           banned_width: int = 16, samplers: Sequence | None = None) -> SamplingTensors:
     """Pack the rows of one step into numpy arrays padded to `batch_size` rows.
 
     Token history is only written for rows with a penalty (the only readers), which keeps this
-    cheap when W_h is the whole context.
+    cheap when W_h is the whole context. `samplers` is the registry snapshot the step compiles
+    (`jaxserve.sampling.snapshot().samplers`, default first); only needed when a row names a
+    sampler other than the default.
     """
     n, B = len(rows), batch_size
     if n > B:
@@ -102,9 +119,29 @@ def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_wid
     history = np.full((B, history_width), -1, np.int32)
     prompt_lens = np.zeros(B, np.int32)
     banned = np.full((B, banned_width), -1, np.int32)
+    sampler_ids = np.zeros(B, np.int32)
+    typical_p = np.ones(B, np.float32)
+    tfs_z = np.ones(B, np.float32)
+    mirostat_tau = np.ones(B, np.float32)
+    mirostat_eta = np.zeros(B, np.float32)
+    state = np.zeros((B, SAMPLER_STATE_WIDTH), np.float32)
+    index = {s.name: i for i, s in enumerate(samplers or ())}
 
     for i, row in enumerate(rows):
         p = row.params
+        name = p.selected_sampler
+        if name != DEFAULT_SAMPLER:
+            if name not in index:
+                raise ValueError(f"sampler {name!r} is not registered (registered: {sorted(index)})")
+            sampler = samplers[index[name]]
+            sampler_ids[i] = index[name]
+            typical_p[i], tfs_z[i] = p.typical_p, p.tfs_z
+            mirostat_tau[i], mirostat_eta[i] = p.mirostat_tau, p.mirostat_eta
+            row_state = row.sampler_state
+            if row_state is None and sampler.init_state is not None:
+                row_state = sampler.init_state(p)
+            if row_state is not None:
+                state[i, :len(row_state)] = row_state
         if not p.greedy:
             # Greedy rows keep the padding values: no filtering, so they never trigger the sort.
             temperature[i] = p.temperature
@@ -114,16 +151,23 @@ def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_wid
         seeds[i] = _fold_seed(row.seed)
         steps[i] = row.step
         prompt_lens[i] = len(row.prompt_ids)
-        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+        if (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0) and p.repeat_last_n:
             presence[i] = p.presence_penalty
             frequency[i] = p.frequency_penalty
             repetition[i] = p.repetition_penalty
-            num_prompt, num_out = len(row.prompt_ids), len(row.output_ids)
+            prompt_ids, output_ids = row.prompt_ids, row.output_ids
+            if p.repeat_last_n > 0:  # only the latest tokens: the window is a host-side slice
+                num_out = min(len(output_ids), p.repeat_last_n)
+                num_prompt = min(len(prompt_ids), p.repeat_last_n - num_out)
+                output_ids = output_ids[len(output_ids) - num_out:]
+                prompt_ids = prompt_ids[len(prompt_ids) - num_prompt:]
+            num_prompt, num_out = len(prompt_ids), len(output_ids)
+            prompt_lens[i] = num_prompt
             if num_prompt + num_out > history_width:
                 raise ValueError(f"row {i} has {num_prompt + num_out} tokens, more than the "
                                  f"history width {history_width}")
-            history[i, :num_prompt] = row.prompt_ids
-            history[i, num_prompt:num_prompt + num_out] = row.output_ids
+            history[i, :num_prompt] = prompt_ids
+            history[i, num_prompt:num_prompt + num_out] = output_ids
         if len(row.banned_ids):
             if len(row.banned_ids) > banned_width:
                 raise ValueError(f"row {i} bans {len(row.banned_ids)} token ids, more than the "
@@ -134,7 +178,8 @@ def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_wid
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
         seeds=seeds, steps=steps, token_history=history, prompt_lens=prompt_lens,
-        banned_token_ids=banned)
+        banned_token_ids=banned, sampler_ids=sampler_ids, typical_p=typical_p, tfs_z=tfs_z,
+        mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, sampler_state=state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,36 +187,77 @@ def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_wid
 # parameters and key, never on the other rows, so a seeded request reproduces in any batch.
 
 
-def sample(logits: jax.Array, t: SamplingTensors, *,
-           num_top_logprobs: int = MAX_LOGPROBS) -> SamplerOutput:
+def sample(logits: jax.Array, t: SamplingTensors, *, num_top_logprobs: int = MAX_LOGPROBS,
+           samplers: tuple = ()) -> SamplerOutput:
     """Choose one token per row from `logits` [B, V]; see the module docstring for the order.
 
     `num_top_logprobs` is static (a different value compiles a different graph); pass 0 when
     no request in the step asked for top logprobs, it saves a top-k over the vocabulary.
+    `samplers` (static) are the pluggable samplers rows may name, `t.sampler_ids` 1, 2, ...;
+    with none, this is the default path alone and the sampler ids and state are passed through.
     """
     raw = logits.astype(jnp.float32)  # [B, V]
     any_penalty = jnp.any((t.repetition_penalty != 1.0) | (t.frequency_penalty != 0.0)
                           | (t.presence_penalty != 0.0))
     any_banned = jnp.any(t.banned_token_ids >= 0)
-    greedy = t.temperature <= 0.0
+    penalised = (any_penalty | any_banned).astype(jnp.int32)
     processed = lambda: _ban(_apply_penalties(raw, t), t.banned_token_ids)
+    default_t = t
+    if samplers:
+        # Rows of other samplers look greedy to the default path: it never filters or draws for them.
+        default_t = dataclasses.replace(t, temperature=jnp.where(t.sampler_ids == 0, t.temperature, 0.0))
+    greedy = default_t.temperature <= 0.0
     # Four whole pipelines, so a step only pays for what some row asked for (no scatter without
     # penalties, no sort or RNG when all rows are greedy). One flat switch, not nested conds
     # around the logits: on XLA:CPU a cond that hands [B, V] logits on to the next stage
     # (identity branch, or a nested cond) cost 15-25 ms per step at B=64, V=49152.
-    branch = 2 * (any_penalty | any_banned).astype(jnp.int32) + (~jnp.all(greedy)).astype(jnp.int32)
+    branch = 2 * penalised + (~jnp.all(greedy)).astype(jnp.int32)
     tokens = lax.switch(branch, [
         lambda: _argmax(raw),
-        lambda: _sample_rows(raw, t, greedy),
+        lambda: _sample_rows(raw, default_t, greedy),
         lambda: _argmax(processed()),
-        lambda: _sample_rows(processed(), t, greedy),
+        lambda: _sample_rows(processed(), default_t, greedy),
     ])
+    state = t.sampler_state
+    if samplers:
+        keys = row_keys(t.seeds, t.steps)
+        for index, sampler in enumerate(samplers, start=1):
+            uses = t.sampler_ids == index  # [B]
+            run = lambda x, fn=sampler.fn: _call_sampler(fn, x, t, state, keys)
+            # Same flat-switch shape as above: skipped entirely unless some row names it, and
+            # only [B] tokens and [B, S] state leave the branch (no [B, V] copies).
+            branch = jnp.where(jnp.any(uses), 1 + penalised, 0)
+            sampled, new_state = lax.switch(branch, [lambda: (tokens, state), lambda: run(raw),
+                                                     lambda: run(processed())])
+            tokens = jnp.where(uses, sampled, tokens)
+            state = jnp.where(uses[:, None], new_state, state)
 
     # Logprobs of the raw distribution, as vLLM V1 returns by default.
     token_logprobs, top_ids, top_logprobs = compute_logprobs(
         raw, tokens, num_top_logprobs=num_top_logprobs)
     return SamplerOutput(tokens=tokens, logprobs=token_logprobs, top_ids=top_ids,
-                         top_logprobs=top_logprobs)
+                         top_logprobs=top_logprobs, sampler_state=state)
+
+
+def _call_sampler(fn, logits, t, state, keys):
+    out = fn(logits, t, state, keys)
+    tokens, new_state = out if isinstance(out, tuple) else (out, state)  # stateless samplers may return tokens only
+    return jnp.asarray(tokens).astype(jnp.int32), jnp.asarray(new_state).astype(jnp.float32)
+
+
+def row_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
+    """[B] PRNG keys, fold_in(key(seed), step): a row's randomness depends on nothing else."""
+    return jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(seeds, steps)
+
+
+def uniforms(keys: jax.Array) -> jax.Array:
+    """[B] f32 in [0, 1), the one draw per row every built-in sampler inverts its CDF with."""
+    return jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)
+
+
+def default_sampler(logits: jax.Array, t: SamplingTensors, state: jax.Array, keys: jax.Array):
+    """The default path as a pluggable sampler (the step runs it fused instead, see `sample`)."""
+    return _sample_rows(logits, t, t.temperature <= 0.0, uniforms(keys)), state
 
 
 def compute_logprobs(logits: jax.Array, token_ids: jax.Array, *, num_top_logprobs: int
@@ -237,7 +323,7 @@ def _ban(logits: jax.Array, banned: jax.Array) -> jax.Array:
     return logits.at[rows, ids].set(-jnp.inf, mode="drop")
 
 
-def _sample_rows(logits: jax.Array, t: SamplingTensors, greedy: jax.Array) -> jax.Array:
+def _sample_rows(logits: jax.Array, t: SamplingTensors, greedy: jax.Array, u: jax.Array | None = None) -> jax.Array:
     """Temperature, top-k/top-p/min-p filtering and one draw per row; greedy rows take argmax."""
     B, V = logits.shape
     x = logits / jnp.where(greedy, 1.0, t.temperature)[:, None]  # [B, V]
@@ -254,7 +340,7 @@ def _sample_rows(logits: jax.Array, t: SamplingTensors, greedy: jax.Array) -> ja
                       lambda *_: jnp.full((B,), -jnp.inf), x, weights, row_max, top_k, top_p)
     cutoff = jnp.maximum(cutoff, row_max + jnp.log(jnp.where(greedy, 0.0, t.min_p)))
 
-    u = jax.vmap(_row_uniform)(t.seeds, t.steps)  # [B]
+    u = jax.vmap(_row_uniform)(t.seeds, t.steps) if u is None else u  # [B]
     drawn = _inverse_cdf(jnp.where(x >= cutoff[:, None], weights, 0.0), u)
     # The clamp only matters for rows with no finite logit at all (NaN model output).
     return jnp.minimum(jnp.where(greedy, best, drawn), V - 1).astype(jnp.int32)
@@ -291,14 +377,15 @@ def _first_above(cum: jax.Array, target: jax.Array, positive: jax.Array) -> jax.
 
 
 def _top_k_top_p_cutoff(x: jax.Array, weights: jax.Array, row_max: jax.Array, top_k: jax.Array,
-                        top_p: jax.Array) -> jax.Array:
+                        top_p: jax.Array, prefix: jax.Array | None = None) -> jax.Array:
     """Per-row value threshold implementing top-k then top-p (on the top-k renormalised probs).
 
-    `weights` [B, V] = exp(x - row_max), already computed for the draw.
+    `weights` [B, V] = exp(x - row_max), already computed for the draw; `prefix` the caller's
+    `lax.top_k(x, min(TOP_K_CAP, V))` values if it has them.
     """
     B, V = x.shape
     cap = min(TOP_K_CAP, V)
-    prefix = lax.top_k(x, cap)[0]  # [B, cap], descending
+    prefix = lax.top_k(x, cap)[0] if prefix is None else prefix  # [B, cap], descending
     lse = row_max + jnp.log(jnp.sum(weights, axis=-1))
     cutoff, kth, k_settled, settled = _cutoff_from_prefix(prefix, lse, top_k, top_p, V)
     if cap == V:

@@ -17,6 +17,10 @@ MAX_LOGPROBS = 20
 _SAMPLING_EPS = 1e-5
 
 
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "typical_p", "tfs_z", "mirostat_tau", "mirostat_eta")
+
+
 def _is_int(value) -> bool:
     # bool is an int subclass; `top_k=True` is a client bug, not top_k=1.
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -85,6 +89,32 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     """Return log-probabilities of the prompt tokens with this many alternatives
     (0..MAX_LOGPROBS). None returns none."""
+    sampler: str | None = None
+    """Name of the registered sampler that chooses this request's tokens (`jaxserve.sampling`).
+    None picks one from Ollama's options below: mirostat 1 or 2 -> "mirostat" / "mirostat2",
+    else typical_p < 1 -> "typical", else tfs_z < 1 -> "tfs", else "default" (temperature, then
+    top-k, top-p and min-p). Naming one that those options contradict is an error. Penalties and
+    banned ids apply before every sampler; top_k, top_p and min_p only to "default"."""
+    typical_p: float = 1.0
+    """Locally typical sampling (Meister et al. 2022; Ollama's typical_p): keep the tokens whose
+    surprise is closest to the distribution's entropy until their mass exceeds typical_p. In
+    (0, 1]; below 1 it selects the "typical" sampler, 1 disables it."""
+    tfs_z: float = 1.0
+    """Tail-free sampling (Bricken 2019; Ollama's tfs_z): cut the sorted distribution where the
+    cumulative normalised |second derivative| exceeds tfs_z. In (0, 1]; below 1 it selects the
+    "tfs" sampler, 1 disables it. At most one of typical_p and tfs_z may be below 1."""
+    mirostat: int = 0
+    """Ollama's mirostat: 1 or 2 selects Mirostat (Basu et al. 2021) version 1 or 2, which tunes
+    its truncation every token to hold the surprise near mirostat_tau and replaces typical_p and
+    tfs_z, as in llama.cpp. 0 disables it."""
+    mirostat_tau: float = 5.0
+    """Mirostat's target surprise in bits (its per-request state mu starts at 2 * tau). > 0."""
+    mirostat_eta: float = 0.1
+    """Mirostat's learning rate: mu -= eta * (observed surprise - tau) after every token. > 0."""
+    repeat_last_n: int = -1
+    """How many of the latest tokens (prompt and output together) the penalties look at, as
+    Ollama's repeat_last_n: -1 all of them (vLLM's behaviour, and Ollama's num_ctx here, since
+    the context is the whole history), 0 turns the penalties off. >= -1."""
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -93,17 +123,16 @@ class SamplingParams:
         self.stop = list(self.stop) if self.stop is not None else []
         self.stop_token_ids = list(self.stop_token_ids) if self.stop_token_ids is not None else []
         # Store floats as floats: the sampler packs them into float32 arrays anyway.
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty"):
+        for name in _FLOAT_FIELDS:
             setattr(self, name, float(getattr(self, name)))
         self._check_ranges()
+        self._check_sampler()
 
     def _check_types(self) -> None:
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty"):
+        for name in _FLOAT_FIELDS:
             if not _is_real(getattr(self, name)):
                 raise _bad(name, getattr(self, name), "a number")
-        for name in ("n", "top_k", "min_tokens"):
+        for name in ("n", "top_k", "min_tokens", "mirostat", "repeat_last_n"):
             if not _is_int(getattr(self, name)):
                 raise _bad(name, getattr(self, name), "an integer")
         for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
@@ -152,6 +181,47 @@ class SamplingParams:
             raise _bad("stop_token_ids", self.stop_token_ids, "a list of integers >= 0")
         if any(s == "" for s in self.stop):
             raise _bad("stop", self.stop, "non-empty strings")
+        for name in ("typical_p", "tfs_z"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise _bad(name, getattr(self, name), "in (0, 1]")
+        if self.mirostat not in (0, 1, 2):
+            raise _bad("mirostat", self.mirostat, "0 (off), 1 or 2")
+        for name in ("mirostat_tau", "mirostat_eta"):
+            if not getattr(self, name) > 0.0:
+                raise _bad(name, getattr(self, name), "> 0")
+        if self.repeat_last_n < -1:
+            raise _bad("repeat_last_n", self.repeat_last_n, ">= -1 (-1 = all tokens, 0 = off)")
+
+    def _check_sampler(self) -> None:
+        if self.sampler is not None and not isinstance(self.sampler, str):
+            raise _bad("sampler", self.sampler, "a string or None")
+        if self.mirostat == 0 and self.typical_p < 1.0 and self.tfs_z < 1.0:
+            raise ValueError(f"typical_p ({self.typical_p}) and tfs_z ({self.tfs_z}) select different "
+                             "samplers: set at most one of them below 1")
+        implied = self._implied_sampler()
+        if self.sampler is not None:
+            from jaxserve import sampling  # lazy: the registry imports JAX, this module must not
+
+            names = sampling.names()
+            if self.sampler not in names:
+                raise _bad("sampler", self.sampler, f"one of the registered samplers {names}")
+            if implied != "default" and implied != self.sampler:
+                raise _bad("sampler", self.sampler, f"{implied!r} (or None), as the mirostat, "
+                           "typical_p and tfs_z options select it")
+
+    def _implied_sampler(self) -> str:
+        if self.mirostat:
+            return "mirostat" if self.mirostat == 1 else "mirostat2"
+        if self.typical_p < 1.0:
+            return "typical"
+        if self.tfs_z < 1.0:
+            return "tfs"
+        return "default"
+
+    @property
+    def selected_sampler(self) -> str:
+        """Name of the sampler this request uses (see `sampler`)."""
+        return self.sampler if self.sampler is not None else self._implied_sampler()
 
     @property
     def greedy(self) -> bool:

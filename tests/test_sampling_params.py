@@ -54,6 +54,15 @@ def test_greedy(kwargs, greedy):
     (dict(stop_token_ids=[3, -1]), "stop_token_ids"), (dict(stop_token_ids=["a"]), "stop_token_ids"),
     (dict(stop=[1]), "stop"), (dict(stop=[""]), "stop"),
     (dict(ignore_eos="yes"), "ignore_eos"),
+    (dict(typical_p=0.0), "typical_p"), (dict(typical_p=1.5), "typical_p"), (dict(typical_p="x"), "typical_p"),
+    (dict(tfs_z=0.0), "tfs_z"), (dict(tfs_z=1.01), "tfs_z"), (dict(tfs_z=float("nan")), "tfs_z"),
+    (dict(mirostat=3), "mirostat"), (dict(mirostat=-1), "mirostat"), (dict(mirostat=1.0), "mirostat"),
+    (dict(mirostat_tau=0.0), "mirostat_tau"), (dict(mirostat_tau=-1.0), "mirostat_tau"),
+    (dict(mirostat_eta=0.0), "mirostat_eta"), (dict(mirostat_eta="fast"), "mirostat_eta"),
+    (dict(repeat_last_n=-2), "repeat_last_n"), (dict(repeat_last_n=1.5), "repeat_last_n"),
+    (dict(sampler="no_such_sampler"), "sampler"), (dict(sampler=3), "sampler"),
+    (dict(sampler="typical", mirostat=1), "sampler"), (dict(sampler="default", tfs_z=0.5), "sampler"),
+    (dict(typical_p=0.5, tfs_z=0.5), "typical_p"),
 ])
 def test_invalid_values_name_parameter_and_value(kwargs, needle):
     with pytest.raises(ValueError) as err:
@@ -68,3 +77,13 @@ def test_boundaries_accepted():
                    frequency_penalty=2.0, repetition_penalty=0.01, logprobs=20, prompt_logprobs=0,
                    min_tokens=4, max_tokens=4, seed=-3, stop_token_ids=[0])
     SamplingParams(top_p=1e-6, top_k=1, min_p=0.0, min_tokens=100, max_tokens=None)
+    SamplingParams(typical_p=1.0, tfs_z=1e-6, mirostat=0, mirostat_tau=1e-3, mirostat_eta=1e-3, repeat_last_n=-1)
+    SamplingParams(typical_p=1e-6, mirostat=2, tfs_z=0.5, repeat_last_n=0, sampler="mirostat2")
+    SamplingParams(sampler="tfs", tfs_z=1.0, repeat_last_n=4096)
+
+
+def test_ollama_option_defaults_leave_the_default_sampler():
+    p = SamplingParams()
+    assert (p.sampler, p.typical_p, p.tfs_z, p.mirostat, p.mirostat_tau, p.mirostat_eta, p.repeat_last_n) == (
+        None, 1.0, 1.0, 0, 5.0, 0.1, -1)
+    assert p.selected_sampler == "default"
