@@ -335,8 +335,11 @@ class AsyncEngine:
                     error = EngineStepError(f"the engine could not take the request: {e}")
                 self._loop.call_soon_threadsafe(self._resolve, future, error)
             elif kind == "abort":
-                self.engine.abort_request(message[1])
                 self._progress.pop(message[1], None)
+                try:
+                    self.engine.abort_request(message[1])
+                except Exception:  # the loop must outlive any one request
+                    logger.exception("abort_request failed for %s", message[1])
             elif kind == "stop":
                 stop = True
 

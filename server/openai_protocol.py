@@ -215,7 +215,7 @@ class CompletionLogprobs:
         out["text_offset"].append(self.offset)
         self.offset += len(token)
 
-    def piece(self, entries, token_ids, *, prompt: bool = False) -> dict:
+    def piece(self, entries, token_ids) -> dict:
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for entry, tid in zip(entries, token_ids):
             if entry is None:  # the first prompt token has no logprob
@@ -230,6 +230,59 @@ class CompletionLogprobs:
     def skip_text(self, text: str) -> None:
         """Echoed prompt text without logprobs still moves the offsets."""
         self.offset += len(text)
+
+
+class CompletionChoices:
+    """The deltas of one /v1/completions request (each prompt n times) as choice fragments for
+    stream chunks, accumulated into the final choices. Choice index = prompt index * n + sample."""
+
+    def __init__(self, tokenizer, prompts: list[tuple[list[int], str | None]], n: int, echo: bool,
+                 num_top: int | None):
+        self.tokenizer, self.prompts, self.n, self.echo, self.num_top = tokenizer, prompts, n, echo, num_top
+        self._logprobs: dict[int, CompletionLogprobs] = {}
+        self._prompt_logprobs: dict[int, list] = {}   # prompt index -> its prompt logprobs (first delta only)
+        self.choices: dict[int, dict] = {}
+        self.num_generated = 0
+
+    def fragment(self, prompt_index: int, out, c) -> dict | None:
+        """The choice fragment one CompletionOutput delta makes (None when it carries nothing)."""
+        if out.prompt_logprobs is not None:
+            self._prompt_logprobs[prompt_index] = out.prompt_logprobs
+        choice = prompt_index * self.n + c.index
+        text, lp = c.text, None
+        builder = self._logprobs.get(choice)
+        if builder is None:  # the choice's first fragment: the echoed prompt goes first
+            builder = self._logprobs[choice] = CompletionLogprobs(self.tokenizer, self.num_top or 0)
+            if self.echo:
+                ids, prompt = self.prompts[prompt_index]
+                prompt = prompt if prompt is not None else self.tokenizer.decode(ids)
+                if self.num_top is not None:
+                    entries = self._prompt_logprobs.get(prompt_index) or [None] * len(ids)
+                    lp = builder.piece(entries, ids)
+                else:
+                    builder.skip_text(prompt)
+                text = prompt + text
+        if self.num_top is not None:
+            lp = merge_logprobs(lp, builder.piece(c.logprobs or [], c.token_ids))
+        self.num_generated += len(c.token_ids)
+        if not text and not c.token_ids and c.finish_reason is None:
+            return None
+        return {"index": choice, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason}
+
+    def add(self, fragment: dict) -> None:
+        entry = self.choices.get(fragment["index"])
+        if entry is None:
+            self.choices[fragment["index"]] = dict(fragment)
+            return
+        entry["text"] += fragment["text"]
+        if fragment["logprobs"] is not None:
+            entry["logprobs"] = merge_logprobs(entry["logprobs"], fragment["logprobs"])
+        if fragment["finish_reason"] is not None:
+            entry["finish_reason"], entry["stop_reason"] = fragment["finish_reason"], fragment["stop_reason"]
+
+    def final(self) -> list[dict]:
+        return [self.choices[k] for k in sorted(self.choices)]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

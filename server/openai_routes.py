@@ -114,87 +114,36 @@ async def completions(request: Request):
             raise RequestError("'prompt' must not be empty", param="prompt", code="invalid_value")
         proto.check_context(len(ids), req.params.max_tokens, engine.max_model_len, prompt_param="prompt")
     streams = await _add_all(request, prompts, req.params, "cmpl")
-    rid, created, n = streams[0].request_id, int(time.time()), req.params.n
-    num_top = req.params.logprobs
-    builders = {}  # choice index -> CompletionLogprobs
+    rid, created = streams[0].request_id, int(time.time())
+    choices = proto.CompletionChoices(engine.tokenizer, prompts, req.params.n, req.echo, req.params.logprobs)
+    num_prompt = sum(len(ids) for ids, _ in prompts)
 
-    def echo_piece(choice: int, out) -> tuple[str, dict | None]:
-        """The echoed prompt text (and its logprobs) opening a choice."""
-        ids, text = prompts[choice // n]
-        text = text if text is not None else engine.tokenizer.decode(ids)
-        lp = None
-        if num_top is not None:
-            lp = builders[choice].piece(out.prompt_logprobs or [None] * len(ids), ids, prompt=True)
-        return text, lp
-
-    def piece(choice: int, c) -> dict | None:
-        if num_top is None:
-            return None
-        b = builders.setdefault(choice, proto.CompletionLogprobs(engine.tokenizer, num_top))
-        return b.piece(c.logprobs or [], c.token_ids)
+    def body(**fields) -> dict:
+        return {"id": rid, "object": "text_completion", "created": created, "model": model, **fields}
 
     if req.stream:
         async def chunks():
-            started, tokens = set(), {}
+            usage_field = {"usage": None} if req.include_usage else {}
             async for i, out in merged(streams):
                 for c in out.outputs:
-                    choice = i * n + c.index
-                    text, lp = c.text, None
-                    if choice not in started:
-                        started.add(choice)
-                        builders[choice] = proto.CompletionLogprobs(engine.tokenizer, num_top or 0)
-                        if req.echo:
-                            echo_text, lp = echo_piece(choice, out)
-                            if lp is None:
-                                builders[choice].skip_text(echo_text)
-                            text = echo_text + text
-                    gen_lp = piece(choice, c)
-                    lp = gen_lp if lp is None else (proto.merge_logprobs(lp, gen_lp) if gen_lp else lp)
-                    tokens[i] = tokens.get(i, 0) + len(c.token_ids)
-                    if not text and not c.token_ids and c.finish_reason is None:
-                        continue
-                    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                             "choices": [{"index": choice, "text": text, "logprobs": lp,
-                                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
-                    if req.include_usage:
-                        chunk["usage"] = None
-                    yield chunk
+                    fragment = choices.fragment(i, out, c)
+                    if fragment is not None:
+                        yield body(choices=[fragment], **usage_field)
             if req.include_usage:
-                num_prompt = sum(len(ids) for ids, _ in prompts)
-                yield {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                       "usage": proto.usage(num_prompt, sum(tokens.values()))}
+                yield body(choices=[], usage=proto.usage(num_prompt, choices.num_generated))
         try:
             return await _sse(request, chunks())
         finally:
             for s in streams:
                 s.close()
 
-    choices: dict[int, dict] = {}
-    num_generated = 0
     async for i, out in merged(streams):
         for c in out.outputs:
-            choice = i * n + c.index
-            if choice not in choices:
-                builders[choice] = proto.CompletionLogprobs(engine.tokenizer, num_top or 0)
-                text, lp = "", None
-                if req.echo:
-                    text, lp = echo_piece(choice, out)
-                    if lp is None:
-                        builders[choice].skip_text(text)
-                choices[choice] = {"index": choice, "text": text, "logprobs": lp, "finish_reason": None,
-                                   "stop_reason": None}
-            entry = choices[choice]
-            entry["text"] += c.text
-            num_generated += len(c.token_ids)
-            gen_lp = piece(choice, c)
-            if gen_lp is not None:
-                entry["logprobs"] = proto.merge_logprobs(entry["logprobs"], gen_lp)
-            if c.finish_reason is not None:
-                entry["finish_reason"], entry["stop_reason"] = c.finish_reason, c.stop_reason
-    num_prompt = sum(len(ids) for ids, _ in prompts)
-    return json_response({"id": rid, "object": "text_completion", "created": created, "model": model,
-                          "choices": [choices[k] for k in sorted(choices)], "system_fingerprint": None,
-                          "usage": proto.usage(num_prompt, num_generated)})
+            fragment = choices.fragment(i, out, c)
+            if fragment is not None:
+                choices.add(fragment)
+    return json_response(body(choices=choices.final(), system_fingerprint=None,
+                              usage=proto.usage(num_prompt, choices.num_generated)))
 
 
 # ---- /v1/chat/completions ------------------------------------------------------------------------

@@ -17,5 +17,6 @@ def server(tmp_path_factory):
         srv.wait_ready()
         yield srv
     finally:
-        srv.stop()
+        # SIGINT, as Ctrl-C: a clean exit (the keyed server's test checks SIGTERM).
+        assert srv.stop() == 0, srv.read_log()[-3000:]
 

@@ -50,11 +50,14 @@ class ServerProcess:
         raise RuntimeError(f"jaxserve serve not ready after {timeout} s:\n{self.read_log()[-3000:]}")
 
     def read_log(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log_path) as f:
             return f.read()
 
     def stop(self, sig=signal.SIGINT, timeout: float = 10) -> int:
+        if self.log.closed:
+            return self.proc.returncode
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:

@@ -3,6 +3,8 @@ the queue limit, aborts on cancellation, engine faults, idling without spinning,
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -217,3 +219,10 @@ def test_shutdown_ends_open_streams_with_abort_and_refuses_new_requests():
 
     outs = _run(main())
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+
+
+def test_the_server_package_does_not_import_jax():
+    code = ("import sys, jaxserve.server.app, jaxserve.async_engine; "
+            "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

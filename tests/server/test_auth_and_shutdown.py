@@ -63,6 +63,7 @@ def test_the_right_key_works_and_config_names_are_served(keyed):
     assert got.model == "alias" and got.choices[0].message.content
     oll = ollama.Client(host=keyed.url, headers={"Authorization": f"Bearer {KEY}"})
     assert oll.generate(model="alias", prompt="Hi", options={"num_predict": 3}).done
+    assert "jaxserve.server: request " not in keyed.read_log()  # disable-log-requests, from the file
 
 
 def test_requests_beyond_max_queue_get_503(keyed):

@@ -2,6 +2,7 @@
 objects), options, final stats, model listing routes; greedy text equals the offline LLM's."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -143,3 +144,15 @@ def test_errors_in_ollama_format(server, client):
     assert r.status_code == 400 and r.json() == {"error": "model is required"}
     r = httpx.get(f"{server.url}/api/nothing-here")
     assert r.status_code == 404 and set(r.json()) == {"error"}
+
+
+def test_async_client_streams_the_same_text(server, client):
+    options = {"temperature": 0.7, "seed": 9, "num_predict": 12}
+    want = client.chat(model=MODEL, messages=QUESTION, options=options).message.content
+
+    async def main():
+        aclient = ollama.AsyncClient(host=server.url)
+        parts = [p async for p in await aclient.chat(model=MODEL, messages=QUESTION, options=options, stream=True)]
+        return "".join(p.message.content for p in parts)
+
+    assert asyncio.run(main()) == want

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from jaxserve.outputs import Logprob
+from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.server import openai_protocol as proto
 from jaxserve.server.validation import RequestError, parse_json_body
 
@@ -124,10 +124,38 @@ def test_completion_logprobs_offsets_run_over_echo_and_pieces():
             return "".join(f"<{i}>" for i in ids)
 
     b = proto.CompletionLogprobs(Tok(), 1)
-    echo = b.piece([None, _entry((2, -0.1, 1, "<2>"), (2, -0.1, "<2>"))], [1, 2], prompt=True)
+    echo = b.piece([None, _entry((2, -0.1, 1, "<2>"), (2, -0.1, "<2>"))], [1, 2])
     assert echo["tokens"] == ["<1>", "<2>"] and echo["token_logprobs"] == [None, -0.1]
     assert echo["top_logprobs"] == [None, {"<2>": -0.1}] and echo["text_offset"] == [0, 3]
     gen = b.piece([_entry((9, -2.0, 3, "ab"), (4, -0.2, "c"))], [9])
     assert gen["text_offset"] == [6] and gen["top_logprobs"] == [{"ab": -2.0, "c": -0.2}]
     merged = proto.merge_logprobs(echo, gen)
     assert merged["tokens"] == ["<1>", "<2>", "ab"]
+
+
+def test_completion_choices_echo_each_prompt_once_per_sample_with_its_logprobs():
+    class Tok:
+        def decode(self, ids):
+            return "".join(f"<{i}>" for i in ids)
+
+    prompt_lps = [None, _entry((8, -0.3, 1, "<8>"), (8, -0.3, "<8>"))]
+    choices = proto.CompletionChoices(Tok(), [([7, 8], None)], n=2, echo=True, num_top=0)
+    first = RequestOutput("r", None, [7, 8], [CompletionOutput(0, "a", [1], None, [_entry((1, -1.0, 1, "a"))])],
+                          False, prompt_logprobs=prompt_lps)
+    # Sample 1 appears only in the second delta, which no longer carries the prompt logprobs.
+    second = RequestOutput("r", None, [7, 8], [
+        CompletionOutput(0, "", [], None, [], "length"),
+        CompletionOutput(1, "b", [2], None, [_entry((2, -2.0, 1, "b"))], "length")], True)
+    for out in (first, second):
+        for c in out.outputs:
+            fragment = choices.fragment(0, out, c)
+            if fragment is not None:
+                choices.add(fragment)
+    a, b = choices.final()
+    assert (a["index"], a["text"], a["finish_reason"]) == (0, "<7><8>a", "length")
+    assert (b["index"], b["text"]) == (1, "<7><8>b")
+    for choice, token in ((a, "a"), (b, "b")):
+        assert choice["logprobs"]["tokens"] == ["<7>", "<8>", token]
+        assert choice["logprobs"]["token_logprobs"][:2] == [None, -0.3]
+        assert choice["logprobs"]["text_offset"] == [0, 3, 6]
+    assert choices.num_generated == 2

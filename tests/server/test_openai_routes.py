@@ -214,6 +214,11 @@ def test_request_id_is_echoed_or_generated_and_cors_headers_sent(server):
     assert r.headers["access-control-allow-origin"] == "*"
     r = httpx.get(f"{server.url}/v1/models")
     assert len(r.headers["x-request-id"]) >= 16
+    done = httpx.post(f"{server.url}/v1/completions", headers={"X-Request-ID": "logged-7"},
+                      json={"model": MODEL, "prompt": "Hi", "max_tokens": 3, "ignore_eos": True})
+    assert done.headers["x-request-id"] == "logged-7"
+    (line,) = [line for line in server.read_log().splitlines() if "request logged-7:" in line]
+    assert "prompt_tokens=1 generation_tokens=3 ttft=" in line and "total=" in line
     pre = httpx.options(f"{server.url}/v1/chat/completions", headers={
         "Origin": "http://example.com", "Access-Control-Request-Method": "POST"})
     assert pre.status_code == 204 and pre.headers["access-control-allow-origin"] == "*"
