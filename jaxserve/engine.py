@@ -19,6 +19,7 @@ from jaxserve.block_pool import BlockPool
 from jaxserve.config import CacheConfig, CompileConfig, SchedulerConfig
 from jaxserve.detokenizer import IncrementalDetokenizer, find_stop
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxserve.profiling import PROCESS_OUTPUTS, SCHEDULE, Profiler, annotate
 from jaxserve.request import Request, RequestStatus
 from jaxserve.runner import BANNED_WIDTH, ModelRunner, StepResult
 from jaxserve.sampler import DEFAULT_SAMPLER, SamplingRow
@@ -93,7 +94,7 @@ def kv_pages_for(model_config, cache: CacheConfig, dtype_bytes: int, max_model_l
 
 class LLMEngine:
     def __init__(self, loaded, *, cache: CacheConfig, scheduler: SchedulerConfig, compile: CompileConfig,
-                 attention_fn, seed: int = 0):
+                 attention_fn, seed: int = 0, profiler_dir: str | None = None, mesh=None):
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.max_model_len = scheduler.max_model_len
@@ -106,12 +107,13 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, loaded.params, num_pages=num_pages, block_size=cache.block_size,
                                   max_model_len=scheduler.max_model_len, max_num_seqs=scheduler.max_num_seqs,
                                   max_num_batched_tokens=scheduler.max_num_batched_tokens,
-                                  attention_fn=attention_fn)
+                                  attention_fn=attention_fn, mesh=mesh)
         self.groups: dict[str, _Group] = {}
         self.stats = EngineStats()
         self.step_log: deque[StepRecord] = deque(maxlen=10_000)
         self._rng = random.Random(seed)
         self._eos = tuple(loaded.config.eos_token_ids)
+        self.profiler = Profiler(profiler_dir)
         if compile.warmup:
             self.runner.warmup()
 
@@ -187,17 +189,19 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one step; return the outputs of the requests that advanced (finished ones last time)."""
-        sched = self.scheduler.schedule()
-        if not sched.seqs:
-            return []
-        rows = [self._sampling_row(s.request) if s.samples else None for s in sched.seqs]
+        with annotate(SCHEDULE):
+            sched = self.scheduler.schedule()
+            if not sched.seqs:
+                return []
+            rows = [self._sampling_row(s.request) if s.samples else None for s in sched.seqs]
         result = self.runner.execute(sched, rows)
-        self.scheduler.update_after_step(sched)
-        if result.prompt_logprobs is not None:
-            self._store_prompt_logprobs(sched, result)
-        touched = self._process_samples(sched, result)
-        self._record(sched, result)
-        return [self._group_output(g) for g in touched]
+        with annotate(PROCESS_OUTPUTS):
+            self.scheduler.update_after_step(sched)
+            if result.prompt_logprobs is not None:
+                self._store_prompt_logprobs(sched, result)
+            touched = self._process_samples(sched, result)
+            self._record(sched, result)
+            return [self._group_output(g) for g in touched]
 
     def _sampling_row(self, req: Request) -> SamplingRow:
         p = req.params

@@ -7,8 +7,11 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from jaxserve.config import CacheConfig, CompileConfig, SchedulerConfig
+from jaxserve.data_parallel import DataParallelEngine
 from jaxserve.engine import LLMEngine, enable_persistent_compilation_cache
 from jaxserve.outputs import RequestOutput
+from jaxserve.parallel import ParallelConfig, build_mesh, check_divisible, replica_meshes
+from jaxserve.profiling import enable_compile_logging
 from jaxserve.sampling_params import SamplingParams
 
 PromptType = str | Sequence[int]
@@ -20,16 +23,23 @@ class LLM:
     ``model``: an HF folder, a ``.gguf`` file, ``"smollm2"`` or None (the bundled SmolLM2-135M-Instruct).
     ``kv_cache_memory``: bytes for the KV cache (CPU default: what max_num_seqs full-length requests
     need, at most 1 GiB). ``attention_backend``: "reference" (the jnp path, the CPU default) or "pallas".
+    ``profiler_dir``: where ``start_profile()`` writes traces (default: $JAXSERVE_PROFILER_DIR).
+    ``tensor_parallel_size`` devices share one model (Megatron-style, see jaxserve/parallel.py);
+    ``data_parallel_size`` replicas of it serve requests side by side.
     """
 
     def __init__(self, model: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512, block_size: int = 16,
                  enable_prefix_caching: bool = True, kv_cache_memory: int | None = None,
                  gpu_memory_utilization: float = 0.9, seed: int = 0, attention_backend: str = "reference",
-                 compilation_cache_dir: str | None = None, warmup: bool = True):
+                 compilation_cache_dir: str | None = None, warmup: bool = True,
+                 profiler_dir: str | None = None, log_compiles: bool = False,
+                 tensor_parallel_size: int = 1, data_parallel_size: int = 1):
         from jaxserve.models import load_model
         from jaxserve.pallas_kernels import attention_backend as get_attention
 
+        if log_compiles:
+            enable_compile_logging()
         compile_cfg = CompileConfig(compilation_cache_dir=compilation_cache_dir, warmup=warmup)
         enable_persistent_compilation_cache(compile_cfg.resolved_cache_dir())
         cache_cfg = CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
@@ -41,8 +51,13 @@ class LLM:
             raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's context length ({limit})")
         sched_cfg = SchedulerConfig(max_model_len=max_model_len or limit, max_num_seqs=max_num_seqs,
                                     max_num_batched_tokens=max_num_batched_tokens)
-        self.engine = LLMEngine(self.loaded, cache=cache_cfg, scheduler=sched_cfg, compile=compile_cfg,
-                                attention_fn=get_attention(attention_backend), seed=seed)
+        parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size)
+        check_divisible(self.loaded.config, parallel.tensor_parallel_size)
+        replicas = [LLMEngine(self.loaded, cache=cache_cfg, scheduler=sched_cfg, compile=compile_cfg,
+                              attention_fn=get_attention(attention_backend), seed=seed + i,
+                              profiler_dir=profiler_dir, mesh=mesh)
+                    for i, mesh in enumerate(replica_meshes(build_mesh(parallel)))]
+        self.engine = replicas[0] if len(replicas) == 1 else DataParallelEngine(replicas)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -97,3 +112,12 @@ class LLM:
 
     def stats(self):
         return self.engine.stats
+
+    def start_profile(self, trace_dir: str | None = None) -> str:
+        """Start a JAX profiler trace of every following step; returns the trace folder."""
+        return self.engine.profiler.start(trace_dir)
+
+    def stop_profile(self) -> str:
+        """Stop the trace; returns the run folder (open its parent in TensorBoard/XProf, or its
+        perfetto_trace.json.gz in Perfetto)."""
+        return self.engine.profiler.stop()

@@ -1,7 +1,7 @@
 """The model runner: turns a scheduled step into device arrays, runs one jitted step, returns tokens.
 
 It owns the parameters and the paged KV cache (donated into every step so XLA updates it in
-place) and one compiled executable per bucket. The step's token count T is padded to a power of
+place), laid out on its mesh as jaxserve/parallel.py says, and one compiled executable per bucket. The step's token count T is padded to a power of
 two and its sequence slots to B = min(T, max_num_seqs): pure decode steps pad nothing twice, and
 the number of graphs is the number of token buckets, all compiled at warm-up. A step in which
 some row names a pluggable sampler runs a second graph per bucket, compiled on first use for
@@ -16,10 +16,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxserve import sampling
 from jaxserve.block_pool import NULL_PAGE
 from jaxserve.models.metadata import AttentionMetadata, KVCache
+from jaxserve.parallel import (ParallelConfig, build_mesh, kv_cache_sharding, param_shardings,
+                               replicated)
+from jaxserve.profiling import DEVICE_STEP, PREPARE, annotate
 from jaxserve.sampler import (DEFAULT_SAMPLER, SamplingRow, SamplingTensors, build_sampling_tensors,
                               compute_logprobs, sample)
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -68,10 +72,13 @@ _GREEDY = SamplingParams(temperature=0.0)
 
 class ModelRunner:
     def __init__(self, model, params, *, num_pages: int, block_size: int, max_model_len: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, attention_fn):
+                 max_num_seqs: int, max_num_batched_tokens: int, attention_fn, mesh: Mesh | None = None):
         cfg = model.config
         self.model = model
-        self.params = params
+        # One code path for every mesh: a single device is a 1 x 1 mesh.
+        self.mesh = mesh if mesh is not None else build_mesh(ParallelConfig())
+        param_sharding = param_shardings(params, self.mesh, cfg)
+        self.params = jax.device_put(params, param_sharding)
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -79,9 +86,20 @@ class ModelRunner:
         self.attention_fn = attention_fn
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
         shape = (cfg.num_layers, num_pages, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        kv_sharding = kv_cache_sharding(self.mesh, cfg)
+        kv_sharding = KVCache(k=kv_sharding, v=kv_sharding)
+        # Built in place on its devices: a sharded cache is never whole on one device.
+        self.kv_cache = jax.jit(lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)),
+                                out_shardings=kv_sharding)()
         self.buckets = [(t, min(t, max_num_seqs)) for t in token_buckets(max_num_batched_tokens)]
-        self._jitted = jax.jit(self._step, donate_argnums=(1,), static_argnames=("samplers",))
+        # Explicit shardings, the same for warm-up and serving: step inputs and the sampler's
+        # outputs are replicated, so every shard samples the same tokens.
+        self._replicated = replicated(self.mesh)
+        # `samplers` (the pluggable ones a variant runs) is static and positional: jit refuses
+        # keyword arguments once in_shardings is given.
+        self._jitted = jax.jit(self._step, donate_argnums=(1,), static_argnums=(4,),
+                               in_shardings=(param_sharding, kv_sharding, self._replicated, self._replicated),
+                               out_shardings=(kv_sharding, self._replicated, self._replicated))
         # (bucket, prompt_logprobs, sampler registry version or None for the default-only graph)
         self._compiled: dict[tuple[tuple[int, int], bool, int | None], object] = {}
         self.compile_seconds = 0.0
@@ -97,7 +115,7 @@ class ModelRunner:
         with jax.named_scope("sampler"):
             out = sample(logits, inputs.sampling, samplers=samplers)
         if prompt_targets is None:
-            return kv_cache, out
+            return kv_cache, out, None
         # The prompt_logprobs variant (compiled only when a request asks): every position scores
         # the prompt token after it.
         with jax.named_scope("prompt_logprobs"):
@@ -128,7 +146,7 @@ class ModelRunner:
                     del self._compiled[stale]
             start = time.perf_counter()
             exe = self._jitted.lower(self.params, self.kv_cache, inputs, prompt_targets,
-                                     samplers=samplers.pluggable if samplers is not None else ()).compile()
+                                     samplers.pluggable if samplers is not None else ()).compile()
             seconds = time.perf_counter() - start
             self.compile_seconds += seconds
             self._compiled[key] = exe
@@ -211,13 +229,16 @@ class ModelRunner:
         # Only a step in which some row names a pluggable sampler pays for (and compiles) them.
         pluggable = any(r is not None and r.params.selected_sampler != DEFAULT_SAMPLER for r in rows)
         samplers = sampling.snapshot() if pluggable else None
-        bucket, inputs = self.prepare(sched, rows, samplers)
-        targets = self._prompt_targets(sched, bucket[0])
+        with annotate(PREPARE):
+            bucket, inputs = self.prepare(sched, rows, samplers)
+            targets = self._prompt_targets(sched, bucket[0])
         exe = self._executable(bucket, inputs, targets, samplers)
-        self.kv_cache, *outs = exe(self.params, self.kv_cache, inputs, targets)
-        out, *prompt = jax.device_get(outs)  # the step's one device->host transfer
+        with annotate(DEVICE_STEP):
+            inputs, targets = jax.device_put((inputs, targets), self._replicated)  # the one host->device transfer
+            self.kv_cache, out, prompt = exe(self.params, self.kv_cache, inputs, targets)
+            out, prompt = jax.device_get((out, prompt))  # the step's one device->host transfer
         n = len(sched.seqs)
         return StepResult(tokens=out.tokens[:n], logprobs=out.logprobs[:n], top_ids=out.top_ids[:n],
                           top_logprobs=out.top_logprobs[:n],
                           sampler_state=out.sampler_state[:n], bucket=bucket,
-                          seconds=time.perf_counter() - start, prompt_logprobs=prompt[0] if prompt else None)
+                          seconds=time.perf_counter() - start, prompt_logprobs=prompt)

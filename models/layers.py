@@ -90,8 +90,9 @@ class SwiGLU(nn.Module):
         gate = self.param("gate_proj", _kernel_init, (D, F)).astype(x.dtype)
         up = self.param("up_proj", _kernel_init, (D, F)).astype(x.dtype)
         down = self.param("down_proj", _kernel_init, (F, D)).astype(x.dtype)
-        h = jax.nn.silu(jnp.einsum("TD,DF->TF", x, gate)) * jnp.einsum("TD,DF->TF", x, up)
-        return jnp.einsum("TF,FD->TD", h, down)
+        with jax.named_scope("mlp"):
+            h = jax.nn.silu(jnp.einsum("TD,DF->TF", x, gate)) * jnp.einsum("TD,DF->TF", x, up)
+            return jnp.einsum("TF,FD->TD", h, down)
 
 
 # ----------------------------------------------------------------------------- paged attention
@@ -127,27 +128,32 @@ class PagedAttention(nn.Module):
     def __call__(self, x: jax.Array, kv_cache: KVCache, layer: jax.Array,
                  md: AttentionMetadata) -> tuple[jax.Array, KVCache]:
         D, N, K, H = x.shape[-1], self.num_heads, self.num_kv_heads, self.head_dim
-        q = self._project(x, "q", N)  # [T, N, H]
-        k = self._project(x, "k", K)  # [T, K, H]
-        v = self._project(x, "v", K)  # [T, K, H]
-        if self.qk_norm_eps is not None:
-            # Qwen3 normalises each head before RoPE.
-            q = RMSNorm(self.qk_norm_eps, name="q_norm")(q)
-            k = RMSNorm(self.qk_norm_eps, name="k_norm")(k)
-        inv_freq = rope_inv_freq(H, self.rope_theta, self.rope_scaling)
-        q = apply_rope(q, md.positions, inv_freq)
-        k = apply_rope(k, md.positions, inv_freq)
-
-        kv_cache = write_kv(kv_cache, layer, md.slot_mapping, k, v)
-        L, P, S, _, _ = kv_cache.k.shape
-        # All layers' pages as one [L*P, S, K, H] array (a free reshape); this layer's pages are
-        # the page ids offset by layer * P.
-        out = self.attention_fn(
-            q, kv_cache.k.reshape(L * P, S, K, H), kv_cache.v.reshape(L * P, S, K, H),
-            md.kv_lens, md.page_table + layer * P, md.cu_q_lens, md.num_seqs,
-            sm_scale=H ** -0.5, sliding_window=self.sliding_window)  # [T, N, H]
-        o_proj = self.param("o_proj", _kernel_init, (N, H, D)).astype(x.dtype)
-        return jnp.einsum("TNH,NHD->TD", out, o_proj), kv_cache
+        with jax.named_scope("attention"):
+            with jax.named_scope("qkv_proj"):
+                q = self._project(x, "q", N)  # [T, N, H]
+                k = self._project(x, "k", K)  # [T, K, H]
+                v = self._project(x, "v", K)  # [T, K, H]
+            if self.qk_norm_eps is not None:
+                # Qwen3 normalises each head before RoPE.
+                q = RMSNorm(self.qk_norm_eps, name="q_norm")(q)
+                k = RMSNorm(self.qk_norm_eps, name="k_norm")(k)
+            with jax.named_scope("rope"):
+                inv_freq = rope_inv_freq(H, self.rope_theta, self.rope_scaling)
+                q = apply_rope(q, md.positions, inv_freq)
+                k = apply_rope(k, md.positions, inv_freq)
+            with jax.named_scope("kv_write"):
+                kv_cache = write_kv(kv_cache, layer, md.slot_mapping, k, v)
+            L, P, S, _, _ = kv_cache.k.shape
+            # All layers' pages as one [L*P, S, K, H] array (a free reshape); this layer's pages are
+            # the page ids offset by layer * P.
+            with jax.named_scope("paged_attention"):
+                out = self.attention_fn(
+                    q, kv_cache.k.reshape(L * P, S, K, H), kv_cache.v.reshape(L * P, S, K, H),
+                    md.kv_lens, md.page_table + layer * P, md.cu_q_lens, md.num_seqs,
+                    sm_scale=H ** -0.5, sliding_window=self.sliding_window)  # [T, N, H]
+            o_proj = self.param("o_proj", _kernel_init, (N, H, D)).astype(x.dtype)
+            with jax.named_scope("o_proj"):
+                return jnp.einsum("TNH,NHD->TD", out, o_proj), kv_cache
 
     def _project(self, x: jax.Array, name: str, heads: int) -> jax.Array:
         kernel = self.param(f"{name}_proj", _kernel_init, (x.shape[-1], heads, self.head_dim))

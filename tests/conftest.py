@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import os
 
+# Four host devices for the sharding tests (tests/test_parallel.py); must precede JAX's start.
+# Unsharded tests run on device 0 as before.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
 import pytest
 
 from testlib import SMOLLM2_ENGINE_ARGS, TINY_CONFIGS, make_hf_model, save_tiny_tokenizer

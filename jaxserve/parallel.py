@@ -1,0 +1,110 @@
+"""Parallelism: one ``jax.sharding.Mesh(("data", "model"))`` and where every array lives on it.
+
+Tensor parallelism is Megatron-style: q/k/v and gate/up are split by output columns (heads, MLP
+hidden units), o and down by input rows, so each layer needs one all-reduce after o and one after
+down; the embedding and lm_head are split over the vocabulary. The KV cache is split over KV heads,
+or replicated when there are fewer KV heads than model shards (each shard then keeps every KV head
+and uses the ones its q heads need). Data parallelism runs one engine replica per row of the mesh,
+each on its own ("model",) slice; requests go to the least busy replica.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1   # devices one model is split over (the "model" mesh axis)
+    data_parallel_size: int = 1     # engine replicas, each on its own tensor-parallel group
+
+    def __post_init__(self):
+        for name in ("tensor_parallel_size", "data_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    @property
+    def num_devices(self) -> int:
+        return self.tensor_parallel_size * self.data_parallel_size
+
+
+def build_mesh(config: ParallelConfig, devices=None) -> Mesh:
+    """The (data, model) mesh over the first data * model devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    need = config.num_devices
+    if len(devices) < need:
+        hint = (" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N host devices)"
+                if devices and devices[0].platform == "cpu" else "")
+        raise ValueError(f"tensor_parallel_size ({config.tensor_parallel_size}) x data_parallel_size "
+                         f"({config.data_parallel_size}) needs {need} devices, but only {len(devices)} "
+                         f"are visible{hint}")
+    grid = np.array(devices[:need], dtype=object).reshape(config.data_parallel_size, config.tensor_parallel_size)
+    return Mesh(grid, (DATA, MODEL))
+
+
+def replica_meshes(mesh: Mesh) -> list[Mesh]:
+    """One single-row (1, model) mesh per data-parallel replica."""
+    return [Mesh(mesh.devices[i:i + 1], (DATA, MODEL)) for i in range(mesh.devices.shape[0])]
+
+
+def check_divisible(model_config, tensor_parallel_size: int) -> None:
+    """Refuse a tensor-parallel size that cannot split the model, naming the numbers."""
+    tp = tensor_parallel_size
+    if tp == 1:
+        return
+    c = model_config
+    problems = [f"{what} ({n})" for what, n in (("attention heads", c.num_heads),
+                                                ("MLP intermediate size", c.intermediate_size),
+                                                ("vocabulary size", c.vocab_size)) if n % tp]
+    if c.num_kv_heads % tp and tp % c.num_kv_heads:
+        problems.append(f"KV heads ({c.num_kv_heads}: must divide or be a multiple of it)")
+    if problems:
+        raise ValueError(f"tensor_parallel_size {tp} does not divide the model's " + ", ".join(problems))
+
+
+def kv_heads_sharded(model_config, tensor_parallel_size: int) -> bool:
+    return model_config.num_kv_heads % tensor_parallel_size == 0
+
+
+# Which axis of each parameter (layers stacked on axis 0) the "model" axis splits; absent: replicated.
+_COLUMN_AXIS = {"q_proj": 2, "q_bias": 1, "gate_proj": 2, "up_proj": 2, "lm_head": 1}
+_ROW_AXIS = {"o_proj": 1, "down_proj": 1, "embed": 0}
+_KV_AXIS = {"k_proj": 2, "v_proj": 2, "k_bias": 1, "v_bias": 1}
+
+
+def param_spec(path: tuple[str, ...], ndim: int, kv_sharded: bool) -> P:
+    name = path[-1]
+    axis = _COLUMN_AXIS.get(name, _ROW_AXIS.get(name))
+    if axis is None and kv_sharded:
+        axis = _KV_AXIS.get(name)
+    if axis is None:
+        return P()
+    return P(*(MODEL if i == axis else None for i in range(ndim)))
+
+
+def param_shardings(params, mesh: Mesh, model_config):
+    """A NamedSharding for every leaf of the params pytree."""
+    kv = kv_heads_sharded(model_config, mesh.shape[MODEL])
+
+    def spec(path, leaf):
+        names = tuple(getattr(k, "key", str(k)) for k in path)
+        return NamedSharding(mesh, param_spec(names, leaf.ndim, kv))
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def kv_cache_sharding(mesh: Mesh, model_config) -> NamedSharding:
+    """[L, P, S, K, H]: split over K heads when they divide evenly, else replicated."""
+    if kv_heads_sharded(model_config, mesh.shape[MODEL]):
+        return NamedSharding(mesh, P(None, None, None, MODEL, None))
+    return NamedSharding(mesh, P())
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

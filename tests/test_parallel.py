@@ -1,0 +1,98 @@
+"""Sharding on a mesh of forced host devices (tests/conftest.py asks XLA for 4): tensor parallel
+2 and 4 on a tiny model and 3 on SmolLM2 give the one-device greedy tokens, with the parameter and
+KV cache shardings asserted; data parallel 2 serves requests on both replicas with the same outputs;
+sizes that cannot split the model are refused with the numbers."""
+from __future__ import annotations
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxserve import LLM, SamplingParams
+from jaxserve.parallel import ParallelConfig, build_mesh, check_divisible
+from testlib import PAGE_SIZE, SMOLLM2_ENGINE_ARGS
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 host devices (tests/conftest.py)")
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+TINY_ARGS = dict(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, block_size=PAGE_SIZE)
+TINY_PROMPTS = [[5, 17, 33, 8, 9, 100], [7, 7, 250, 3], [300, 12, 45, 46, 47, 48, 49, 50, 51]]
+
+
+def tokens(llm, prompts, params=GREEDY):
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def spec(array) -> P:
+    return array.sharding.spec
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tiny_checkpoint):
+    return tiny_checkpoint("llama")[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_one_device(tiny_folder):
+    llm = LLM(tiny_folder, **TINY_ARGS)
+    return tokens(llm, TINY_PROMPTS)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_tiny_matches_one_device(tiny_folder, tiny_one_device, tp):
+    llm = LLM(tiny_folder, tensor_parallel_size=tp, **TINY_ARGS)
+    runner = llm.engine.runner
+    layers = runner.params["layers"]
+    assert spec(layers["attn"]["q_proj"]) == P(None, None, "model", None)   # [L, D, N, H] by heads
+    assert spec(layers["attn"]["o_proj"]) == P(None, "model", None, None)   # [L, N, H, D] by rows
+    assert spec(layers["mlp"]["gate_proj"]) == P(None, None, "model")       # [L, D, F] by columns
+    assert spec(layers["mlp"]["down_proj"]) == P(None, "model", None)       # [L, F, D] by rows
+    assert spec(runner.params["embed"]) == P("model", None)                 # [V, D] by vocabulary
+    assert spec(layers["attn_norm"]["scale"]) == P()
+    if tp == 2:  # 2 KV heads over 2 shards: one each
+        assert spec(layers["attn"]["k_proj"]) == P(None, None, "model", None)
+        assert spec(runner.kv_cache.k) == P(None, None, None, "model", None)
+    else:  # 2 KV heads, 4 shards: every shard keeps both
+        assert spec(layers["attn"]["k_proj"]) == P()
+        assert spec(runner.kv_cache.k) == P()
+    assert len(runner.kv_cache.k.sharding.device_set) == tp
+    assert tokens(llm, TINY_PROMPTS) == tiny_one_device
+
+
+def test_tensor_parallel_3_on_smollm2_matches_one_device(smollm2_llm):
+    tok = smollm2_llm.get_tokenizer()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ("What is the capital of France?", "Name three colours.")]
+    prompts = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    want = tokens(smollm2_llm, prompts)
+    llm = LLM(tensor_parallel_size=3, **SMOLLM2_ENGINE_ARGS)  # 9 heads, 3 KV heads: 3 + 1 per shard
+    layers = llm.engine.runner.params["layers"]
+    assert spec(layers["attn"]["q_proj"]) == P(None, None, "model", None)
+    assert layers["attn"]["q_proj"].addressable_shards[0].data.shape[2] == 3
+    assert spec(llm.engine.runner.kv_cache.v) == P(None, None, None, "model", None)
+    assert tokens(llm, prompts) == want
+
+
+def test_data_parallel_2_serves_on_both_replicas(tiny_folder, tiny_one_device):
+    llm = LLM(tiny_folder, data_parallel_size=2, **TINY_ARGS)
+    replicas = llm.engine.replicas
+    assert len(replicas) == 2
+    devices = [r.runner.kv_cache.k.sharding.device_set for r in replicas]
+    assert devices[0].isdisjoint(devices[1])
+    assert tokens(llm, TINY_PROMPTS) == tiny_one_device
+    # Both replicas did work: each ran steps for at least one of the requests.
+    assert all(r.stats.generation_tokens > 0 for r in replicas)
+    assert llm.stats().generation_tokens == sum(len(t) for t in tiny_one_device)
+
+
+def test_sizes_that_cannot_split_the_model_are_refused(smollm2_llm):
+    config = smollm2_llm.loaded.config  # 9 heads, 3 KV heads, intermediate 1536, vocab 49152
+    with pytest.raises(ValueError, match=r"tensor_parallel_size 2 does not divide .*attention heads \(9\).*KV heads \(3"):
+        check_divisible(config, 2)
+    with pytest.raises(ValueError, match=r"attention heads \(9\)"):
+        check_divisible(config, 4)
+    check_divisible(config, 3)
+    with pytest.raises(ValueError, match=r"needs 8 devices, but only 4"):
+        build_mesh(ParallelConfig(tensor_parallel_size=4, data_parallel_size=2))
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
+        ParallelConfig(tensor_parallel_size=0)
