@@ -111,6 +111,9 @@ class _Progress:
             arrival_time=self.arrival, first_token_time=self.first_token_time, finish_time=now))
 
 
+_CLOSED = object()  # queued by RequestStream.close() so that a pending reader returns
+
+
 class RequestStream:
     """The outputs of one request, as an async iterator of deltas; closing it early aborts it.
 
@@ -140,6 +143,9 @@ class RequestStream:
         if self._finished:
             raise StopAsyncIteration
         item = await self._queue.get()
+        if item is _CLOSED:
+            self._finished = True
+            raise StopAsyncIteration
         if isinstance(item, BaseException):
             self._finished = True
             raise item
@@ -170,6 +176,7 @@ class RequestStream:
         now = time.monotonic()
         if not self._finished:
             self._engine._post(("abort", self.request_id))
+            self._queue.put_nowait(_CLOSED)  # a reader still waiting (another task) ends too
         reasons = tuple(self._reasons.get(i, "abort") for i in range(self.params.n))
         self._engine._forget(self.request_id, self.params.n)
         self._engine._report(RequestRecord(

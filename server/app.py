@@ -37,9 +37,8 @@ def error_response(request: Request, status: int, message: str, *, kind: str | N
     """An error in the format of the API family the path belongs to."""
     if _is_ollama(request):
         return json_response(ollama_protocol.error_body(message), status=status)
-    if kind is None:
-        kind = {401: "authentication_error", 404: "not_found_error", 503: "server_error"}.get(
-            status, "invalid_request_error" if status < 500 else "server_error")
+    if kind is None:  # OpenAI itself answers 401 and 404 with invalid_request_error too
+        kind = "invalid_request_error" if status < 500 else "server_error"
     return json_response(openai_protocol.error_body(message, kind=kind, param=param, code=code), status=status)
 
 
@@ -95,8 +94,8 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
     @app.exception(Exception)
     async def on_error(request: Request, error: Exception):
         if isinstance(error, RequestError):
-            return error_response(request, error.status, error.message, kind=error.kind if error.status != 401
-                                  and error.status != 404 else None, param=error.param, code=error.code)
+            return error_response(request, error.status, error.message, kind=error.kind, param=error.param,
+                                  code=error.code)
         if isinstance(error, QueueFullError):
             return error_response(request, 503, str(error), code="queue_full")
         if isinstance(error, EngineClosedError):

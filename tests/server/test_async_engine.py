@@ -226,3 +226,20 @@ def test_the_server_package_does_not_import_jax():
             "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_closing_a_stream_ends_a_reader_waiting_in_another_task():
+    async def main():
+        fake = FakeEngine(step_seconds=0.01)
+        engine = AsyncEngine(fake)
+        engine.start()
+        stream = await engine.add_request("r", [1], SamplingParams(max_tokens=10_000))
+        reader = asyncio.ensure_future(_collect(stream))
+        await asyncio.sleep(0.05)
+        stream.close()
+        outs = await asyncio.wait_for(reader, 2)
+        await engine.shutdown()
+        return outs, fake
+
+    outs, fake = _run(main())
+    assert outs and not outs[-1].finished and fake.aborted == ["r"]
