@@ -17,7 +17,8 @@ from jaxserve.sampler import SamplingRow, build_sampling_tensors, sample
 
 def second_best(logits, params, state, keys):
     """Always the second most likely token (of the penalised logits)."""
-    return lax.top_k(logits, 2)[1][:, 1]
+    ids = lax.top_k(logits, 2)[1]  # [B, 2]; gathered, not sliced: a slice makes XLA:CPU sort the row
+    return jnp.take_along_axis(ids, jnp.ones_like(ids[:, :1]), -1)[:, 0]
 
 
 def counting_sampler(logits, params, state, keys):
