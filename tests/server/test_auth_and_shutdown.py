@@ -16,6 +16,9 @@ import yaml
 from serverlib import MODEL, ServerProcess
 
 KEY = "s3cret-key"
+# ChatML without SmolLM2's default system prompt: visible in /tokenize when --chat-template applies.
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +26,9 @@ def keyed(tmp_path_factory):
     folder = tmp_path_factory.mktemp("keyed")
     config = folder / "serve.yaml"
     # The environment's key beats the file's; the --max-queue flag beats the file's max_queue.
-    config.write_text(yaml.safe_dump({"api-key": "from-the-file", "max_queue": 0,
+    template = folder / "chatml.jinja"
+    template.write_text(TEMPLATE)
+    config.write_text(yaml.safe_dump({"api-key": "from-the-file", "max_queue": 0, "chat-template": str(template),
                                       "served-model-name": [MODEL, "alias"], "disable-log-requests": True}))
     srv = ServerProcess(["--config", str(config), "--max-queue", "1"], folder / "serve.log",
                         env={"JAXSERVE_API_KEY": KEY})
@@ -64,6 +69,13 @@ def test_the_right_key_works_and_config_names_are_served(keyed):
     oll = ollama.Client(host=keyed.url, headers={"Authorization": f"Bearer {KEY}"})
     assert oll.generate(model="alias", prompt="Hi", options={"num_predict": 3}).done
     assert "jaxserve.server: request " not in keyed.read_log()  # disable-log-requests, from the file
+    auth = {"Authorization": f"Bearer {KEY}"}
+    by_template = httpx.post(f"{keyed.url}/tokenize", headers=auth,
+                             json={"messages": [{"role": "user", "content": "Hi"}]}).json()["tokens"]
+    by_hand = httpx.post(f"{keyed.url}/tokenize", headers=auth, json={
+        "prompt": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "add_special_tokens": False}).json()
+    assert by_template == by_hand["tokens"]
+    assert oll.show("alias").template == TEMPLATE
 
 
 def test_requests_beyond_max_queue_get_503(keyed):

@@ -1,0 +1,47 @@
+"""Pieces of the app that need no server: the request log line, ServerConfig validation, and the
+--chat-template loader."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from jaxserve.async_engine import RequestRecord
+from jaxserve.cli import _load_chat_template
+from jaxserve.server.app import _log_record
+from jaxserve.server.config import ServerConfig
+
+
+def test_request_log_line_has_id_tokens_ttft_total_and_a_cut_prompt(caplog):
+    record = RequestRecord("cmpl-1", "client-id", "x" * 50, 50, 7, arrival_time=10.0, first_token_time=10.25,
+                           finish_time=11.5, finish_reasons=("stop",))
+    with caplog.at_level(logging.INFO, logger="jaxserve.server"):
+        _log_record(ServerConfig(("m",), max_log_len=5), record)
+    (line,) = caplog.messages
+    assert line == ("request client-id: prompt_tokens=50 generation_tokens=7 ttft=0.250s total=1.500s "
+                    "finish=stop prompt='xxxxx'")
+    assert record.time_per_output_token == pytest.approx(1.25 / 6)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(served_model_names=()), "served_model_names"),
+    (dict(port=70000), "port"),
+    (dict(log_level="loud"), "log_level"),
+    (dict(max_queue=-1), "max_queue"),
+    (dict(ssl_keyfile="/k.pem"), "together"),
+    (dict(ssl_keyfile="/no/k.pem", ssl_certfile="/no/c.pem"), "does not exist"),
+    (dict(api_key=""), "api_key"),
+])
+def test_server_config_refuses_bad_values(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        ServerConfig(**{"served_model_names": ("m",), **kwargs})
+
+
+def test_chat_template_from_a_file_or_inline(tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert _load_chat_template(str(path)) == path.read_text()
+    assert _load_chat_template("{{ messages }}") == "{{ messages }}"
+    assert _load_chat_template(None) is None
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        _load_chat_template("/no/such/template.jinja")
