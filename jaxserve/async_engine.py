@@ -22,6 +22,11 @@ from jaxserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+class RequestRefusedError(ValueError):
+    """The engine cannot serve this request as asked (LLMEngine.add_request's ValueError); nothing
+    changed. The client's mistake: a 400."""
+
+
 class QueueFullError(RuntimeError):
     """More requests are waiting than --max-queue allows; the client should retry later."""
 
@@ -240,19 +245,19 @@ class AsyncEngine:
                           prompt_text: str | None = None, log_id: str | None = None) -> RequestStream:
         """Queue a request and return its stream once the engine accepted it.
 
-        Raises ValueError (the request cannot be served, nothing changed), QueueFullError or
+        Raises RequestRefusedError (the request cannot be served, nothing changed), QueueFullError or
         EngineClosedError.
         """
         if not self._accepting or not self.is_running:
             raise EngineClosedError("the server is shutting down")
         if params.n > self.max_num_seqs + self.max_queue:
-            raise ValueError(f"n must be <= {self.max_num_seqs + self.max_queue} (--max-num-seqs plus "
-                             f"--max-queue), got {params.n}")
+            raise RequestRefusedError(f"n must be <= {self.max_num_seqs + self.max_queue} (--max-num-seqs "
+                                      f"plus --max-queue), got {params.n}")
         if self._num_seqs + params.n > self.max_num_seqs + self.max_queue:
             raise QueueFullError(f"server busy: more than {self.max_queue} sequences waiting "
                                  f"(--max-queue); retry later")
         if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise RequestRefusedError(f"request id {request_id!r} is already in use")
         text = prompt_text if prompt_text is not None else (prompt if isinstance(prompt, str) else None)
         stream = RequestStream(self, request_id, params, log_id or request_id, text)
         self._streams[request_id] = stream
@@ -336,7 +341,7 @@ class AsyncEngine:
                     self.engine.add_request(request_id, prompt, params, prompt_text=prompt_text)
                     self._progress[request_id] = _Progress(request_id, params.n, arrival)
                 except ValueError as e:
-                    error = e
+                    error = RequestRefusedError(str(e))
                 except Exception as e:  # a bug, not the client's mistake: keep the loop alive
                     logger.exception("add_request failed for %s", request_id)
                     error = EngineStepError(f"the engine could not take the request: {e}")

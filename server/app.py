@@ -15,7 +15,8 @@ from sanic import HTTPResponse, Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import json as json_response
 
-from jaxserve.async_engine import AsyncEngine, EngineClosedError, QueueFullError, RequestRecord
+from jaxserve.async_engine import (AsyncEngine, EngineClosedError, QueueFullError, RequestRecord,
+                                   RequestRefusedError)
 from jaxserve.server import ollama_protocol, openai_protocol
 from jaxserve.server.config import ServerConfig
 from jaxserve.server.metrics import CONTENT_TYPE, Metrics
@@ -100,7 +101,7 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
             return error_response(request, 503, str(error), code="queue_full")
         if isinstance(error, EngineClosedError):
             return error_response(request, 503, str(error), code="shutting_down")
-        if isinstance(error, ValueError):  # the engine refused the request (it validates last)
+        if isinstance(error, RequestRefusedError):  # the engine validates last (token ids, KV pages...)
             return error_response(request, 400, str(error), code="invalid_value")
         if isinstance(error, SanicException):
             status = error.status_code

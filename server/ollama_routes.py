@@ -71,7 +71,8 @@ async def _run(request: Request, body: dict, model: str, ids: list[int], text: s
                     out_ids += c.token_ids
                     pieces.append(c.text)
                     if c.text or (num_top is not None and c.token_ids):
-                        chunk = {"model": model, "created_at": proto.now_rfc3339(), **piece(c.text), "done": False}
+                        chunk = {"model": model, "created_at": proto.now_rfc3339(), **piece(c.text),
+                                 "done": False}
                         if num_top is not None:
                             chunk["logprobs"] = proto.logprob_items(c.logprobs, c.token_ids, num_top)
                         await response.send(_dumps(chunk) + "\n")

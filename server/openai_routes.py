@@ -94,7 +94,8 @@ async def _sse(request: Request, chunks) -> None:
         async for chunk in chunks:
             await response.send(f"data: {_dumps(chunk)}\n\n")
     except RequestError as e:
-        await response.send(f"data: {_dumps(proto.error_body(e.message, kind=e.kind, param=e.param, code=e.code))}\n\n")
+        body = proto.error_body(e.message, kind=e.kind, param=e.param, code=e.code)
+        await response.send(f"data: {_dumps(body)}\n\n")
     except EngineStepError as e:  # the engine failed mid-stream: tell the client inside the stream
         await response.send(f"data: {_dumps(proto.error_body(str(e), kind='server_error'))}\n\n")
     await response.send("data: [DONE]\n\n")

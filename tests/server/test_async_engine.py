@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from jaxserve.async_engine import AsyncEngine, EngineClosedError, EngineStepError, QueueFullError
+from jaxserve.async_engine import (AsyncEngine, EngineClosedError, EngineStepError, QueueFullError,
+                                   RequestRefusedError)
 from jaxserve.engine import EngineStats
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
@@ -109,7 +110,7 @@ def test_a_refused_request_raises_to_the_caller_and_leaves_the_others_running():
         engine = AsyncEngine(FakeEngine())
         engine.start()
         good = await engine.add_request("good", [1], SamplingParams(max_tokens=3))
-        with pytest.raises(ValueError, match="must not be empty"):
+        with pytest.raises(RequestRefusedError, match="must not be empty"):
             await engine.add_request("bad", [], SamplingParams(max_tokens=3))
         outs = await _collect(good)
         good.close()
@@ -128,7 +129,7 @@ def test_requests_beyond_max_queue_are_refused_until_room_frees():
         streams = [await engine.add_request(f"r{i}", [1], SamplingParams(max_tokens=50)) for i in range(3)]
         with pytest.raises(QueueFullError):
             await engine.add_request("r3", [1], SamplingParams(max_tokens=50))
-        with pytest.raises(ValueError, match="n must be <= 3"):  # could never fit: the client's mistake
+        with pytest.raises(RequestRefusedError, match="n must be <= 3"):  # could never fit: the client's mistake
             await engine.add_request("r5", [1], SamplingParams(max_tokens=50, n=4))
         streams[0].close()  # an abort frees its place at once
         late = await engine.add_request("r4", [1], SamplingParams(max_tokens=2))

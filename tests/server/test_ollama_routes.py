@@ -46,7 +46,8 @@ def test_generate_applies_the_template_unless_raw(client, smollm2_llm):
     assert got.context == want.prompt_token_ids + want.outputs[0].token_ids
     raw_want = smollm2_llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8),
                                     use_tqdm=False)[0]
-    raw = client.generate(model=MODEL, prompt="The capital of France is", raw=True, options={**GREEDY, "num_predict": 8})
+    raw = client.generate(model=MODEL, prompt="The capital of France is", raw=True,
+                          options={**GREEDY, "num_predict": 8})
     assert raw.response == raw_want.outputs[0].text and raw.done_reason == "length"
     system = client.generate(model=MODEL, prompt=prompt, system="Answer in French.", keep_alive="5m",
                              options={**GREEDY, "num_predict": 4})
