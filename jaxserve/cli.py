@@ -141,6 +141,16 @@ def _load_chat_template(value: str | None) -> str | None:
     return value
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise OSError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -169,6 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
     from jaxserve.server.app import create_app
     from jaxserve.server.model_card import ModelCard
 
+    _check_port_free(config.host, config.port)  # before minutes of loading and compiling, not after
     started = time.monotonic()
     llm = LLM(model=o["model"], dtype=o["dtype"], max_model_len=o["max-model-len"], max_num_seqs=o["max-num-seqs"],
               max_num_batched_tokens=o["max-num-batched-tokens"], block_size=o["block-size"],
@@ -351,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"serve": _serve, "run": _run, "generate": _generate}
     try:
         return commands[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad flags or files, a port in use: no traceback
         parser.exit(2, f"jaxserve: error: {e}\n")
 
 

@@ -1,1 +1,3 @@
-"""jaxserve HTTP server (OpenAI- and Ollama-compatible); see issue 4."""
+"""The HTTP server: a Sanic app (``app.create_app``) answering the OpenAI and Ollama APIs over one
+``AsyncEngine``. No JAX here: requests reach the engine only through jaxserve.async_engine.
+"""

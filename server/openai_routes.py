@@ -56,7 +56,7 @@ async def _add_all(request: Request, prompts: list[tuple[list[int], str | None]]
     return streams
 
 
-async def merged(streams):
+async def _merged(streams):
     """(stream index, delta) from several request streams as they arrive; closes them all at the end."""
     inbox: asyncio.Queue = asyncio.Queue()
 
@@ -125,7 +125,7 @@ async def completions(request: Request):
     if req.stream:
         async def chunks():
             usage_field = {"usage": None} if req.include_usage else {}
-            async for i, out in merged(streams):
+            async for i, out in _merged(streams):
                 for c in out.outputs:
                     fragment = choices.fragment(i, out, c)
                     if fragment is not None:
@@ -138,7 +138,7 @@ async def completions(request: Request):
             for s in streams:
                 s.close()
 
-    async for i, out in merged(streams):
+    async for i, out in _merged(streams):
         for c in out.outputs:
             fragment = choices.fragment(i, out, c)
             if fragment is not None:
@@ -173,7 +173,7 @@ async def chat_completions(request: Request):
                 yield chunk([{"index": i, "delta": {"role": role, "content": ""}, "logprobs": None,
                               "finish_reason": None}], **usage_field)
             generated = 0
-            async for _, out in merged([stream]):
+            async for _, out in _merged([stream]):
                 for c in out.outputs:
                     generated += len(c.token_ids)
                     if not c.text and c.finish_reason is None and not req.logprobs:
@@ -191,7 +191,7 @@ async def chat_completions(request: Request):
 
     texts, lps, reasons = [""] * n, [[] for _ in range(n)], [(None, None)] * n
     generated = 0
-    async for _, out in merged([stream]):
+    async for _, out in _merged([stream]):
         for c in out.outputs:
             texts[c.index] += c.text
             generated += len(c.token_ids)

@@ -3,6 +3,7 @@ one-shot and interactive, against the offline API's greedy chat."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -47,6 +48,10 @@ def test_bad_config_and_environment_are_reported(tmp_path):
     done = subprocess.run([JAXSERVE, "serve", "--config", str(tmp_path / "missing.yaml")], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "missing.yaml" in done.stderr and "Traceback" not in done.stderr
+    with socket.create_server(("127.0.0.1", 0)) as busy:  # refused before the model loads
+        port = str(busy.getsockname()[1])
+        done = subprocess.run([JAXSERVE, "serve", "--port", port], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and f"127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_serve_help_groups_the_flags():
