@@ -72,8 +72,18 @@ def test_clients_closing_streams_half_way_free_their_pages(server):
                             break  # leaving the block closes the connection mid-stream
                 return got
 
+            async def give_up(path, body):  # a non-streamed request the client stops waiting for
+                try:
+                    await asyncio.wait_for(http.post(path, json=body), 1.5)
+                except asyncio.TimeoutError:
+                    return 3
+                return 0
+
             long = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
             return await asyncio.gather(
+                give_up("/v1/completions", {"model": MODEL, "prompt": "Once upon a time", **long}),
+                give_up("/api/chat", {"model": MODEL, "stream": False, "options": {"num_predict": 400},
+                                      "messages": [{"role": "user", "content": "Tell a story"}]}),
                 *(hang_up("/v1/chat/completions", {"model": MODEL, "stream": True, **long,
                                                    "messages": [{"role": "user", "content": f"Tell story {i}"}]})
                   for i in range(3)),
@@ -82,7 +92,7 @@ def test_clients_closing_streams_half_way_free_their_pages(server):
                                           "options": {"num_predict": 400, "temperature": 0}}))
 
     assert all(got >= 3 for got in asyncio.run(main()))
-    # 5 x 400 tokens would take over 10 s to run out; aborted, they are gone within a few steps.
+    # 7 x 400 tokens would take over 10 s to run out; aborted, they are gone within a few steps.
     samples = wait_idle(server.url, timeout=5)
     assert metric(samples, "jaxserve:num_requests_running") == 0
     assert metric(samples, "jaxserve:kv_cache_usage_perc") == 0.0
