@@ -41,13 +41,8 @@ def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-@dataclasses.dataclass
-class Options:
-    params: SamplingParams
-    num_ctx: int | None
-
-
-def parse_options(body: dict, *, num_prompt_tokens: int, max_model_len: int, logprobs: int | None = None) -> Options:
+def parse_options(body: dict, *, num_prompt_tokens: int, max_model_len: int,
+                  logprobs: int | None = None) -> SamplingParams:
     """``options`` -> SamplingParams; num_ctx caps the context, num_predict -1/-2 fill it."""
     options = get(body, "options", "object", {})
     kwargs = {}
@@ -90,12 +85,11 @@ def parse_options(body: dict, *, num_prompt_tokens: int, max_model_len: int, log
         raise RequestError(f"options.num_predict must be -1, -2 or >= 1, got {num_predict}",
                            param="options.num_predict")
     try:
-        params = SamplingParams(**kwargs, stop=stop, max_tokens=max_tokens, logprobs=logprobs)
+        return SamplingParams(**kwargs, stop=stop, max_tokens=max_tokens, logprobs=logprobs)
     except ValueError as e:
         err = sampling_error(e, _ALIASES)
         err.message = f"options.{err.message}"
         raise err from None
-    return Options(params, num_ctx)
 
 
 def refuse_unsupported(body: dict) -> None:

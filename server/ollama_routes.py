@@ -40,21 +40,21 @@ def _loaded(model: str, key: str, empty) -> dict:
 async def _run(request: Request, body: dict, model: str, ids: list[int], text: str, piece, final_extra):
     """Submit one request and answer as NDJSON (default) or one JSON object (stream false).
 
-    ``piece(text) -> dict`` is the per-chunk payload; ``final_extra(full_text, output_ids)`` adds
-    the closing object's route-specific fields."""
+    ``piece(text) -> dict`` is the per-chunk payload; ``final_extra(output_ids)`` adds the
+    closing object's route-specific fields."""
     engine = request.app.ctx.engine
     num_top = proto.logprobs_request(body)
-    opts = proto.parse_options(body, num_prompt_tokens=len(ids), max_model_len=engine.max_model_len,
-                               logprobs=num_top)
+    params = proto.parse_options(body, num_prompt_tokens=len(ids), max_model_len=engine.max_model_len,
+                                 logprobs=num_top)
     streaming = get(body, "stream", "bool", True)
-    stream = await engine.add_request(f"ollama-{uuid.uuid4().hex}", ids, opts.params, prompt_text=text,
+    stream = await engine.add_request(f"ollama-{uuid.uuid4().hex}", ids, params, prompt_text=text,
                                       log_id=request.ctx.request_id)
     start = request.ctx.start
 
-    def closing(out_ids, full_text, reason, metrics):
+    def closing(out_ids, reason, metrics):
         obj = {"model": model, "created_at": proto.now_rfc3339(), **piece(""), "done": True,
                "done_reason": proto.done_reason(reason)}
-        obj.update(final_extra(full_text, out_ids))
+        obj.update(final_extra(out_ids))
         obj.update(proto.final_stats(start=start, arrival=metrics.get("arrival_time", start),
                                      first_token=metrics.get("first_token_time"),
                                      finish=metrics.get("finish_time", time.monotonic()),
@@ -62,14 +62,13 @@ async def _run(request: Request, body: dict, model: str, ids: list[int], text: s
         return obj
 
     if streaming:
-        out_ids, pieces = [], []
+        out_ids = []
         async with stream:
             response = await request.respond(content_type="application/x-ndjson")
             try:
                 async for out in stream:
                     c = out.outputs[0]
                     out_ids += c.token_ids
-                    pieces.append(c.text)
                     if c.text or (num_top is not None and c.token_ids):
                         chunk = {"model": model, "created_at": proto.now_rfc3339(), **piece(c.text),
                                  "done": False}
@@ -77,8 +76,7 @@ async def _run(request: Request, body: dict, model: str, ids: list[int], text: s
                             chunk["logprobs"] = proto.logprob_items(c.logprobs, c.token_ids, num_top)
                         await response.send(_dumps(chunk) + "\n")
                     if c.finish_reason is not None:  # the closing object carries no text, only stats
-                        await response.send(_dumps(closing(out_ids, "".join(pieces), c.finish_reason,
-                                                               out.metrics)) + "\n")
+                        await response.send(_dumps(closing(out_ids, c.finish_reason, out.metrics)) + "\n")
             except EngineStepError as e:
                 await response.send(_dumps(proto.error_body(str(e))) + "\n")
         await response.eof()
@@ -93,9 +91,8 @@ async def _run(request: Request, body: dict, model: str, ids: list[int], text: s
             if num_top is not None:
                 logprobs += proto.logprob_items(c.logprobs, c.token_ids, num_top)
             reason, metrics = c.finish_reason or reason, out.metrics
-    full = "".join(pieces)
-    obj = closing(out_ids, full, reason, metrics)
-    obj.update(piece(full))
+    obj = closing(out_ids, reason, metrics)
+    obj.update(piece("".join(pieces)))
     if num_top is not None:
         obj["logprobs"] = logprobs
     return json_response(obj)
@@ -125,7 +122,7 @@ async def generate(request: Request):
     if bad:
         raise RequestError(f"context token id {bad[0]} is outside the vocabulary", param="context")
     return await _run(request, body, model, ids, text, lambda t: {"response": t},
-                      lambda full, out_ids: {"context": ids + out_ids})
+                      lambda out_ids: {"context": ids + out_ids})
 
 
 @bp.post("/api/chat")
@@ -140,7 +137,7 @@ async def chat(request: Request):
     text, ids = render_chat(engine.tokenizer, messages, config.chat_template)
     role = config.response_role
     return await _run(request, body, model, ids, text, lambda t: {"message": {"role": role, "content": t}},
-                      lambda full, out_ids: {})
+                      lambda out_ids: {})
 
 
 @bp.get("/api/tags")

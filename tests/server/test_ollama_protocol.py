@@ -18,7 +18,7 @@ HAS_OLLAMA_SAMPLERS = "repeat_last_n" in {f.name for f in dataclasses.fields(Sam
 
 def _params(options=None, prompt=10, max_len=100):
     return proto.parse_options({"options": options} if options is not None else {}, num_prompt_tokens=prompt,
-                               max_model_len=max_len).params
+                               max_model_len=max_len)
 
 
 def test_ollama_defaults_and_context_filling():
