@@ -41,12 +41,14 @@ def typical(logits: jax.Array, t: SamplingTensors, state: jax.Array, keys: jax.A
     theta = -jnp.take_along_axis(neg_score, (num_kept - 1)[:, None], -1)[:, 0]
     settled = off | (num_kept < cap) | (cap == V)
 
-    def exact_row(r):
-        order = jnp.argsort(score[r])
-        kept = _num_kept(jnp.cumsum(p[r][order])[None], t.typical_p[r][None])[0]
-        return score[r][order][kept - 1]
-
-    theta = _settle(settled, theta, exact_row)
+    # Rows whose typical set is wider than the prefix: the threshold is the largest score key t
+    # with mass(score < t) <= typical_p, found for all of them at once by bisection (32 passes
+    # over [B, V]; sorting them one by one cost ~6 ms a row, and real steps have dozens).
+    score_keys = core._ordered_key(score)  # [B, V]
+    below_reaches = lambda k: jnp.sum(jnp.where(score_keys < k[:, None], p, 0.0), -1) <= t.typical_p
+    theta = lax.cond(jnp.all(settled), lambda: theta, lambda: jnp.where(settled, theta, core._from_key(
+        core._bisect(below_reaches, jnp.where(settled, 0, jnp.min(score_keys, -1)),
+                     jnp.where(settled, 0, jnp.max(score_keys, -1))))))
     keep = off[:, None] | (score <= theta[:, None])
     return _draw(weights, keep, greedy, best, keys), state
 

@@ -242,7 +242,9 @@ def sample(logits: jax.Array, t: SamplingTensors, *, num_top_logprobs: int = MAX
 def _call_sampler(fn, logits, t, state, keys):
     out = fn(logits, t, state, keys)
     tokens, new_state = out if isinstance(out, tuple) else (out, state)  # stateless samplers may return tokens only
-    return jnp.asarray(tokens).astype(jnp.int32), jnp.asarray(new_state).astype(jnp.float32)
+    # A buggy sampler's out-of-range id would reach the detokenizer and stop the engine loop.
+    tokens = jnp.clip(jnp.asarray(tokens).astype(jnp.int32), 0, logits.shape[-1] - 1)
+    return tokens, jnp.asarray(new_state).astype(jnp.float32)
 
 
 def row_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
