@@ -196,10 +196,12 @@ class AsyncEngine:
     ``max_queue``: sequences allowed to wait beyond the ``max_num_seqs`` the engine runs at once
     (Ollama's OLLAMA_MAX_QUEUE); more are refused with QueueFullError.
     ``on_request_done``: called on the event loop with a RequestRecord when a request ends.
+    ``on_step``: called on the engine thread with each step's seconds (keep it cheap and thread-safe).
     """
 
     def __init__(self, engine, *, max_queue: int = 512,
-                 on_request_done: Callable[[RequestRecord], None] | None = None):
+                 on_request_done: Callable[[RequestRecord], None] | None = None,
+                 on_step: Callable[[float], None] | None = None):
         if not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         self.engine = engine
@@ -208,9 +210,11 @@ class AsyncEngine:
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.max_model_len: int = engine.max_model_len
         self.vocab_size: int = engine.vocab_size
-        self.max_num_seqs: int = engine.scheduler.config.max_num_seqs
+        self.max_num_seqs: int = engine.max_num_seqs
         self.max_queue = max_queue
         self.on_request_done = on_request_done
+        self.on_step = on_step
+        self._steps_reported = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
@@ -278,6 +282,19 @@ class AsyncEngine:
     def stats(self):
         """The latest EngineStats snapshot published by the engine thread (gauges and counters)."""
         return self._stats
+
+    @property
+    def profiler_dir(self) -> str | None:
+        """Where start_profile writes traces; None: profiling is off."""
+        return self.engine.profiler.trace_dir
+
+    async def start_profile(self) -> str:
+        """Start a JAX profiler trace of the following engine steps; returns its folder."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.engine.profiler.start)
+
+    async def stop_profile(self) -> str:
+        """Stop the trace (writing it out takes a moment); returns the run folder."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.engine.profiler.stop)
 
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Refuse new requests, end every open stream with finish_reason "abort", join the thread."""
@@ -362,6 +379,15 @@ class AsyncEngine:
             self._send(request_id, error if error is not None else progress.aborted(now))
         self._progress.clear()
 
+    def _report_step(self, stats) -> None:
+        if stats.steps == self._steps_reported:  # nothing was scheduled
+            return
+        self._steps_reported = stats.steps
+        try:
+            self.on_step(stats.last_step_seconds)
+        except Exception:
+            logger.exception("on_step failed")
+
     def _publish_stats(self) -> None:
         # A fresh copy each time: readers on the event loop never see a half-updated object.
         self._stats = dataclasses.replace(self.engine.refresh_stats(), step_seconds=[])
@@ -385,6 +411,8 @@ class AsyncEngine:
                 self._abort_all(EngineStepError(f"the engine failed: {e}"))
                 self._publish_stats()
                 continue
+            if self.on_step is not None:
+                self._report_step(engine.stats)
             now = time.monotonic()
             for out in outputs:
                 progress = self._progress.get(out.request_id)

@@ -41,9 +41,21 @@ _SERVE_OPTIONS = {
                                                        "full-length requests on CPU, at most 1 GiB)"),
     "gpu-memory-utilization": ("model and engine", float, 0.9, "share of accelerator memory for weights + KV"),
     "seed": ("model and engine", int, 0, "engine seed (requests without a seed draw from it)"),
+    "tensor-parallel-size": ("parallelism", int, 1, "devices one model is split over (Megatron-style)"),
+    "data-parallel-size": ("parallelism", int, 1, "model replicas serving side by side"),
+    "distributed": ("parallelism", bool, False, "join a multi-process run (jax.distributed.initialize) first"),
+    "coordinator-address": ("parallelism", str, None, "host:port of process 0 with --distributed "
+                                                      "(env JAXSERVE_COORDINATOR_ADDRESS)"),
+    "num-processes": ("parallelism", int, None, "processes in the run (env JAXSERVE_NUM_PROCESSES)"),
+    "process-id": ("parallelism", int, None, "this process's index (env JAXSERVE_PROCESS_ID)"),
+    "profiler-dir": ("profiling", str, None, "enables POST /start_profile and /stop_profile, which write JAX "
+                                             "traces here (env JAXSERVE_PROFILER_DIR)"),
+    "log-compiles": ("profiling", bool, False, "log every XLA compilation"),
 }
 _ENV = {"JAXSERVE_HOST": "host", "JAXSERVE_PORT": "port", "JAXSERVE_API_KEY": "api-key",
-        "JAXSERVE_LOGGING_LEVEL": "log-level"}
+        "JAXSERVE_LOGGING_LEVEL": "log-level", "JAXSERVE_PROFILER_DIR": "profiler-dir",
+        "JAXSERVE_COORDINATOR_ADDRESS": "coordinator-address", "JAXSERVE_NUM_PROCESSES": "num-processes",
+        "JAXSERVE_PROCESS_ID": "process-id"}
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -57,6 +69,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
     g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="devices one model is split over")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run first (every process given the same prompt)")
+    g.add_argument("--coordinator-address", default=None, help="host:port of process 0 (env JAXSERVE_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=int, default=None, help="env JAXSERVE_NUM_PROCESSES")
+    g.add_argument("--process-id", type=int, default=None, help="env JAXSERVE_PROCESS_ID")
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -181,10 +200,21 @@ def _serve(args: argparse.Namespace) -> int:
 
     _check_port_free(config.host, config.port)  # before minutes of loading and compiling, not after
     started = time.monotonic()
+    if o["distributed"]:
+        _join_distributed(o["coordinator-address"], o["num-processes"], o["process-id"])
+        if jax.process_count() > 1:
+            # Every process must run the same steps, but HTTP requests reach only one of them:
+            # mirroring the schedule to the others is not built yet.
+            raise ValueError(f"jaxserve serve runs in one process, but this run has {jax.process_count()}: "
+                             "multi-process runs work offline, with every process given the same prompts "
+                             "(jaxserve generate --distributed, or LLM(...) after "
+                             "jaxserve.parallel.initialize_distributed)")
     llm = LLM(model=o["model"], dtype=o["dtype"], max_model_len=o["max-model-len"], max_num_seqs=o["max-num-seqs"],
               max_num_batched_tokens=o["max-num-batched-tokens"], block_size=o["block-size"],
               enable_prefix_caching=o["enable-prefix-caching"], kv_cache_memory=o["kv-cache-memory"],
-              gpu_memory_utilization=o["gpu-memory-utilization"], seed=o["seed"])
+              gpu_memory_utilization=o["gpu-memory-utilization"], seed=o["seed"],
+              tensor_parallel_size=o["tensor-parallel-size"], data_parallel_size=o["data-parallel-size"],
+              profiler_dir=o["profiler-dir"], log_compiles=o["log-compiles"])
     loaded, engine = llm.loaded, llm.engine
     leaves = jax.tree_util.tree_leaves(loaded.params)
     tok = loaded.tokenizer
@@ -201,6 +231,12 @@ def _serve(args: argparse.Namespace) -> int:
     app.run(host=config.host, port=config.port, single_process=True, access_log=False, motd=False, ssl=ssl,
             debug=False)
     return 0
+
+
+def _join_distributed(coordinator_address, num_processes, process_id) -> None:
+    from jaxserve.parallel import initialize_distributed
+
+    initialize_distributed(coordinator_address, num_processes, process_id)
 
 
 # ---- jaxserve run --------------------------------------------------------------------------------
@@ -292,11 +328,13 @@ def _generate(args: argparse.Namespace) -> int:
     from jaxserve.llm import LLM
     from jaxserve.sampling_params import SamplingParams
 
+    if args.distributed:  # every process runs this same prompt: the steps stay in lockstep
+        _join_distributed(args.coordinator_address, args.num_processes, args.process_id)
     # One sequence streams: a small engine compiles few graphs.
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=1,
               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
               enable_prefix_caching=args.enable_prefix_caching, kv_cache_memory=args.kv_cache_memory,
-              seed=args.seed)
+              seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.sample_seed)
     engine = llm.engine
@@ -324,8 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the OpenAI- and Ollama-compatible HTTP API",
                            epilog="Environment: JAXSERVE_HOST, JAXSERVE_PORT, JAXSERVE_API_KEY, "
-                                  "JAXSERVE_LOGGING_LEVEL, JAXSERVE_CACHE_ROOT (compilation cache, default "
-                                  "~/.cache/jaxserve). Precedence: flag > environment > --config > default.")
+                                  "JAXSERVE_LOGGING_LEVEL, JAXSERVE_PROFILER_DIR, JAXSERVE_COORDINATOR_ADDRESS, "
+                                  "JAXSERVE_NUM_PROCESSES, JAXSERVE_PROCESS_ID, JAXSERVE_CACHE_ROOT (compilation "
+                                  "cache, default ~/.cache/jaxserve). Precedence: flag > environment > --config "
+                                  "> default.")
     _add_serve_args(serve)
 
     run = sub.add_parser("run", help="chat with a model in the terminal, as `ollama run`",

@@ -39,6 +39,11 @@ class DataParallelEngine:
         if replica is not None:
             replica.abort_request(request_id)
 
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences running at once over all replicas."""
+        return sum(r.max_num_seqs for r in self.replicas)
+
     def has_unfinished_requests(self) -> bool:
         return any(r.has_unfinished_requests() for r in self.replicas)
 
@@ -59,7 +64,8 @@ class DataParallelEngine:
         total = EngineStats(**{name: sum(getattr(p, name) for p in parts) for name in _SUMMED})
         return dataclasses.replace(total, kv_cache_usage=sum(p.kv_cache_usage for p in parts) / len(parts),
                                    last_step_seconds=max(p.last_step_seconds for p in parts),
-                                   step_seconds=[s for p in parts for s in p.step_seconds])
+                                   step_seconds=[s for p in parts for s in p.step_seconds],
+                                   compile_times=[t for p in parts for t in p.compile_times])
 
     def refresh_stats(self) -> EngineStats:
         for replica in self.replicas:

@@ -53,6 +53,7 @@ class EngineStats:
     num_preemptions: int = 0
     num_compiled_graphs: int = 0
     compile_seconds: float = 0.0
+    compile_times: list[float] = field(default_factory=list)  # each step graph's compile seconds
     steps: int = 0
     step_seconds_total: float = 0.0
     last_step_seconds: float = 0.0
@@ -181,6 +182,11 @@ class LLMEngine:
         for req in group.children:
             if not req.is_finished:
                 self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences one step runs at most."""
+        return self.scheduler.config.max_num_seqs
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
@@ -312,6 +318,7 @@ class LLMEngine:
         s.num_preemptions = self.scheduler.num_preemptions
         s.num_compiled_graphs = self.runner.num_compiled
         s.compile_seconds = self.runner.compile_seconds
+        s.compile_times = list(self.runner.compile_times)
         return s
 
     # ---- outputs -------------------------------------------------------------------------------

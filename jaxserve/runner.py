@@ -103,6 +103,7 @@ class ModelRunner:
         # (bucket, prompt_logprobs, sampler registry version or None for the default-only graph)
         self._compiled: dict[tuple[tuple[int, int], bool, int | None], object] = {}
         self.compile_seconds = 0.0
+        self.compile_times: list[float] = []  # seconds of each executable built, in order
 
     # ---- device side -------------------------------------------------------------------------
 
@@ -149,6 +150,7 @@ class ModelRunner:
                                      samplers.pluggable if samplers is not None else ()).compile()
             seconds = time.perf_counter() - start
             self.compile_seconds += seconds
+            self.compile_times.append(seconds)
             self._compiled[key] = exe
             logger.debug("compiled step T=%d B=%d (sampler registry %s) in %.2fs", *bucket, version, seconds)
         return exe

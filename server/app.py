@@ -67,6 +67,7 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
             _log_record(config, record)
 
     engine.on_request_done = on_request_done
+    engine.on_step = metrics.observe_step
     api_key = config.api_key.encode() if config.api_key else None
     any_origin = "*" in config.allowed_origins
 
@@ -119,6 +120,28 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
             "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
             "Access-Control-Allow-Headers": request.headers.get("access-control-request-headers", "*"),
             "Access-Control-Max-Age": "600"})
+
+    @app.post("/start_profile")
+    async def start_profile(request: Request):
+        if engine.profiler_dir is None:  # as vLLM: the routes exist only when a directory is set
+            raise RequestError(f"route POST {request.path} not found: start the server with --profiler-dir "
+                               "(or JAXSERVE_PROFILER_DIR) to profile", status=404)
+        try:
+            folder = await engine.start_profile()
+        except RuntimeError as e:  # one is already running
+            raise RequestError(str(e), status=409) from None
+        return json_response({"status": "profiling", "trace_dir": folder})
+
+    @app.post("/stop_profile")
+    async def stop_profile(request: Request):
+        if engine.profiler_dir is None:
+            raise RequestError(f"route POST {request.path} not found: start the server with --profiler-dir "
+                               "(or JAXSERVE_PROFILER_DIR) to profile", status=404)
+        try:
+            run = await engine.stop_profile()
+        except RuntimeError as e:  # none is running
+            raise RequestError(str(e), status=409) from None
+        return json_response({"status": "stopped", "trace": run})
 
     @app.get("/metrics")
     async def metrics_route(request: Request):

@@ -2,18 +2,22 @@
 their own (a second app in one process never collides with the first).
 
 Engine-wide gauges and counters are read from the AsyncEngine's stats snapshot at scrape time;
-per-request histograms are observed when each request ends.
+per-request histograms are observed when each request ends, the step-time histogram after every
+engine step (from the engine thread: prometheus_client metrics are thread-safe), and the compile-time
+histogram is rebuilt from the list of compile durations at scrape time.
 """
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from jaxserve.async_engine import RequestRecord
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
+_STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+_COMPILE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -50,6 +54,15 @@ class _EngineCollector:
         yield self._gauge("num_compiled_graphs", "XLA executables compiled by the runner.", s.num_compiled_graphs)
         yield self._counter("compile_seconds", "Seconds spent compiling step graphs.", s.compile_seconds)
         yield self._counter("engine_step_seconds", "Seconds spent in engine steps.", s.step_seconds_total)
+        yield self._histogram("compile_time_seconds", "Seconds to compile each step graph (warm-up included).",
+                              s.compile_times, _COMPILE_BUCKETS)
+
+    def _histogram(self, name, doc, values, buckets):
+        counts = [sum(1 for v in values if v <= b) for b in buckets] + [len(values)]
+        h = HistogramMetricFamily(f"jaxserve:{name}", doc, labels=list(self.labels))
+        h.add_metric(list(self.labels.values()), list(zip([str(b) for b in buckets] + ["+Inf"], counts)),
+                     sum_value=sum(values))
+        return h
 
 
 class Metrics:
@@ -66,6 +79,11 @@ class Metrics:
                               "first, per request.", labels, buckets=_TPOT_BUCKETS, registry=self.registry)
         self.e2e = Histogram("jaxserve:e2e_request_latency_seconds", "End-to-end request latency.", labels,
                              buckets=_E2E_BUCKETS, registry=self.registry)
+        self.step = Histogram("jaxserve:engine_step_time_seconds", "Seconds of each engine step (schedule, "
+                              "device step, outputs).", labels, buckets=_STEP_BUCKETS, registry=self.registry)
+
+    def observe_step(self, seconds: float) -> None:
+        self.step.labels(self.model_name).observe(seconds)
 
     def observe(self, record: RequestRecord) -> None:
         for reason in record.finish_reasons:

@@ -10,9 +10,10 @@ from serverlib import MODEL, ServerProcess
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """The default server (no API key), shared by every test that needs one."""
-    srv = ServerProcess(["--served-model-name", MODEL, "--max-queue", "512"],
-                        tmp_path_factory.mktemp("server") / "serve.log")
+    """The default server (no API key, profiling on), shared by every test that needs one."""
+    folder = tmp_path_factory.mktemp("server")
+    srv = ServerProcess(["--served-model-name", MODEL, "--max-queue", "512"], folder / "serve.log",
+                        env={"JAXSERVE_PROFILER_DIR": str(folder / "profiles")})
     try:
         srv.wait_ready()
         yield srv

@@ -25,7 +25,7 @@ class FakeEngine:
         self.tokenizer = SimpleNamespace(name="fake")
         self.max_model_len = 64
         self.vocab_size = 100
-        self.scheduler = SimpleNamespace(config=SimpleNamespace(max_num_seqs=max_num_seqs))
+        self.max_num_seqs = max_num_seqs
         self.requests = {}
         self.aborted = []
         self.steps = 0

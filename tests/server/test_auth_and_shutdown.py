@@ -39,6 +39,13 @@ def keyed(tmp_path_factory):
         srv.stop()
 
 
+def test_profile_routes_are_404_without_a_profiler_dir(keyed):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for path in ("/start_profile", "/stop_profile"):
+        r = httpx.post(f"{keyed.url}{path}", headers=headers)
+        assert r.status_code == 404 and "--profiler-dir" in r.json()["error"]["message"], r.text
+
+
 def test_wrong_or_missing_key_is_401_in_each_family_format(keyed):
     for headers in ({}, {"Authorization": "Bearer from-the-file"}, {"Authorization": f"Basic {KEY}"}):
         for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
