@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import jax
 
+from jaxserve import sampling
 from jaxserve.block_pool import BlockPool
 from jaxserve.config import CacheConfig, CompileConfig, SchedulerConfig
 from jaxserve.detokenizer import IncrementalDetokenizer, find_stop
@@ -153,6 +154,9 @@ class LLMEngine:
             self.scheduler.add(child)
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
+        if params.selected_sampler not in sampling.names():  # unregistered since the params were made
+            raise ValueError(f"sampler {params.selected_sampler!r} is not registered "
+                             f"(registered: {sampling.names()})")
         if not token_ids:
             raise ValueError("prompt must not be empty: it needs at least one token")
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]

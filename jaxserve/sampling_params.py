@@ -94,7 +94,8 @@ class SamplingParams:
     None picks one from Ollama's options below: mirostat 1 or 2 -> "mirostat" / "mirostat2",
     else typical_p < 1 -> "typical", else tfs_z < 1 -> "tfs", else "default" (temperature, then
     top-k, top-p and min-p). Naming one that those options contradict is an error. Penalties and
-    banned ids apply before every sampler; top_k, top_p and min_p only to "default"."""
+    banned ids apply before every sampler; top_k, top_p and min_p only to "default". A greedy
+    request (temperature 0 or top_k 1) takes the argmax under every built-in sampler."""
     typical_p: float = 1.0
     """Locally typical sampling (Meister et al. 2022; Ollama's typical_p): keep the tokens whose
     surprise is closest to the distribution's entropy until their mass exceeds typical_p. In

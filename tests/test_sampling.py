@@ -85,6 +85,16 @@ def test_unknown_sampler_names_the_registered_ones():
     assert str(err.value).startswith("sampler ") and "'mirostat2'" in str(err.value)
 
 
+def test_engine_refuses_a_sampler_unregistered_since(tiny):
+    llm, _ = tiny
+    sampling.register("test_gone", second_best)
+    params = SamplingParams(sampler="test_gone")
+    sampling.unregister("test_gone")
+    with pytest.raises(ValueError, match="'test_gone' is not registered"):
+        llm.engine.add_request("gone", [1, 2, 3], params)
+    assert "gone" not in llm.engine.groups and not llm.engine.has_unfinished_requests()
+
+
 def test_ollama_options_select_builtins():
     assert SamplingParams().selected_sampler == "default"
     assert SamplingParams(typical_p=0.9).selected_sampler == "typical"
