@@ -22,6 +22,9 @@ _SAMPLING_FIELDS = {
     "frequency_penalty": "number", "top_k": "int", "min_p": "number", "repetition_penalty": "number",
     "min_tokens": "int", "ignore_eos": "bool", "stop_token_ids": "int_list", "skip_special_tokens": "bool",
     "include_stop_str_in_output": "bool", "spaces_between_special_tokens": "bool",
+    # jaxserve's pluggable samplers, under Ollama's option names (see SamplingParams)
+    "sampler": "str", "typical_p": "number", "tfs_z": "number", "mirostat": "int", "mirostat_tau": "number",
+    "mirostat_eta": "number", "repeat_last_n": "int",
 }
 _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern",
            "structured_outputs")

@@ -29,6 +29,18 @@ def test_completion_fields_map_onto_sampling_params():
     assert p.stop_token_ids == [9] and not p.skip_special_tokens and p.include_stop_str_in_output
 
 
+def test_pluggable_sampler_extras_map_onto_sampling_params():
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    p = proto.parse_chat({**chat, "typical_p": 0.8, "repeat_last_n": 16}).params
+    assert (p.typical_p, p.repeat_last_n, p.selected_sampler) == (0.8, 16, "typical")
+    p = proto.parse_chat({**chat, "mirostat": 2, "mirostat_tau": 4.0, "mirostat_eta": 0.2}).params
+    assert (p.mirostat, p.mirostat_tau, p.mirostat_eta, p.selected_sampler) == (2, 4.0, 0.2, "mirostat2")
+    assert proto.parse_completion({"model": "m", "prompt": "a", "tfs_z": 0.9}).params.selected_sampler == "tfs"
+    for field, value in (("typical_p", 0.0), ("mirostat", 3), ("sampler", "no-such-sampler"), ("tfs_z", "x")):
+        err = _error(proto.parse_chat, {**chat, field: value})
+        assert err.status == 400 and field in err.message, (field, err.message)
+
+
 def test_completion_defaults_and_prompt_shapes():
     req = proto.parse_completion({"model": "m", "prompt": "hi"})
     assert req.params.max_tokens == 16 and req.params.temperature == 1.0 and not req.stream
