@@ -198,17 +198,15 @@ def _serve(args: argparse.Namespace) -> int:
     from jaxserve.server.app import create_app
     from jaxserve.server.model_card import ModelCard
 
-    _check_port_free(config.host, config.port)  # before minutes of loading and compiling, not after
-    started = time.monotonic()
     if o["distributed"]:
         _join_distributed(o["coordinator-address"], o["num-processes"], o["process-id"])
-        if jax.process_count() > 1:
-            # Every process must run the same steps, but HTTP requests reach only one of them:
-            # mirroring the schedule to the others is not built yet.
-            raise ValueError(f"jaxserve serve runs in one process, but this run has {jax.process_count()}: "
-                             "multi-process runs work offline, with every process given the same prompts "
-                             "(jaxserve generate --distributed, or LLM(...) after "
-                             "jaxserve.parallel.initialize_distributed)")
+        if jax.process_count() > 1 and not o["coordinator-address"]:
+            raise ValueError("serving from several processes needs --coordinator-address (or "
+                             "JAXSERVE_COORDINATOR_ADDRESS): process 0 mirrors the requests next to it")
+    leader = jax.process_index() == 0
+    if leader:
+        _check_port_free(config.host, config.port)  # before minutes of loading and compiling, not after
+    started = time.monotonic()
     llm = LLM(model=o["model"], dtype=o["dtype"], max_model_len=o["max-model-len"], max_num_seqs=o["max-num-seqs"],
               max_num_batched_tokens=o["max-num-batched-tokens"], block_size=o["block-size"],
               enable_prefix_caching=o["enable-prefix-caching"], kv_cache_memory=o["kv-cache-memory"],
@@ -216,6 +214,16 @@ def _serve(args: argparse.Namespace) -> int:
               tensor_parallel_size=o["tensor-parallel-size"], data_parallel_size=o["data-parallel-size"],
               profiler_dir=o["profiler-dir"], log_compiles=o["log-compiles"])
     loaded, engine = llm.loaded, llm.engine
+    from jaxserve.multihost import MirroredEngine, follow, mirror_address
+
+    if jax.process_count() > 1:
+        # HTTP reaches process 0 only; the others replay its engine calls (jaxserve/multihost.py).
+        address = mirror_address(o["coordinator-address"])
+        if not leader:
+            log.info("process %d of %d: following process 0", jax.process_index(), jax.process_count())
+            follow(engine, address)
+            return 0
+        engine = MirroredEngine(engine, address, jax.process_count() - 1)
     leaves = jax.tree_util.tree_leaves(loaded.params)
     tok = loaded.tokenizer
     card = ModelCard.build(names, source=loaded.source, model_config=loaded.config,
@@ -228,8 +236,13 @@ def _serve(args: argparse.Namespace) -> int:
              time.monotonic() - started, ", ".join(names), "https" if config.ssl_certfile else "http",
              config.host, config.port)
     ssl = {"cert": config.ssl_certfile, "key": config.ssl_keyfile} if config.ssl_certfile else None
-    app.run(host=config.host, port=config.port, single_process=True, access_log=False, motd=False, ssl=ssl,
-            debug=False)
+    try:
+        app.run(host=config.host, port=config.port, single_process=True, access_log=False, motd=False, ssl=ssl,
+                debug=False)
+    finally:
+        if isinstance(engine, MirroredEngine):
+            # The followers' EOF lets them exit too: JAX's exit barrier waits for every process.
+            engine.close()
     return 0
 
 
