@@ -342,15 +342,10 @@ def _sample_rows(logits: jax.Array, t: SamplingTensors, greedy: jax.Array, u: ja
                       lambda *_: jnp.full((B,), -jnp.inf), x, weights, row_max, top_k, top_p)
     cutoff = jnp.maximum(cutoff, row_max + jnp.log(jnp.where(greedy, 0.0, t.min_p)))
 
-    u = jax.vmap(_row_uniform)(t.seeds, t.steps) if u is None else u  # [B]
+    u = uniforms(row_keys(t.seeds, t.steps)) if u is None else u  # [B]
     drawn = _inverse_cdf(jnp.where(x >= cutoff[:, None], weights, 0.0), u)
     # The clamp only matters for rows with no finite logit at all (NaN model output).
     return jnp.minimum(jnp.where(greedy, best, drawn), V - 1).astype(jnp.int32)
-
-
-def _row_uniform(seed: jax.Array, step: jax.Array) -> jax.Array:
-    key = jax.random.fold_in(jax.random.key(seed), step)
-    return jax.random.uniform(key, (), jnp.float32)
 
 
 def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:

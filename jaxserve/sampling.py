@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
 import numpy as np

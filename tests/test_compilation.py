@@ -6,26 +6,13 @@ import json
 import subprocess
 import sys
 
-import jax
 import numpy as np
 
-from testlib import SMOLLM2_ENGINE_ARGS
+from testlib import SMOLLM2_ENGINE_ARGS, compile_counter
 from jaxserve import SamplingParams
 
 
-class CompileCounter:
-    """Counts executables JAX builds, whether compiled or loaded from the persistent cache."""
-
-    def __init__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-
-COUNTER = CompileCounter()
+COUNTER = compile_counter()
 
 
 def mixed_requests(seed: int, vocab: int):

@@ -11,6 +11,7 @@ import torch
 from jax import lax
 
 from test_sampler import ref_penalised
+from testlib import compile_counter
 from jaxserve import LLM, SamplingParams, sampling
 from jaxserve.sampler import SamplingRow, build_sampling_tensors, sample
 
@@ -40,17 +41,7 @@ def registered():
         sampling.unregister(name)
 
 
-class CompileCounter:
-    def __init__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-
-COUNTER = CompileCounter()
+COUNTER = compile_counter()
 
 
 # ---------------------------------------------------------------- registry and validation

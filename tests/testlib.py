@@ -1,5 +1,6 @@
 """Shared test helpers: tiny random-weight transformers models of every supported family (no hub
-access: the weights are drawn here, the tokenizer is a word-level toy), and the shared engine shape.
+access: the weights are drawn here, the tokenizer is a word-level toy), the shared engine shape,
+and the counter of executables JAX builds.
 """
 from __future__ import annotations
 
@@ -63,3 +64,28 @@ def make_hf_model(kind: str, seed: int = 0):
     return model
 
 
+
+
+class CompileCounter:
+    """Counts executables JAX builds, whether compiled or loaded from the persistent cache."""
+
+    def __init__(self):
+        import jax
+
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+_COUNTER: CompileCounter | None = None
+
+
+def compile_counter() -> CompileCounter:
+    """The session's one counter (JAX listeners cannot be removed, so register one only)."""
+    global _COUNTER
+    if _COUNTER is None:
+        _COUNTER = CompileCounter()
+    return _COUNTER
