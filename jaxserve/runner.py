@@ -23,6 +23,7 @@ from jaxserve.block_pool import NULL_PAGE
 from jaxserve.models.metadata import AttentionMetadata, KVCache
 from jaxserve.parallel import (ParallelConfig, build_mesh, kv_cache_sharding, param_shardings,
                                replicated)
+from jaxserve.precision import storage_dtype
 from jaxserve.profiling import DEVICE_STEP, PREPARE, annotate
 from jaxserve.sampler import (DEFAULT_SAMPLER, SamplingRow, SamplingTensors, build_sampling_tensors,
                               compute_logprobs, sample)
@@ -77,6 +78,7 @@ class ModelRunner:
         self.model = model
         # One code path for every mesh: a single device is a 1 x 1 mesh.
         self.mesh = mesh if mesh is not None else build_mesh(ParallelConfig())
+        params = model.storage_form(params)  # bf16 layers are stored packed on CPU (precision.py)
         param_sharding = param_shardings(params, self.mesh, cfg)
         self.params = jax.device_put(params, param_sharding)
         self.block_size = block_size
@@ -84,7 +86,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.page_table_width = -(-max_model_len // block_size)
         self.attention_fn = attention_fn
-        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        dtype = storage_dtype(jax.tree_util.tree_leaves(params)[0].dtype)
         shape = (cfg.num_layers, num_pages, block_size, cfg.num_kv_heads, cfg.head_dim)
         kv_sharding = kv_cache_sharding(self.mesh, cfg)
         kv_sharding = KVCache(k=kv_sharding, v=kv_sharding)

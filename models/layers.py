@@ -18,6 +18,7 @@ import numpy as np
 from jaxserve.models.config import ModelConfig, RopeScaling
 from jaxserve.models.metadata import AttentionMetadata, KVCache
 from jaxserve.pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+from jaxserve.precision import PACKED, activation_dtype, pack, unpack
 
 # (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale, sliding_window) -> out,
 # see pallas_kernels/ragged_paged_attention.py for the contract.
@@ -25,6 +26,18 @@ AttentionFn = Callable[..., jax.Array]
 Params = dict[str, Any]
 
 _kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+# ----------------------------------------------------------------------------- precision
+
+def dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(spec, x, w) in x's dtype. A lower-precision (or packed) weight is used as stored:
+    x is cast down to it and the products accumulate in x's dtype, so the weight is never
+    converted per step."""
+    w = unpack(w)
+    if w.dtype == x.dtype:
+        return jnp.einsum(spec, x, w)
+    return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=x.dtype)
 
 
 # ----------------------------------------------------------------------------- norms, RoPE, MLP
@@ -42,7 +55,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., D] -> [..., D]
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
-        return rms_norm(x, scale.astype(x.dtype), self.eps)
+        return rms_norm(x, unpack(scale).astype(x.dtype), self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
@@ -87,12 +100,12 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, D]
         D, F = x.shape[-1], self.intermediate_size
-        gate = self.param("gate_proj", _kernel_init, (D, F)).astype(x.dtype)
-        up = self.param("up_proj", _kernel_init, (D, F)).astype(x.dtype)
-        down = self.param("down_proj", _kernel_init, (F, D)).astype(x.dtype)
+        gate = self.param("gate_proj", _kernel_init, (D, F))
+        up = self.param("up_proj", _kernel_init, (D, F))
+        down = self.param("down_proj", _kernel_init, (F, D))
         with jax.named_scope("mlp"):
-            h = jax.nn.silu(jnp.einsum("TD,DF->TF", x, gate)) * jnp.einsum("TD,DF->TF", x, up)
-            return jnp.einsum("TF,FD->TD", h, down)
+            h = jax.nn.silu(dense("TD,DF->TF", x, gate)) * dense("TD,DF->TF", x, up)
+            return dense("TF,FD->TD", h, down)
 
 
 # ----------------------------------------------------------------------------- paged attention
@@ -106,9 +119,14 @@ def write_kv(cache: KVCache, layer: jax.Array, slot_mapping: jax.Array,
     """
     L, P, S, K, H = cache.k.shape
     slots = layer * (P * S) + slot_mapping  # [T] slot in the flat [L*P*S] view
-    new_k = cache.k.reshape(L * P * S, K, H).at[slots].set(k.astype(cache.k.dtype))
-    new_v = cache.v.reshape(L * P * S, K, H).at[slots].set(v.astype(cache.v.dtype))
-    return KVCache(k=new_k.reshape(L, P, S, K, H), v=new_v.reshape(L, P, S, K, H))
+
+    def scatter(pages: jax.Array, new: jax.Array) -> jax.Array:
+        # A packed cache takes the bits of the bf16 values.
+        new = (jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), PACKED) if pages.dtype == PACKED
+               else new.astype(pages.dtype))
+        return pages.reshape(L * P * S, K, H).at[slots].set(new).reshape(pages.shape)
+
+    return KVCache(k=scatter(cache.k, k), v=scatter(cache.v, v))
 
 
 class PagedAttention(nn.Module):
@@ -151,15 +169,15 @@ class PagedAttention(nn.Module):
                     q, kv_cache.k.reshape(L * P, S, K, H), kv_cache.v.reshape(L * P, S, K, H),
                     md.kv_lens, md.page_table + layer * P, md.cu_q_lens, md.num_seqs,
                     sm_scale=H ** -0.5, sliding_window=self.sliding_window)  # [T, N, H]
-            o_proj = self.param("o_proj", _kernel_init, (N, H, D)).astype(x.dtype)
+            o_proj = self.param("o_proj", _kernel_init, (N, H, D))
             with jax.named_scope("o_proj"):
-                return jnp.einsum("TNH,NHD->TD", out, o_proj), kv_cache
+                return dense("TNH,NHD->TD", out, o_proj), kv_cache
 
     def _project(self, x: jax.Array, name: str, heads: int) -> jax.Array:
         kernel = self.param(f"{name}_proj", _kernel_init, (x.shape[-1], heads, self.head_dim))
-        y = jnp.einsum("TD,DNH->TNH", x, kernel.astype(x.dtype))
+        y = dense("TD,DNH->TNH", x, kernel)
         if self.qkv_bias:
-            y = y + self.param(f"{name}_bias", nn.initializers.zeros, (heads, self.head_dim)).astype(x.dtype)
+            y = y + unpack(self.param(f"{name}_bias", nn.initializers.zeros, (heads, self.head_dim))).astype(x.dtype)
         return y
 
 
@@ -172,7 +190,7 @@ def decoder_forward(layer: nn.Module, params: Params, tokens: jax.Array, kv_cach
     The cache rides in the scan carry: as xs/ys it would be sliced and re-stacked (copied) every
     layer. `layer` is a linen module called as layer(x, kv_cache, layer_index, md).
     """
-    x = params["embed"][tokens]  # [T, D]
+    x = unpack(params["embed"][tokens]).astype(activation_dtype(params["embed"].dtype))  # [T, D]
     num_layers = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
 
     def body(carry, xs):
@@ -184,15 +202,16 @@ def decoder_forward(layer: nn.Module, params: Params, tokens: jax.Array, kv_cach
 
     (x, kv_cache), _ = jax.lax.scan(
         body, (x, kv_cache), (params["layers"], jnp.arange(num_layers, dtype=jnp.int32)))
-    x = rms_norm(x, params["final_norm"]["scale"].astype(x.dtype), rms_norm_eps)
+    x = rms_norm(x, unpack(params["final_norm"]["scale"]).astype(x.dtype), rms_norm_eps)
     return x, kv_cache
 
 
 def decoder_logits(params: Params, hidden: jax.Array, tie_word_embeddings: bool) -> jax.Array:
     """[R, D] -> [R, V] float32, through lm_head or the tied embedding table."""
-    if tie_word_embeddings:
-        return jnp.einsum("RD,VD->RV", hidden, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("RD,DV->RV", hidden, params["lm_head"], preferred_element_type=jnp.float32)
+    weight = unpack(params["embed"] if tie_word_embeddings else params["lm_head"])
+    # In the weight's dtype, float32 result: a bf16 table is never converted per step.
+    spec = "RD,VD->RV" if tie_word_embeddings else "RD,DV->RV"
+    return jnp.einsum(spec, hidden.astype(weight.dtype), weight, preferred_element_type=jnp.float32)
 
 
 def init_decoder_params(layer: nn.Module, config: ModelConfig, rng: jax.Array,
@@ -242,6 +261,12 @@ class DecoderLM:
         """tokens [T] int32 -> hidden [T, D] after the final norm, and the cache with this step's K/V."""
         return decoder_forward(self.decoder_layer(attention_fn), params, tokens, kv_cache, md,
                                self.config.rms_norm_eps)
+
+    def storage_form(self, params: Params) -> Params:
+        """The params as the step reads them: the stacked layers packed where bf16 is (see
+        jaxserve/precision.py: the scan slices them). The embedding stays as it is: XLA:CPU fuses
+        its bf16 row gather and runs the bf16 logits dot natively."""
+        return {**params, "layers": jax.tree_util.tree_map(pack, params["layers"])}
 
     def compute_logits(self, params: Params, hidden: jax.Array) -> jax.Array:
         """hidden [R, D] -> logits [R, V] float32."""

@@ -12,6 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxserve.precision import PACKED
+
 
 class QBlocks(NamedTuple):
     """The q blocks of one step, padded to a static count M (unused blocks have num_rows 0)."""
@@ -107,6 +109,8 @@ def validate_attention_args(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
         raise ValueError(f"k_pages head dim {hk} must equal q head dim {h}")
     if k == 0 or n % k:
         raise ValueError(f"q heads ({n}) must be a multiple of k_pages kv heads ({k})")
+    if not (jnp.issubdtype(k_pages.dtype, jnp.floating) or k_pages.dtype == PACKED):
+        raise ValueError(f"k_pages must be floating point (or bf16 packed as uint16), got {k_pages.dtype}")
     if k_pages.dtype != v_pages.dtype:
         raise ValueError(f"v_pages dtype {v_pages.dtype} must equal k_pages dtype {k_pages.dtype}")
     if not jnp.issubdtype(q.dtype, jnp.floating):

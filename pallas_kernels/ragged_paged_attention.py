@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxserve.precision import unpack
 from jaxserve.pallas_kernels.ragged_batch import (QBlocks, gather_token_outputs, split_q_blocks,
                                                   validate_attention_args)
 # Models import the reference from this module (where it first lived); keep it importable here.
@@ -136,6 +137,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
         raise ValueError(f"pages_per_block must be >= 1, got {pages_per_block}")
     blocks, rows = split_q_blocks(cu_q_lens, kv_lens, num_seqs, num_tokens=q.shape[0], block_q=block_q,
                                   page_size=k_pages.shape[1], sliding_window=sliding_window)
+    # Packing is a CPU storage form (jaxserve/precision.py); the kernel reads plain bf16 pages.
+    k_pages, v_pages = unpack(k_pages), unpack(v_pages)
     out = ragged_paged_attention_blocks(q, k_pages, v_pages, page_table, blocks, sm_scale=sm_scale,
                                         sliding_window=sliding_window, block_q=block_q,
                                         pages_per_block=pages_per_block, interpret=interpret)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxserve.precision import unpack
 from jaxserve.pallas_kernels.ragged_batch import (QBlocks, gather_token_outputs, split_q_blocks,
                                                   validate_attention_args)
 
@@ -110,8 +111,9 @@ def _flash_over_pages(q, k_pages, v_pages, page_table, blocks: QBlocks, *, block
         # hi_page are masked below through their unclamped KV indices.
         owned = jnp.clip(cols, 0, jnp.maximum(blocks.hi_page - 1, 0)[:, None])
         pages = jnp.take_along_axis(seq_pages, owned, axis=1)  # [Mg, C]
-        k = k_pages[pages].reshape(Mg, C * S, K, H).transpose(0, 2, 3, 1)  # [Mg, K, H, C*S]
-        v = v_pages[pages].reshape(Mg, C * S, K, H).transpose(0, 2, 1, 3)  # [Mg, K, C*S, H]
+        # Packed (bf16-as-uint16) pages are gathered as integers and unpacked chunk by chunk.
+        k = unpack(k_pages[pages]).reshape(Mg, C * S, K, H).transpose(0, 2, 3, 1)  # [Mg, K, H, C*S]
+        v = unpack(v_pages[pages]).reshape(Mg, C * S, K, H).transpose(0, 2, 1, 3)  # [Mg, K, C*S, H]
         kv_idx = (cols[:, :, None] * S + jnp.arange(S, dtype=jnp.int32)).reshape(Mg, 1, C * S)
         mask = kv_idx <= pos[:, :, None]  # [Mg, R, C*S]
         if sliding_window is not None:
@@ -152,8 +154,8 @@ def ragged_paged_attention_naive(q, k_pages, v_pages, kv_lens, page_table, cu_q_
     valid = token < cu_q_lens[num_seqs]
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     pos = kv_lens[seq] - q_len + (token - cu_q_lens[seq])  # [T]
-    k = k_pages[page_table[seq]].reshape(T, W * S, K, H)
-    v = v_pages[page_table[seq]].reshape(T, W * S, K, H)
+    k = unpack(k_pages[page_table[seq]]).reshape(T, W * S, K, H)
+    v = unpack(v_pages[page_table[seq]]).reshape(T, W * S, K, H)
     qg = q.reshape(T, K, N // K, H).astype(jnp.float32)
     s = jnp.einsum("TKGH,TLKH->TKGL", qg, k.astype(jnp.float32)) * sm_scale
     kv_idx = jnp.arange(W * S)

@@ -19,9 +19,9 @@ from jaxserve.scheduler import Scheduler
 PROMPTS = [[5, 17, 33, 99, 4, 250, 61, 7, 300, 12, 45], [8, 140, 141, 9, 77, 3], [200, 201, 13, 19, 88, 64, 32, 16, 6]]
 
 
-def engine_logits(folder: str, prompts, *, block_size=4, budget=8):
+def engine_logits(folder: str, prompts, *, block_size=4, budget=8, dtype="float32"):
     """All-position logits of each prompt, computed by the engine's scheduler and runner in chunks."""
-    loaded = load_model(folder, "float32")
+    loaded = load_model(folder, dtype)
     sched_cfg = SchedulerConfig(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=budget)
     pool = BlockPool(num_pages=64, block_size=block_size)
     scheduler = Scheduler(sched_cfg, pool)
