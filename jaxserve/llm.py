@@ -113,6 +113,11 @@ class LLM:
     def stats(self):
         return self.engine.stats
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (as vLLM's LLM.reset_prefix_cache): later prompts prefill in full."""
+        for engine in getattr(self.engine, "replicas", [self.engine]):
+            engine.pool.reset_prefix_cache()
+
     def start_profile(self, trace_dir: str | None = None) -> str:
         """Start a JAX profiler trace of every following step; returns the trace folder."""
         return self.engine.profiler.start(trace_dir)

@@ -41,8 +41,8 @@ def unpack(x: jax.Array) -> jax.Array:
 
 
 def activation_dtype(weight_dtype) -> jnp.dtype:
-    """The dtype activations flow in between the matmuls, for weights stored in `weight_dtype`:
+    """The dtype activations flow in between the matmuls, for (unpacked) weights of `weight_dtype`:
     float32 on CPU (see above), elsewhere the weights' own dtype."""
     if jax.default_backend() == "cpu":
         return jnp.dtype(jnp.float32)
-    return jnp.dtype(jnp.bfloat16 if weight_dtype == PACKED else weight_dtype)
+    return jnp.dtype(weight_dtype)

@@ -190,7 +190,7 @@ def decoder_forward(layer: nn.Module, params: Params, tokens: jax.Array, kv_cach
     The cache rides in the scan carry: as xs/ys it would be sliced and re-stacked (copied) every
     layer. `layer` is a linen module called as layer(x, kv_cache, layer_index, md).
     """
-    x = unpack(params["embed"][tokens]).astype(activation_dtype(params["embed"].dtype))  # [T, D]
+    x = params["embed"][tokens].astype(activation_dtype(params["embed"].dtype))  # [T, D]
     num_layers = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
 
     def body(carry, xs):
@@ -202,13 +202,13 @@ def decoder_forward(layer: nn.Module, params: Params, tokens: jax.Array, kv_cach
 
     (x, kv_cache), _ = jax.lax.scan(
         body, (x, kv_cache), (params["layers"], jnp.arange(num_layers, dtype=jnp.int32)))
-    x = rms_norm(x, unpack(params["final_norm"]["scale"]).astype(x.dtype), rms_norm_eps)
+    x = rms_norm(x, params["final_norm"]["scale"].astype(x.dtype), rms_norm_eps)
     return x, kv_cache
 
 
 def decoder_logits(params: Params, hidden: jax.Array, tie_word_embeddings: bool) -> jax.Array:
     """[R, D] -> [R, V] float32, through lm_head or the tied embedding table."""
-    weight = unpack(params["embed"] if tie_word_embeddings else params["lm_head"])
+    weight = params["embed"] if tie_word_embeddings else params["lm_head"]
     # In the weight's dtype, float32 result: a bf16 table is never converted per step.
     spec = "RD,VD->RV" if tie_word_embeddings else "RD,DV->RV"
     return jnp.einsum(spec, hidden.astype(weight.dtype), weight, preferred_element_type=jnp.float32)

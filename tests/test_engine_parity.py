@@ -94,6 +94,8 @@ def test_smollm2_chat_batch_matches_transformers(smollm2_llm, smollm2_hf):
     llm = smollm2_llm
     tok = llm.get_tokenizer()
     conversations = [[{"role": "user", "content": c}] for c in CHATS]
+    # The engine is shared by the session: another test may have cached these prompts' pages.
+    llm.reset_prefix_cache()
     steps_before = llm.stats().steps
     outs = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)
     # 8 prompts of ~30 tokens against a 64-token budget: some prompt was computed over several steps.
