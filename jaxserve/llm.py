@@ -111,7 +111,8 @@ class LLM:
         return [finals[i] for i in ids]
 
     def stats(self):
-        return self.engine.stats
+        """The engine's statistics, gauges brought up to date (warm-up compiles before any step)."""
+        return self.engine.refresh_stats()
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (as vLLM's LLM.reset_prefix_cache): later prompts prefill in full."""

@@ -48,7 +48,8 @@ from jaxserve import LLM
 llm = LLM(**{args})
 print(json.dumps({{"start_seconds": time.perf_counter() - start, "cache_hits": events.count("/jax/compilation_cache/cache_hits"),
                   "cache_misses": events.count("/jax/compilation_cache/cache_misses"), "buckets": len(llm.engine.runner.buckets),
-                  "warmup_seconds": llm.engine.runner.compile_seconds}}))
+                  "warmup_seconds": llm.engine.runner.compile_seconds,
+                  "stats_graphs": llm.stats().num_compiled_graphs}}))
 """
 
 
@@ -60,3 +61,5 @@ def test_second_process_loads_step_graphs_from_the_persistent_cache(smollm2_llm)
     print("second process:", report)
     assert report["cache_hits"] >= report["buckets"]
     assert report["cache_misses"] < report["buckets"]  # the step graphs came from disk, not the compiler
+    # Before any step, LLM.stats() already counts the graphs warm-up built.
+    assert report["stats_graphs"] == report["buckets"]
