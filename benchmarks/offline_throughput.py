@@ -119,7 +119,8 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--hf-batch-size", type=int, default=32, help="transformers static batch size")
+    p.add_argument("--hf-batch-size", type=int, default=64,
+                   help="transformers static batch size (64 measured 12%% faster than 32 on the 64 x 128 run)")
     p.add_argument("--single-stream-len", type=int, default=64, help="0 to skip the single-stream run")
     p.add_argument("--rounds", type=int, default=3, help="times to run each engine, alternating")
     p.add_argument("--dtype", default="auto", help="jaxserve's dtype (auto = float32 on CPU); transformers stays fp32")
