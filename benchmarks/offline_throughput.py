@@ -26,6 +26,8 @@ def synthetic_prompts(n: int, min_len: int, max_len: int, vocab: int, seed: int)
 
 
 class Jaxserve:
+    """jaxserve's LLM, built once; each run() is one timed round."""
+
     def __init__(self, args):
         from jaxserve import LLM, SamplingParams
 
@@ -39,8 +41,8 @@ class Jaxserve:
 
     def run(self, prompts, output_len) -> dict:
         SamplingParams, llm = self.SamplingParams, self.llm
-        llm.reset_prefix_cache()  # every round computes its prompts, as the first one did
         llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # touch the path once
+        llm.reset_prefix_cache()  # every round computes all its prompts in full
         start = time.perf_counter()
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True),
                             use_tqdm=False)
@@ -57,6 +59,8 @@ class Jaxserve:
 
 
 class Transformers:
+    """The transformers peer, loaded once; each run() is one timed round."""
+
     def __init__(self, args):
         import importlib.util
 
