@@ -1,12 +1,15 @@
 """Frozen engine configuration, one small dataclass per concern (cache, scheduler, compilation).
 
 Each is validated when built; derived runtime values (page count, buckets) are computed by the
-components that own them, not stored here.
+components that own them, not stored here. The defaults live in one place, jaxserve/engine_args.py,
+which builds these; so the fields here have none.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+
+from jaxserve.engine_args import default_cache_root
 
 
 def _check(cond: bool, name: str, value, allowed: str) -> None:
@@ -16,10 +19,10 @@ def _check(cond: bool, name: str, value, allowed: str) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CacheConfig:
-    block_size: int = 16                    # tokens per KV page
-    kv_cache_memory: int | None = None      # bytes for K+V of all layers; None = platform default
-    gpu_memory_utilization: float = 0.9     # share of accelerator memory for weights + KV (ignored on CPU)
-    enable_prefix_caching: bool = True      # share full pages of identical prefixes between requests
+    block_size: int                     # tokens per KV page
+    kv_cache_memory: int | None         # bytes for K+V of all layers; None = platform default
+    gpu_memory_utilization: float       # share of accelerator memory for weights + KV (ignored on CPU)
+    enable_prefix_caching: bool         # share full pages of identical prefixes between requests
 
     def __post_init__(self):
         _check(isinstance(self.block_size, int) and self.block_size >= 1 and
@@ -34,8 +37,8 @@ class CacheConfig:
 @dataclasses.dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     max_model_len: int                  # longest prompt + output a request may reach
-    max_num_seqs: int = 64              # sequences in one step (decode batch size)
-    max_num_batched_tokens: int = 512   # tokens in one step: the chunked-prefill budget
+    max_num_seqs: int                   # sequences in one step (decode batch size)
+    max_num_batched_tokens: int         # tokens in one step: the chunked-prefill budget
 
     def __post_init__(self):
         _check(isinstance(self.max_model_len, int) and self.max_model_len >= 1,
@@ -47,14 +50,10 @@ class SchedulerConfig:
                f"an integer >= max_num_seqs ({self.max_num_seqs})")
 
 
-def default_cache_root() -> str:
-    return os.environ.get("JAXSERVE_CACHE_ROOT") or os.path.join(os.path.expanduser("~"), ".cache", "jaxserve")
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class CompileConfig:
-    compilation_cache_dir: str | None = None  # JAX persistent compilation cache; None = <cache root>/xla
-    warmup: bool = True                       # compile every bucket pair at start-up
+    compilation_cache_dir: str | None   # JAX persistent compilation cache; None = <cache root>/xla
+    warmup: bool                        # compile every bucket pair at start-up
 
     def resolved_cache_dir(self) -> str:
         return self.compilation_cache_dir or os.path.join(default_cache_root(), "xla")

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from jaxserve.config import CacheConfig, CompileConfig, SchedulerConfig
 from jaxserve.data_parallel import DataParallelEngine
 from jaxserve.engine import LLMEngine, enable_persistent_compilation_cache
+from jaxserve.engine_args import ENGINE_OPTIONS, EngineArgs, signature
 from jaxserve.outputs import RequestOutput
-from jaxserve.parallel import ParallelConfig, build_mesh, check_divisible, replica_meshes
+from jaxserve.parallel import build_mesh, check_divisible, initialize_distributed, replica_meshes
 from jaxserve.profiling import enable_compile_logging
 from jaxserve.sampling_params import SamplingParams
 
@@ -20,42 +21,49 @@ PromptType = str | Sequence[int]
 class LLM:
     """Load a model once, then generate for batches of prompts with continuous batching.
 
-    ``model``: an HF folder, a ``.gguf`` file, ``"smollm2"`` or None (the bundled SmolLM2-135M-Instruct).
-    ``kv_cache_memory``: bytes for the KV cache (CPU default: what max_num_seqs full-length requests
-    need, at most 1 GiB). ``attention_backend``: "reference" (the jnp path, the CPU default) or "pallas".
-    ``profiler_dir``: where ``start_profile()`` writes traces (default: $JAXSERVE_PROFILER_DIR).
-    ``tensor_parallel_size`` devices share one model (Megatron-style, see jaxserve/parallel.py);
-    ``data_parallel_size`` replicas of it serve requests side by side.
+    The keyword arguments are jaxserve/engine_args.py's EngineArgs, the same options as the CLI
+    flags (``max_num_seqs`` is ``--max-num-seqs``); one not given falls back to its ``JAXSERVE_*``
+    variable, then to the table's default. ``model``: an HF folder, a ``.gguf`` file, ``"smollm2"``
+    or None (the bundled SmolLM2-135M-Instruct). ``LLM.from_engine_args(args)`` skips the
+    environment.
     """
 
-    def __init__(self, model: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512, block_size: int = 16,
-                 enable_prefix_caching: bool = True, kv_cache_memory: int | None = None,
-                 gpu_memory_utilization: float = 0.9, seed: int = 0, attention_backend: str = "reference",
-                 compilation_cache_dir: str | None = None, warmup: bool = True,
-                 profiler_dir: str | None = None, log_compiles: bool = False,
-                 tensor_parallel_size: int = 1, data_parallel_size: int = 1):
+    def __init__(self, model: str | None = None, **engine_args):
+        explicit = dict(engine_args)
+        if model is not None:
+            explicit["model"] = model
+        unknown = sorted(set(explicit) - {o.name for o in ENGINE_OPTIONS})
+        if unknown:
+            raise TypeError(f"LLM() got unknown engine argument(s): {', '.join(unknown)}")
+        self._build(EngineArgs.resolve(explicit, environ=os.environ))
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLM":
+        llm = cls.__new__(cls)
+        llm._build(args)
+        return llm
+
+    def _build(self, args: EngineArgs) -> None:
         from jaxserve.models import load_model
         from jaxserve.pallas_kernels import attention_backend as get_attention
 
-        if log_compiles:
+        self.args = args
+        if args.distributed:  # every process must run the same steps: see jaxserve/multihost.py
+            initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        if args.log_compiles:
             enable_compile_logging()
-        compile_cfg = CompileConfig(compilation_cache_dir=compilation_cache_dir, warmup=warmup)
+        compile_cfg = args.compile_config()
         enable_persistent_compilation_cache(compile_cfg.resolved_cache_dir())
-        cache_cfg = CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
-                                gpu_memory_utilization=gpu_memory_utilization,
-                                enable_prefix_caching=enable_prefix_caching)
-        self.loaded = load_model(model, dtype)
+        self.loaded = load_model(args.model, args.dtype)
         limit = self.loaded.config.max_position_embeddings
-        if max_model_len is not None and max_model_len > limit:
-            raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's context length ({limit})")
-        sched_cfg = SchedulerConfig(max_model_len=max_model_len or limit, max_num_seqs=max_num_seqs,
-                                    max_num_batched_tokens=max_num_batched_tokens)
-        parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size)
+        if args.max_model_len is not None and args.max_model_len > limit:
+            raise ValueError(f"max_model_len ({args.max_model_len}) exceeds the model's context length ({limit})")
+        parallel = args.parallel_config()
         check_divisible(self.loaded.config, parallel.tensor_parallel_size)
-        replicas = [LLMEngine(self.loaded, cache=cache_cfg, scheduler=sched_cfg, compile=compile_cfg,
-                              attention_fn=get_attention(attention_backend), seed=seed + i,
-                              profiler_dir=profiler_dir, mesh=mesh)
+        replicas = [LLMEngine(self.loaded, cache=args.cache_config(),
+                              scheduler=args.scheduler_config(args.max_model_len or limit), compile=compile_cfg,
+                              attention_fn=get_attention(args.attention_backend), seed=args.seed + i,
+                              profiler_dir=args.profiler_dir, mesh=mesh)
                     for i, mesh in enumerate(replica_meshes(build_mesh(parallel)))]
         self.engine = replicas[0] if len(replicas) == 1 else DataParallelEngine(replicas)
         self._ids = itertools.count()
@@ -127,3 +135,7 @@ class LLM:
         """Stop the trace; returns the run folder (open its parent in TensorBoard/XProf, or its
         perfetto_trace.json.gz in Perfetto)."""
         return self.engine.profiler.stop()
+
+
+# help(LLM) and notebooks' completion show every engine option, from the one table.
+LLM.__init__.__signature__ = signature(ENGINE_OPTIONS)

@@ -10,7 +10,6 @@ each on its own ("model",) slice; requests go to the least busy replica.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
@@ -113,16 +112,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
-    """Join a multi-process JAX run (one process per host); each argument falls back to
-    $JAXSERVE_COORDINATOR_ADDRESS, $JAXSERVE_NUM_PROCESSES, $JAXSERVE_PROCESS_ID, then to JAX's own
-    detection (SLURM, TPU pods). The mesh then spans every process's devices. Every process must
-    be given the same requests in the same order: each runs the same schedule (SPMD)."""
-    env = os.environ
-    coordinator_address = coordinator_address or env.get("JAXSERVE_COORDINATOR_ADDRESS")
-    if num_processes is None and env.get("JAXSERVE_NUM_PROCESSES"):
-        num_processes = int(env["JAXSERVE_NUM_PROCESSES"])
-    if process_id is None and env.get("JAXSERVE_PROCESS_ID"):
-        process_id = int(env["JAXSERVE_PROCESS_ID"])
+    """Join a multi-process JAX run (one process per host); arguments left None fall back to JAX's
+    own detection (SLURM, TPU pods). The mesh then spans every process's devices. Every process must
+    be given the same requests in the same order: each runs the same schedule (SPMD). A second
+    call (the CLI joins before it loads the model, LLM joins again) does nothing."""
+    if jax.distributed.is_initialized():
+        return
     # CPU processes reach each other through gloo (the default CPU client has no collectives).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,

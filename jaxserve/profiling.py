@@ -14,8 +14,6 @@ import threading
 
 import jax
 
-PROFILER_DIR_ENV = "JAXSERVE_PROFILER_DIR"
-
 # Host-side phase names, as they appear in the trace.
 SCHEDULE = "jaxserve.schedule"
 PREPARE = "jaxserve.prepare_inputs"
@@ -32,7 +30,7 @@ class Profiler:
     """One trace at a time (JAX's profiler is process-wide)."""
 
     def __init__(self, trace_dir: str | None = None):
-        self.trace_dir = trace_dir or os.environ.get(PROFILER_DIR_ENV) or None
+        self.trace_dir = trace_dir or None
         self._active_dir: str | None = None
         self._lock = threading.Lock()
 
@@ -47,7 +45,8 @@ class Profiler:
                 raise RuntimeError(f"a profile is already being recorded into {self._active_dir}")
             folder = trace_dir or self.trace_dir
             if not folder:
-                raise ValueError(f"no profiler directory: pass trace_dir or set {PROFILER_DIR_ENV}")
+                raise ValueError("no profiler directory: pass trace_dir, or build the engine with profiler_dir "
+                                 "(--profiler-dir, JAXSERVE_PROFILER_DIR)")
             os.makedirs(folder, exist_ok=True)
             jax.profiler.start_trace(folder, create_perfetto_trace=True)
             self._active_dir = folder

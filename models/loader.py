@@ -22,6 +22,7 @@ from jaxserve.models.llama import LlamaModel
 from jaxserve.models.mistral import MistralModel
 from jaxserve.models.qwen2 import Qwen2Model
 from jaxserve.models.qwen3 import Qwen3Model
+from jaxserve.precision import auto_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -79,17 +80,24 @@ def bundled_model_path() -> str:
 
 
 def resolve_dtype(dtype: str) -> jnp.dtype:
-    """"auto" is float32 on CPU (bf16 is several times slower there) and bfloat16 on accelerators."""
+    """The dtype a name means; "auto" follows jaxserve.precision.auto_dtype (bfloat16 on accelerators
+    and on CPUs with native bf16 products, else float32)."""
+    return _resolve_dtype(dtype)[0]
+
+
+def _resolve_dtype(dtype: str) -> tuple[jnp.dtype, str]:
     if dtype == "auto":
-        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+        name, why = auto_dtype()
+        return jnp.dtype(_DTYPES[name]), why
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return jnp.dtype(_DTYPES[dtype.lower()])
+        return jnp.dtype(_DTYPES[dtype.lower()]), "as asked"
     raise ValueError(f"unknown dtype {dtype!r}; expected one of: auto, {', '.join(_DTYPES)}")
 
 
 def load_model(model: str | None = None, dtype: str = "auto") -> LoadedModel:
     """Load an HF folder, a .gguf file, or the bundled SmolLM2 (model None or "smollm2")."""
-    jdtype = resolve_dtype(dtype)
+    jdtype, why = _resolve_dtype(dtype)
+    logger.info("dtype %s (%s)", jdtype.name, why)
     if model is None or model == BUNDLED_ALIAS:
         model = bundled_model_path()
     path = os.path.abspath(os.path.expanduser(model))

@@ -11,6 +11,11 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
+# The references (transformers in fp32, numpy) and the shared compiled graphs are float32, while
+# dtype="auto" picks packed bf16 on CPUs with native bf16 products: pin float32 for every engine
+# (in-process and `jaxserve` subprocesses) unless a test asks for another dtype by name.
+os.environ.setdefault("JAXSERVE_DTYPE", "float32")
+
 import pytest
 
 from testlib import SMOLLM2_ENGINE_ARGS, TINY_CONFIGS, make_hf_model, save_tiny_tokenizer

@@ -10,14 +10,14 @@ import sys
 import pytest
 
 from jaxserve import SamplingParams
-from jaxserve.cli import build_parser, resolve_serve_options
+from jaxserve.cli import build_parser, resolve_options_for
 
 JAXSERVE = os.path.join(os.path.dirname(sys.executable), "jaxserve")
 QUESTION = "What is the capital of France?"
 
 
 def _resolve(argv, env=None):
-    return resolve_serve_options(build_parser().parse_args(["serve", *argv]), environ=env or {})
+    return resolve_options_for(build_parser().parse_args(["serve", *argv]), environ=env or {})
 
 
 def test_flag_beats_environment_beats_config_beats_default(tmp_path):
@@ -25,14 +25,16 @@ def test_flag_beats_environment_beats_config_beats_default(tmp_path):
     config.write_text("port: 9001\nhost: 0.0.0.0\nmax_num_seqs: 4\napi-key: file\nenable-prefix-caching: false\n"
                       "served-model-name: [a, b]\nmodel: smollm2\n")
     o = _resolve(["--config", str(config)])
-    assert (o["port"], o["host"], o["max-num-seqs"], o["api-key"]) == (9001, "0.0.0.0", 4, "file")
-    assert o["enable-prefix-caching"] is False and o["served-model-name"] == ["a", "b"] and o["model"] == "smollm2"
-    assert o["max-queue"] == 512 and o["log-level"] == "info"  # defaults
-    env = {"JAXSERVE_PORT": "9002", "JAXSERVE_API_KEY": "env", "JAXSERVE_LOGGING_LEVEL": "debug"}
+    assert (o["port"], o["host"], o["max_num_seqs"], o["api_key"]) == (9001, "0.0.0.0", 4, "file")
+    assert o["enable_prefix_caching"] is False and o["served_model_name"] == ("a", "b") and o["model"] == "smollm2"
+    assert o["max_queue"] == 512 and o["log_level"] == "info"  # defaults
+    env = {"JAXSERVE_PORT": "9002", "JAXSERVE_API_KEY": "env", "JAXSERVE_LOGGING_LEVEL": "debug",
+           "JAXSERVE_ALLOWED_ORIGINS": "http://a.example, http://b.example"}
     o = _resolve(["--config", str(config)], env)
-    assert (o["port"], o["api-key"], o["log-level"], o["host"]) == (9002, "env", "debug", "0.0.0.0")
+    assert (o["port"], o["api_key"], o["log_level"], o["host"]) == (9002, "env", "debug", "0.0.0.0")
+    assert o["allowed_origins"] == ("http://a.example", "http://b.example")
     o = _resolve(["--config", str(config), "--port", "9003", "--enable-prefix-caching", "my-model"], env)
-    assert (o["port"], o["api-key"], o["enable-prefix-caching"], o["model"]) == (9003, "env", True, "my-model")
+    assert (o["port"], o["api_key"], o["enable_prefix_caching"], o["model"]) == (9003, "env", True, "my-model")
 
 
 def test_bad_config_and_environment_are_reported(tmp_path):
@@ -41,7 +43,7 @@ def test_bad_config_and_environment_are_reported(tmp_path):
     with pytest.raises(ValueError, match="unknown key 'max-num-seq'"):
         _resolve(["--config", str(config)])
     config.write_text("port: eighty\n")
-    with pytest.raises(ValueError, match="port must be int"):
+    with pytest.raises(ValueError, match="port must be an integer"):
         _resolve(["--config", str(config)])
     with pytest.raises(ValueError, match="JAXSERVE_PORT"):
         _resolve([], {"JAXSERVE_PORT": "x"})

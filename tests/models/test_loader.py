@@ -95,7 +95,8 @@ def test_missing_tensor_is_named(tiny_checkpoint, tmp_path):
 
 
 def test_dtypes(tiny_checkpoint):
-    assert resolve_dtype("auto") == jnp.float32  # CPU
+    from jaxserve.precision import auto_dtype
+    assert resolve_dtype("auto") == jnp.dtype(auto_dtype()[0])  # which one depends on the CPU: test_engine_args
     assert resolve_dtype("bf16") == jnp.bfloat16 and resolve_dtype("half") == jnp.float16
     with pytest.raises(ValueError, match="'int8'.*float32.*bfloat16"):
         resolve_dtype("int8")

@@ -1,0 +1,300 @@
+"""Every engine option, declared once: `EngineArgs`, a frozen dataclass whose fields carry their
+type, default, help text, CLI group and environment variable, as vLLM's EngineArgs.
+
+The same table builds the flags of ``jaxserve serve``, ``generate`` and ``run``, reads the YAML
+``--config`` keys and the ``JAXSERVE_*`` variables, and is ``LLM(...)``'s keyword arguments.
+Precedence: flag (or keyword) > environment > config file > default. This module is the one place
+that reads ``JAXSERVE_*`` variables, and it imports nothing heavy (``--help`` stays fast).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import os
+import types
+import typing
+from typing import Any, Mapping
+
+ENV_PREFIX = "JAXSERVE_"
+CACHE_ROOT_ENV = "JAXSERVE_CACHE_ROOT"
+ATTENTION_BACKENDS = ("reference", "pallas")  # pallas_kernels.backend.BACKENDS, without importing jax
+
+
+def default_cache_root(environ: Mapping[str, str] = os.environ) -> str:
+    """Where compiled graphs and converted models are cached: $JAXSERVE_CACHE_ROOT or ~/.cache/jaxserve."""
+    return environ.get(CACHE_ROOT_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "jaxserve")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Option:
+    """One option as the CLI, the config file and the environment see it."""
+    name: str                          # field name, snake_case; the flag is --name-with-dashes
+    kind: type                         # int, float, str, bool or tuple (of str)
+    default: Any
+    help: str
+    group: str                         # --help section
+    env: str                           # environment variable
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None       # smallest allowed value of an int/float option
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def coerce(self, value: Any, source: str) -> Any:
+        """`value` (from YAML, the environment or a keyword) as this option's type, or a ValueError
+        naming the source and the option."""
+        if value is None:
+            return None
+        kind = self.kind
+        try:
+            if kind is bool:
+                if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+                    return _BOOL_WORDS[value.lower()]
+                if not isinstance(value, bool):
+                    raise ValueError(value)
+                return value
+            if kind is tuple:
+                if isinstance(value, str):  # the environment's form: comma-separated
+                    return tuple(v.strip() for v in value.split(",") if v.strip())
+                if not isinstance(value, (list, tuple)):
+                    raise ValueError(value)
+                return tuple(str(v) for v in value)
+            if isinstance(value, bool) or (kind is int and isinstance(value, float)) or \
+                    (kind is str and not isinstance(value, str)):
+                raise ValueError(value)
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{source}: {self.name.replace('_', '-')} must be {_KIND_NAMES[kind]}, "
+                             f"got {value!r}") from None
+
+    def check(self, value: Any, source: str) -> None:
+        """Range and choice checks on an already coerced value."""
+        if value is None:
+            return
+        label = self.name.replace("_", "-")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{source}: {label} must be one of {', '.join(self.choices)}, got {value!r}")
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"{source}: {label} must be >= {self.minimum:g}, got {value!r}")
+
+
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+               "off": False}
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               tuple: "a list of strings"}
+
+
+def option(default: Any, help: str, *, group: str, env: str | None = None,
+           choices: tuple[str, ...] | None = None, minimum: float | None = None) -> Any:
+    """A dataclass field that is also a CLI/config/environment option (its kind comes from the
+    field's annotation)."""
+    return dataclasses.field(default=default, metadata={"option": dict(
+        help=help, group=group, env=env, choices=choices, minimum=minimum)})
+
+
+def options_of(cls: type) -> list[Option]:
+    """The Option of every field of an option dataclass, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    table = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata["option"]
+        table.append(Option(name=f.name, kind=_base_kind(hints[f.name]), default=f.default, help=meta["help"],
+                            group=meta["group"], env=meta["env"] or ENV_PREFIX + f.name.upper(),
+                            choices=meta["choices"], minimum=meta["minimum"]))
+    return table
+
+
+def _base_kind(hint) -> type:
+    """int | None -> int; tuple[str, ...] -> tuple."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = args[0]
+    return typing.get_origin(hint) or hint
+
+
+# ---- the engine options --------------------------------------------------------------------------
+
+_ENGINE = "model and engine"
+_COMPILE = "compilation"
+_PARALLEL = "parallelism"
+_PROFILE = "profiling"
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineArgs:
+    """Every engine option (see the module docstring). Build it from keywords, or with
+    ``EngineArgs.resolve`` from flags, environment and a config file; ``__post_init__`` checks
+    types and ranges, and the component configs check the rest when they are built."""
+
+    model: str | None = option(None, "HF folder, .gguf file or 'smollm2' (default: the bundled "
+                                     "SmolLM2-135M-Instruct)", group=_ENGINE)
+    dtype: str = option("auto", "auto | float32 | bfloat16 | float16; auto: bfloat16 on accelerators and on "
+                                "CPUs that multiply bf16 natively, else float32", group=_ENGINE)
+    max_model_len: int | None = option(None, "longest prompt + output (default: the model's context length)",
+                                       group=_ENGINE, minimum=1)
+    max_num_seqs: int = option(64, "sequences per engine step (the decode batch)", group=_ENGINE, minimum=1)
+    max_num_batched_tokens: int = option(512, "tokens per engine step (the chunked-prefill budget)",
+                                         group=_ENGINE, minimum=1)
+    block_size: int = option(16, "tokens per KV cache page (a power of two)", group=_ENGINE, minimum=1)
+    enable_prefix_caching: bool = option(True, "share KV pages of identical prompt prefixes", group=_ENGINE)
+    kv_cache_memory: int | None = option(None, "bytes for the KV cache (default on CPU: what --max-num-seqs "
+                                               "full-length requests need, at most 1 GiB)", group=_ENGINE,
+                                         minimum=1)
+    gpu_memory_utilization: float = option(0.9, "share of accelerator memory for weights + KV cache",
+                                           group=_ENGINE)
+    seed: int = option(0, "engine seed (requests without a seed draw from it)", group=_ENGINE)
+    attention_backend: str = option("reference", "attention implementation: reference (jnp, the CPU path) "
+                                                 "or pallas (the kernel; interpreted on CPU)", group=_ENGINE,
+                                    choices=ATTENTION_BACKENDS)
+    compilation_cache_dir: str | None = option(None, "persistent XLA compilation cache (default: "
+                                                     "$JAXSERVE_CACHE_ROOT/xla, i.e. ~/.cache/jaxserve/xla)",
+                                               group=_COMPILE)
+    warmup: bool = option(True, "compile every step graph at start-up, so nothing compiles while serving",
+                          group=_COMPILE)
+    tensor_parallel_size: int = option(1, "devices one model is split over (Megatron-style)", group=_PARALLEL,
+                                       minimum=1)
+    data_parallel_size: int = option(1, "model replicas serving side by side", group=_PARALLEL, minimum=1)
+    distributed: bool = option(False, "join a multi-process run (jax.distributed.initialize) first",
+                               group=_PARALLEL)
+    coordinator_address: str | None = option(None, "host:port of process 0 with --distributed", group=_PARALLEL)
+    num_processes: int | None = option(None, "processes in a --distributed run", group=_PARALLEL, minimum=1)
+    process_id: int | None = option(None, "this process's index in a --distributed run", group=_PARALLEL,
+                                    minimum=0)
+    profiler_dir: str | None = option(None, "where JAX profiler traces go (LLM.start_profile; enables the "
+                                            "server's POST /start_profile and /stop_profile)", group=_PROFILE)
+    log_compiles: bool = option(False, "log every XLA compilation", group=_PROFILE)
+
+    def __post_init__(self):
+        for opt in ENGINE_OPTIONS:
+            value = getattr(self, opt.name)
+            if value is not None and not _is_kind(value, opt.kind):
+                raise ValueError(f"{opt.name} must be {_KIND_NAMES[opt.kind]}, got {value!r}")
+            opt.check(value, "engine argument")
+        # The component configs check their own fields (block size a power of two, the budget
+        # covering max_num_seqs, ...): build them once now so bad values fail before any loading.
+        self.cache_config(), self.compile_config(), self.parallel_config()
+        self.scheduler_config(self.max_model_len or max(1, self.max_num_batched_tokens))
+
+    # ---- the component configs, each with the fields it uses ----------------------------------
+
+    def cache_config(self):
+        from jaxserve.config import CacheConfig
+        return CacheConfig(block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
+                           gpu_memory_utilization=self.gpu_memory_utilization,
+                           enable_prefix_caching=self.enable_prefix_caching)
+
+    def scheduler_config(self, max_model_len: int):
+        from jaxserve.config import SchedulerConfig
+        return SchedulerConfig(max_model_len=max_model_len, max_num_seqs=self.max_num_seqs,
+                               max_num_batched_tokens=self.max_num_batched_tokens)
+
+    def compile_config(self):
+        from jaxserve.config import CompileConfig
+        return CompileConfig(compilation_cache_dir=self.compilation_cache_dir, warmup=self.warmup)
+
+    def parallel_config(self):
+        from jaxserve.parallel import ParallelConfig
+        return ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                              data_parallel_size=self.data_parallel_size)
+
+    # ---- building from outside sources ---------------------------------------------------------
+
+    @classmethod
+    def resolve(cls, explicit: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] = os.environ,
+                config: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None) -> "EngineArgs":
+        """Keyword/flag values > environment > config file > `defaults` (a command's own) > the table."""
+        values = resolve_options(ENGINE_OPTIONS, explicit or {}, environ=environ, config=config or {},
+                                 defaults=defaults or {})
+        return cls(**values)
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+ENGINE_OPTIONS: list[Option] = options_of(EngineArgs)
+
+
+def resolve_options(table: list[Option], explicit: Mapping[str, Any], *, environ: Mapping[str, str],
+                    config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The value of every option in `table`, by field name, from the highest-precedence source that
+    sets it: `explicit` (flags, keywords) > `environ` > `config` (already keyed by field name) >
+    `defaults` > the table. Keys of `explicit`/`config` not in the table are left to the caller."""
+    values = {}
+    for opt in table:
+        if opt.name in explicit:
+            value, source = explicit[opt.name], f"{opt.flag}"
+        elif environ.get(opt.env):
+            value, source = environ[opt.env], f"environment {opt.env}"
+        elif opt.name in config:
+            value, source = config[opt.name], "--config"
+        elif opt.name in defaults:
+            value, source = defaults[opt.name], "default"
+        else:
+            values[opt.name] = opt.default
+            continue
+        value = opt.coerce(value, source)
+        opt.check(value, source)
+        values[opt.name] = value
+    return values
+
+
+def read_config_file(path: str, known: set[str]) -> dict[str, Any]:
+    """A YAML file of option names (dashes or underscores) to values, keyed by field name; unknown
+    keys are refused by name."""
+    import yaml
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read --config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} must hold a mapping of option names to values")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ValueError(f"--config {path}: unknown key {key!r}")
+        out[name] = value
+    return out
+
+
+# ---- argparse ------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser, table: list[Option],
+                  defaults: Mapping[str, Any] | None = None) -> None:
+    """One flag per option, grouped as the table says. Flags default to SUPPRESS, so the parsed
+    namespace holds only what was typed and `resolve_options` can apply the other sources."""
+    defaults = defaults or {}
+    groups: dict[str, Any] = {}
+    for opt in table:
+        g = groups.get(opt.group)
+        if g is None:
+            g = groups[opt.group] = parser.add_argument_group(opt.group)
+        default = defaults.get(opt.name, opt.default)
+        if isinstance(default, tuple):
+            default = " ".join(default)
+        shown = opt.help + (f" (default: {default})" if default not in (None, False, "") else "")
+        shown += f" [env {opt.env}]"
+        if opt.kind is bool:
+            g.add_argument(opt.flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           dest=opt.name, help=shown)
+        elif opt.kind is tuple:
+            g.add_argument(opt.flag, nargs="+", default=argparse.SUPPRESS, dest=opt.name, help=shown)
+        else:
+            g.add_argument(opt.flag, type=opt.kind, default=argparse.SUPPRESS, dest=opt.name,
+                           choices=opt.choices, help=shown)
+
+
+def signature(table: list[Option], first: str = "self") -> inspect.Signature:
+    """A keyword signature over the table (for ``LLM.__init__``: help() and notebooks show every option)."""
+    params = [inspect.Parameter(first, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params.append(inspect.Parameter(table[0].name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=table[0].default))
+    params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default) for o in table[1:]]
+    return inspect.Signature(params)
