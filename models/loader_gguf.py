@@ -1,12 +1,19 @@
 """GGUF files (llama.cpp): model config from the metadata, dequantised tensors under their HF names
-(llama q/k rows un-permuted back to HF's RoPE layout), and the tokenizer with its chat template.
+(llama q/k rows un-permuted back to HF's RoPE layout), and the tokenizer with its chat template
+(built without torch, cached on disk).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import logging
 import os
 import re
+import shutil
+import tempfile
+from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -101,7 +108,7 @@ def open_gguf(path: str) -> tuple[ModelConfig, GGUFTensors, Any]:
     # transformers un-permutes q/k for general.architecture "llama" only (qwen2/qwen3 use NeoX RoPE,
     # which llama.cpp stores unpermuted); follow it exactly.
     source = GGUFTensors(reader, config, unpermute_qk=_field(reader, "general.architecture") == "llama")
-    tokenizer = load_gguf_tokenizer(path, _field(reader, "tokenizer.chat_template"))
+    tokenizer = load_gguf_tokenizer(path, reader)
     return config, source, tokenizer
 
 
@@ -157,14 +164,119 @@ def config_from_gguf(reader: Any) -> ModelConfig:
     return config
 
 
+# The tokenizer. transformers builds it from GGUF metadata with its own reader, which imports torch;
+# here gguf's reader supplies the same metadata to transformers' converter, which does not. Converting
+# a vocabulary takes seconds, so the result is kept on disk under the jaxserve cache root.
+
+# What AutoTokenizer picks for a GGUF of each architecture (TOKENIZER_MAPPING_NAMES, whose module
+# imports torch); architectures not listed get TokenizersBackend.
+_GGUF_TOKENIZER_CLASSES = {"qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer"}
+# Special token name -> the tokenizer.ggml key holding its id.
+_GGUF_SPECIAL_TOKEN_IDS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+# Bump when what goes into the cache folder changes.
+_TOKENIZER_CACHE_FORMAT = 1
+
+
+def gguf_tokenizer_metadata(reader: Any) -> tuple[str, dict, dict]:
+    """(architecture, tokenizer_dict, tokenizer_config) exactly as transformers' get_gguf_tokenizer
+    builds them, read through gguf's reader."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
+    architecture = _field(reader, "general.architecture")
+    grouped = {}
+    for group, renames in GGUF_TOKENIZER_MAPPING.items():
+        grouped[group] = {name: _field(reader, f"tokenizer.{key}") for key, name in renames.items()
+                          if f"tokenizer.{key}" in reader.fields}
+    tokenizer, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer.get("tokenizer_type") == "llama":
+        # llama.cpp adds BOS to a sentencepiece vocabulary whose file does not say otherwise.
+        tokenizer_config.setdefault("add_bos_token", True)
+    for name, key in _GGUF_SPECIAL_TOKEN_IDS.items():
+        token_id = _field(reader, f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    return architecture, tokenizer, tokenizer_config
+
+
+def gguf_file_identity(path: str) -> str:
+    """A hex digest naming this file as it is now (real path, size, modification time), cheap to
+    take on every start; changes when the file is replaced or rewritten."""
+    stat = os.stat(path)
+    identity = f"{os.path.realpath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    return hashlib.sha256(identity.encode()).hexdigest()
+
+
+def load_gguf_tokenizer(path: str, reader: Any = None) -> Any:
+    """The tokenizer (with its chat template) that AutoTokenizer.from_pretrained(folder,
+    gguf_file=...) gives for this file, built without torch. The converted tokenizer is cached under
+    <cache root>/gguf-tokenizers, keyed by the file's identity and the transformers and tokenizers
+    versions; reader (an open gguf.GGUFReader of path) is only needed on a cache miss."""
+    folder = _tokenizer_cache_folder(path)
+    if not os.path.isfile(os.path.join(folder, "tokenizer_init.json")):
+        if reader is None:
+            from gguf import GGUFReader
+            reader = GGUFReader(path)
+        fresh = _convert_gguf_tokenizer(reader)
+        try:
+            _write_tokenizer_cache(folder, *fresh)
+        except OSError as error:  # a read-only cache root costs a conversion per start, nothing more
+            logging.getLogger(__name__).warning("cannot cache the GGUF tokenizer in %s: %s", folder, error)
+            return _tokenizer_from_parts(os.path.dirname(path), *fresh)
+    return _tokenizer_from_cache(folder, os.path.dirname(path))
+
+
+def _tokenizer_cache_folder(path: str) -> str:
+    from jaxserve.config import default_cache_root
+    key = "\0".join([gguf_file_identity(path), metadata.version("transformers"),
+                     metadata.version("tokenizers"), str(_TOKENIZER_CACHE_FORMAT)])
+    return os.path.join(default_cache_root(), "gguf-tokenizers", hashlib.sha256(key.encode()).hexdigest()[:32])
+
+
+def _convert_gguf_tokenizer(reader: Any) -> tuple[Any, str, dict]:
+    """(tokenizers.Tokenizer, tokenizer class name, its init kwargs) for a GGUF's metadata."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+    architecture, tokenizer_dict, tokenizer_config = gguf_tokenizer_metadata(reader)
+    backend, extra_kwargs = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    init_kwargs = {**tokenizer_config, **extra_kwargs}
+    return backend, _GGUF_TOKENIZER_CLASSES.get(architecture, "TokenizersBackend"), init_kwargs
+
+
+def _write_tokenizer_cache(folder: str, backend: Any, class_name: str, init_kwargs: dict) -> None:
+    """Write tokenizer.json and tokenizer_init.json into a fresh folder, then rename it into place,
+    so that a reader never sees half a cache entry (two processes converting at once both succeed)."""
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".staging-", dir=os.path.dirname(folder))
+    try:
+        backend.save(os.path.join(staging, "tokenizer.json"))
+        with open(os.path.join(staging, "tokenizer_init.json"), "w", encoding="utf-8") as f:
+            json.dump({"class": class_name, "kwargs": init_kwargs}, f)
+        try:
+            os.rename(staging, folder)
+        except OSError:
+            if not os.path.isfile(os.path.join(folder, "tokenizer_init.json")):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 @functools.lru_cache(maxsize=4)
-def load_gguf_tokenizer(path: str, chat_template: str | None = None) -> Any:
-    """transformers' tokenizer for a GGUF file; cached because converting the vocab takes seconds."""
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    if chat_template and not tokenizer.chat_template:
-        tokenizer.chat_template = chat_template
-    return tokenizer
+def _tokenizer_from_cache(folder: str, name_or_path: str) -> Any:
+    with open(os.path.join(folder, "tokenizer_init.json"), encoding="utf-8") as f:
+        init = json.load(f)
+    return _tokenizer_class(init["class"])(tokenizer_file=os.path.join(folder, "tokenizer.json"),
+                                           name_or_path=name_or_path, **init["kwargs"])
+
+
+def _tokenizer_from_parts(name_or_path: str, backend: Any, class_name: str, init_kwargs: dict) -> Any:
+    return _tokenizer_class(class_name)(tokenizer_object=backend, name_or_path=name_or_path, **init_kwargs)
+
+
+def _tokenizer_class(name: str) -> type:
+    import transformers
+    return getattr(transformers, name)
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
