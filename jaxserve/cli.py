@@ -330,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # jaxserve uses transformers for tokenizers only; without torch (a plain install) it would print
+    # "PyTorch was not found. Models won't be available..." on every command.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"serve": _serve, "run": _run, "generate": _generate}
