@@ -10,7 +10,7 @@ import datetime
 import logging
 
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.server.validation import RequestError, get, sampling_error
+from jaxserve.server.validation import RequestError, device_ints, get, sampling_error
 
 logger = logging.getLogger(__name__)
 
@@ -21,16 +21,20 @@ DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, repeat_penalty=
 _MAPPED = {"temperature": ("temperature", "number"), "top_k": ("top_k", "int"), "top_p": ("top_p", "number"),
            "min_p": ("min_p", "number"), "repeat_penalty": ("repetition_penalty", "number"),
            "presence_penalty": ("presence_penalty", "number"), "frequency_penalty": ("frequency_penalty", "number")}
-# Options that only tune llama.cpp's runtime (threads, GPU layers, mmap...): accepted, no effect here.
-_RUNTIME = {"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "logits_all", "vocab_only", "use_mmap",
-            "use_mlock", "embedding_only", "num_thread", "num_keep", "penalize_newline"}
+# Options that only tune llama.cpp's runtime (threads, GPU layers, mmap...): no effect here, but
+# type-checked as Ollama does (api/types.go Options.FromMap refuses a wrong type).
+_RUNTIME = {"numa": "bool", "num_batch": "int", "num_gpu": "int", "main_gpu": "int", "low_vram": "bool",
+            "logits_all": "bool", "vocab_only": "bool", "use_mmap": "bool", "use_mlock": "bool",
+            "embedding_only": "bool", "num_thread": "int", "num_keep": "int", "penalize_newline": "bool"}
 # Ollama sampling options named as SamplingParams fields: passed through when SamplingParams has
 # the field; otherwise refused unless they hold their no-op value (None: ignored while mirostat is 0).
 _SAME_NAME = {"typical_p": ("number", 1.0), "tfs_z": ("number", 1.0), "mirostat": ("int", 0),
               "mirostat_tau": ("number", None), "mirostat_eta": ("number", None)}
 _FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
-_KNOWN = set(DEFAULTS) | _RUNTIME | set(_SAME_NAME) | {"seed", "stop", "num_predict", "num_ctx", "repeat_last_n"}
+_KNOWN = set(DEFAULTS) | set(_RUNTIME) | set(_SAME_NAME) | {"seed", "stop", "num_predict", "num_ctx", "repeat_last_n"}
 _ALIASES = {"repetition_penalty": "repeat_penalty", "max_tokens": "num_predict"}
+# SamplingParams fields set from the request's top level, not from options.
+_TOP_LEVEL = {"logprobs": "top_logprobs"}
 
 
 def error_body(message: str) -> dict:
@@ -48,6 +52,8 @@ def parse_options(body: dict, *, num_prompt_tokens: int, max_model_len: int,
     kwargs = {}
     for name, (field, kind) in _MAPPED.items():
         kwargs[field] = get(options, name, kind, DEFAULTS[name], where="options.")
+    if kwargs["top_k"] <= 0:  # llama.cpp's top-k keeps every token for k <= 0
+        kwargs["top_k"] = -1
     seed = get(options, "seed", "int", where="options.")
     kwargs["seed"] = None if seed is None or seed < 0 else seed  # Ollama: -1 = random
     stop = get(options, "stop", "str_or_list", where="options.")
@@ -65,9 +71,12 @@ def parse_options(body: dict, *, num_prompt_tokens: int, max_model_len: int,
         kwargs["repeat_last_n"] = repeat_last_n
     elif repeat_last_n == 0:  # without windows, at least Ollama's "0 disables the penalties" holds
         kwargs.update(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+    for name, kind in _RUNTIME.items():
+        get(options, name, kind, where="options.")
     unknown = sorted(set(options) - _KNOWN)
-    if unknown:
-        logger.warning("ignoring unknown Ollama options: %s", ", ".join(unknown))
+    if unknown:  # a few names, cut short: the client writes this line
+        logger.warning("ignoring unknown Ollama options: %s%s", ", ".join(repr(n[:40]) for n in unknown[:8]),
+                       f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
     num_ctx = get(options, "num_ctx", "int", where="options.")
     if num_ctx is not None and num_ctx < 1:
         raise RequestError(f"options.num_ctx must be >= 1, got {num_ctx}", param="options.num_ctx")
@@ -84,11 +93,15 @@ def parse_options(body: dict, *, num_prompt_tokens: int, max_model_len: int,
     else:
         raise RequestError(f"options.num_predict must be -1, -2 or >= 1, got {num_predict}",
                            param="options.num_predict")
+    device_ints(kwargs, lambda name: f"options.{name}")
     try:
         return SamplingParams(**kwargs, stop=stop, max_tokens=max_tokens, logprobs=logprobs)
     except ValueError as e:
-        err = sampling_error(e, _ALIASES)
-        err.message = f"options.{err.message}"
+        err = sampling_error(e, {**_ALIASES, **_TOP_LEVEL})
+        if err.param not in _TOP_LEVEL.values():
+            err.message = f"options.{err.message}"
+            err.param = f"options.{err.param}" if err.param else None
+        err.args = (err.message,)
         raise err from None
 
 

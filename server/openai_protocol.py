@@ -11,7 +11,7 @@ import math
 from jaxserve.outputs import Logprob
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.server.chat import normalize_messages
-from jaxserve.server.validation import RequestError, get, sampling_error
+from jaxserve.server.validation import RequestError, device_ints, get, sampling_error
 
 # vLLM clamps -inf logprobs (tokens the sampler filtered out) so the JSON stays standard.
 _MIN_LOGPROB = -9999.0
@@ -96,6 +96,7 @@ def _sampling_params(body: dict, *, max_tokens, logprobs: int | None, prompt_log
     if best_of is not None and best_of != kwargs.get("n", 1):
         raise RequestError("best_of different from n is not supported", param="best_of",
                            code="unsupported_parameter")
+    device_ints(kwargs, lambda name: name)
     try:
         return SamplingParams(**kwargs, stop=stop, max_tokens=max_tokens, logprobs=logprobs,
                               prompt_logprobs=prompt_logprobs)
@@ -152,9 +153,12 @@ def parse_chat(body: dict) -> ChatRequest:
     try:
         params = _sampling_params(body, max_tokens=max_tokens, logprobs=(top_logprobs or 0) if logprobs else None)
     except RequestError as e:
-        if e.param == "max_tokens" and body.get("max_completion_tokens") is not None:
-            e.param = "max_completion_tokens"
-            e.message = e.message.replace("max_tokens", "max_completion_tokens", 1)
+        # SamplingParams names its own fields; say the one the client sent.
+        renamed = {"max_tokens": "max_completion_tokens" if body.get("max_completion_tokens") is not None else None,
+                   "logprobs": "top_logprobs"}.get(e.param)
+        if renamed:
+            e.message = e.message.replace(e.param, renamed, 1)
+            e.param = renamed
             e.args = (e.message,)
         raise
     if get(body, "continue_final_message", "bool", False):

@@ -47,6 +47,33 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 50}, 400, "logprobs", None),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": [1]}, 400, "stop", "invalid_type"),
     ("/v1/no-such-route", {}, 404, None, None),
+    # What the bounded body parser refuses (server/validation.py), naming where it is.
+    *[(path, raw, 400, param, "invalid_json") for path, raw, param in [
+        (CHAT, b'{"model": ' + b"[" * 5000 + b"]" * 5000 + b', "messages": []}', "model"),
+        (CHAT, b'{"model": "smollm2", "messages": [{"role": "user", "content": ' + b"[" * 100_000 + b"}]}",
+         "messages[0].content"),
+        (CHAT, b'{"model": "smollm2", "messages": [], "stop": ' + b'{"a": ' * 3000 + b"1" + b"}" * 3000 + b"}",
+         "stop.a"),
+        ("/v1/completions", b'{"model": "smollm2", "prompt": ' + b"[" * 65 + b"]" * 65 + b"}", "prompt"),
+        ("/v1/completions", b'{"model": "smollm2", "prompt": "hi", "seed": ' + b"9" * 5000 + b"}", "seed"),
+        ("/v1/completions", b'{"model": "smollm2", "prompt": "hi", "any_field": -' + b"1" * 101 + b"}", "any_field"),
+        ("/v1/completions", b'{"model": "smollm2", "prompt": "\\ud800a\\udc00"}', "prompt"),
+        (CHAT, b'{"model": "smollm2", "messages": [{"role": "system", "content": "ok \\udfff"}]}',
+         "messages[0].content"),
+        (CHAT, b'{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+         "temperature"),
+        ("/v1/completions", b'{"model": "smollm2", "prompt": "hi", "top_p": Infinity}', "top_p"),
+        ("/v1/completions", b'{"model": "smollm2", "prompt": "hi", "max_tokens": 1e400}', "max_tokens"),
+        ("/tokenize", b'{"model": "smollm2", "prompt": "\\udbff"}', "prompt"),
+        ("/detokenize", b'{"model": "smollm2", "tokens": [1, -Infinity]}', "tokens[1]"),
+        (CHAT, b'{"model": "smollm2", "messages": [{"role": "user", "content": "\xff"}]}', None),
+    ]],
+    # Valid JSON past what a field holds: refused by the field's own check.
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": 2 ** 64}, 400, "seed", "invalid_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": [2 ** 40]}, 400, "stop_token_ids",
+     "invalid_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1e308}, 400, "max_tokens", "invalid_type"),
+    (CHAT, {**OK_CHAT, "logprobs": True, "top_logprobs": 2 ** 40}, 400, "top_logprobs", "invalid_value"),
 ]
 
 
@@ -63,6 +90,7 @@ def _check_error(response: httpx.Response, status: int, param, code) -> None:
 
 def test_bad_requests_get_4xx_while_valid_ones_beside_them_complete(server):
     want = httpx.post(f"{server.url}{CHAT}", json={**OK_CHAT, "temperature": 0}, timeout=60).json()
+    finished_before = metric(wait_idle(server.url), "jaxserve:request_success_total")
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as http, \
@@ -90,6 +118,8 @@ def test_bad_requests_get_4xx_while_valid_ones_beside_them_complete(server):
             assert response.headers["x-request-id"] == f"bad-{path}"
     samples = wait_idle(server.url)
     assert metric(samples, "jaxserve:kv_cache_usage_perc") == 0.0
+    # The engine ran the 4 valid requests and nothing else: every bad one was refused before it.
+    assert metric(samples, "jaxserve:request_success_total") - finished_before == 4
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 

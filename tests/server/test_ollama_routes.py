@@ -157,3 +157,73 @@ def test_async_client_streams_the_same_text(server, client):
         return "".join(p.message.content for p in parts)
 
     assert asyncio.run(main()) == want
+
+
+GEN = b'{"model": "smollm2", "stream": false, "options": {"num_predict": 2}, '
+# (route, raw body, the field the {"error"} message must name) for what the bounded parser refuses.
+HOSTILE = [
+    ("/api/generate", b'{"model": ' + b"[" * 5000 + b"]" * 5000 + b', "prompt": "hi"}', "'model'"),
+    ("/api/generate", GEN + b'"prompt": ' + b"[" * 65 + b"]" * 65 + b"}", "'prompt'"),
+    ("/api/chat", b'{"model": "smollm2", "messages": [{"role": "user", "content": ' + b"[" * 100_000 + b"}]}",
+     "'messages[0].content'"),
+    ("/api/generate", b'{"model": "smollm2", "prompt": "hi", "options": ' + b'{"a": ' * 2000 + b"{}" + b"}" * 2000
+     + b"}", "'options.a'"),
+    ("/api/generate", b'{"model": "smollm2", "prompt": "hi", "options": {"stop": ' + b"[" * 70 + b"]" * 70 + b"}}",
+     "'options.stop'"),
+    ("/api/generate", GEN + b'"prompt": "hi", "seed": ' + b"9" * 5000 + b"}", "'seed'"),
+    ("/api/generate", b'{"model": "smollm2", "prompt": "hi", "options": {"seed": -' + b"1" * 300 + b"}}",
+     "'options.seed'"),
+    ("/api/generate", GEN + b'"prompt": "\\ud800a\\udc00"}', "'prompt'"),
+    ("/api/generate", GEN + b'"prompt": "hi", "system": "be \\udfff"}', "'system'"),
+    ("/api/chat", b'{"model": "smollm2", "messages": [{"role": "user", "content": "x\\udbff"}]}',
+     "'messages[0].content'"),
+    ("/api/generate", b'{"model": "smollm2", "prompt": "hi", "options": {"temperature": NaN}}',
+     "'options.temperature'"),
+    ("/api/chat", b'{"model": "smollm2", "messages": [], "options": {"top_p": Infinity}}', "'options.top_p'"),
+    ("/api/generate", b'{"model": "smollm2", "prompt": "hi", "keep_alive": -Infinity}', "'keep_alive'"),
+    ("/api/generate", b'{"model": "smollm2", "prompt": "hi", "options": {"num_predict": 1e400}}',
+     "'options.num_predict'"),
+    ("/api/show", b'{"model": "smollm2", "verbose": NaN}', "'verbose'"),
+    ("/api/show", b'{"model": "\\ud800"}', "'model'"),
+    ("/api/chat", b'{"model": "smollm2", "messages": [{"role": "user", "content": "\xff"}]}', "UTF-8"),
+]
+
+
+def test_hostile_bodies_are_refused_in_ollama_format_naming_the_field(server):
+    for path, raw, field in HOSTILE:
+        r = httpx.post(f"{server.url}{path}", content=raw, timeout=60)
+        assert r.status_code == 400, (path, raw[:80], r.text)
+        body = r.json()
+        assert set(body) == {"error"} and isinstance(body["error"], str), body
+        assert field in body["error"], (field, body)
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"num_thread": "many"}, "options.num_thread"),
+    ({"low_vram": {"a": 1}}, "options.low_vram"),
+    ({"num_gpu": [1]}, "options.num_gpu"),
+    ({"seed": 2 ** 64}, "options.seed"),
+    ({"num_predict": 2, "stop": ["a", 1]}, "options.stop"),
+    ({"stop_token_ids": [1]}, None),  # not an Ollama option: ignored, and the request runs
+])
+def test_option_types_are_checked_as_ollama_does(server, options, words):
+    r = httpx.post(f"{server.url}/api/generate", timeout=60, json={
+        "model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 2, **options}})
+    if words is None:
+        assert r.status_code == 200, r.text
+    else:
+        assert r.status_code == 400 and words in r.json()["error"], r.text
+
+
+def test_top_logprobs_errors_name_top_logprobs_not_an_option(server):
+    r = httpx.post(f"{server.url}/api/chat", timeout=60, json={
+        "model": MODEL, "messages": QUESTION, "stream": False, "logprobs": True, "top_logprobs": 2 ** 40})
+    assert r.status_code == 400 and r.json()["error"].startswith("top_logprobs must be"), r.text
+
+
+def test_top_k_zero_and_past_any_vocabulary_keep_every_token(client):
+    """llama.cpp's top-k is off for k <= 0; a k past the sampler's int32 used to fail the engine step."""
+    for top_k in (0, -5, 2 ** 40):
+        got = client.generate(model=MODEL, prompt="Hi", options={"top_k": top_k, "seed": 1, "num_predict": 2})
+        assert got.done and got.eval_count == 2
