@@ -2,24 +2,27 @@
 
 The thread owns all engine state. The event loop hands it adds and aborts through a thread-safe
 inbox, applied at the top of each loop iteration, and gets back per request an asyncio.Queue of
-output deltas (via ``call_soon_threadsafe``). ``server/`` reaches the engine only through this
-class, so it never imports JAX.
+output deltas (via ``call_soon_threadsafe``). A second thread does the tokenising and chat-template
+rendering, so the event loop stays free to refuse a burst's overflow at once (``admit``).
+``server/`` reaches the engine only through this class, so it never imports JAX.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import dataclasses
 import logging
 import queue
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RequestRefusedError(ValueError):
@@ -116,6 +119,31 @@ class _Progress:
             arrival_time=self.arrival, first_token_time=self.first_token_time, finish_time=now))
 
 
+class Admission:
+    """Sequence places held for one HTTP request from its arrival, before any tokenising, so that a
+    burst's overflow is refused at once; its engine requests take their places from it, and closing
+    it (leaving the ``with`` block) gives back the places no request took. Event-loop thread only."""
+
+    def __init__(self, engine: "AsyncEngine", num_seqs: int):
+        self._engine = engine
+        self.remaining = num_seqs
+
+    def take(self, n: int) -> None:
+        if n > self.remaining:
+            raise RuntimeError(f"this admission holds {self.remaining} sequence places, not {n}")
+        self.remaining -= n
+
+    def close(self) -> None:
+        self._engine._num_seqs -= self.remaining
+        self.remaining = 0
+
+    def __enter__(self) -> "Admission":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 _CLOSED = object()  # queued by RequestStream.close() so that a pending reader returns
 
 
@@ -206,8 +234,12 @@ class AsyncEngine:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         self.engine = engine
         # HF fast tokenizers are not safe to share between threads (encode may reconfigure the
-        # Rust object), so the event loop gets its own copy; the engine thread keeps the original.
+        # Rust object), so each thread has its own copy: the engine thread keeps the original, the
+        # event loop decodes single tokens with ``tokenizer``, and the tokenizer thread
+        # (``with_tokenizer``) does the heavy encodes and template renders with a third.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
+        self._worker_tokenizer = copy.deepcopy(engine.tokenizer)
+        self._tokenizer_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.max_model_len: int = engine.max_model_len
         self.vocab_size: int = engine.vocab_size
         self.max_num_seqs: int = engine.max_num_seqs
@@ -234,6 +266,8 @@ class AsyncEngine:
             raise RuntimeError("AsyncEngine already started")
         self._loop = asyncio.get_running_loop()
         self._accepting = True
+        # One thread: the encodes are short, and one worker needs only one tokenizer copy.
+        self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-tokenizer")
         self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
         self._thread.start()
 
@@ -245,27 +279,52 @@ class AsyncEngine:
     def num_open_sequences(self) -> int:
         return self._num_seqs
 
-    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
-                          prompt_text: str | None = None, log_id: str | None = None) -> RequestStream:
-        """Queue a request and return its stream once the engine accepted it.
+    def admit(self, num_seqs: int, *, what: str = "n") -> Admission:
+        """Hold ``num_seqs`` sequence places for a request that has just arrived, or refuse it now.
 
-        Raises RequestRefusedError (the request cannot be served, nothing changed), QueueFullError or
-        EngineClosedError.
+        Use it as ``with engine.admit(n) as admission:`` around tokenising and ``add_request(...,
+        admission=admission)``. Raises EngineClosedError, RequestRefusedError (``num_seqs`` could
+        never fit; ``what`` names it in the message) or QueueFullError (no room now).
         """
         if not self._accepting or not self.is_running:
             raise EngineClosedError("the server is shutting down")
-        if params.n > self.max_num_seqs + self.max_queue:
-            raise RequestRefusedError(f"n must be <= {self.max_num_seqs + self.max_queue} (--max-num-seqs "
-                                      f"plus --max-queue), got {params.n}")
-        if self._num_seqs + params.n > self.max_num_seqs + self.max_queue:
+        capacity = self.max_num_seqs + self.max_queue
+        if num_seqs > capacity:
+            raise RequestRefusedError(f"{what} must be <= {capacity} (--max-num-seqs plus --max-queue), "
+                                      f"got {num_seqs}")
+        if self._num_seqs + num_seqs > capacity:
             raise QueueFullError(f"server busy: more than {self.max_queue} sequences waiting "
                                  f"(--max-queue); retry later")
+        self._num_seqs += num_seqs
+        return Admission(self, num_seqs)
+
+    async def with_tokenizer(self, work: Callable[[Any], T]) -> T:
+        """``work(tokenizer)`` on the tokenizer thread, with that thread's own tokenizer copy: long
+        prompts and chat templates are encoded there, not on the event loop."""
+        if self._tokenizer_pool is None:
+            raise EngineClosedError("the engine is not started")
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, work,
+                                                                self._worker_tokenizer)
+
+    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
+                          prompt_text: str | None = None, log_id: str | None = None,
+                          admission: Admission | None = None) -> RequestStream:
+        """Queue a request and return its stream once the engine accepted it.
+
+        With ``admission`` the request takes its ``params.n`` places from it (already counted against
+        --max-queue); without, it is admitted here. Raises RequestRefusedError (the request cannot be
+        served, nothing changed), QueueFullError or EngineClosedError.
+        """
         if request_id in self._streams:
             raise RequestRefusedError(f"request id {request_id!r} is already in use")
+        if admission is None:
+            admission = self.admit(params.n)
+        elif not self._accepting or not self.is_running:
+            raise EngineClosedError("the server is shutting down")
+        admission.take(params.n)  # the stream holds these places now; _forget gives them back
         text = prompt_text if prompt_text is not None else (prompt if isinstance(prompt, str) else None)
         stream = RequestStream(self, request_id, params, log_id or request_id, text)
         self._streams[request_id] = stream
-        self._num_seqs += params.n
         accepted = self._loop.create_future()
         self._post(("add", request_id, prompt, params, prompt_text, accepted, time.monotonic()))
         try:
@@ -299,6 +358,8 @@ class AsyncEngine:
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Refuse new requests, end every open stream with finish_reason "abort", join the thread."""
         self._accepting = False
+        if self._tokenizer_pool is not None:
+            self._tokenizer_pool.shutdown(wait=False)  # queued encodes finish, then meet EngineClosedError
         if self._thread is None:
             return
         self._post(("stop",))

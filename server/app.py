@@ -1,18 +1,19 @@
 """The Sanic app factory: routes of both API families over one AsyncEngine, and the middleware
 every route shares (request ids, API key, CORS, errors in the caller's API format, request logs).
 
-Single process: ``create_app(...).run(single_process=True)``; the engine thread starts with the
-server and stops (ending every open stream) when it shuts down.
+Single process: ``run_server(create_app(...), config)``; the engine thread starts with the server
+and stops (ending every open stream) when it shuts down.
 """
 from __future__ import annotations
 
 import hmac
 import logging
+import math
 import time
 import uuid
 
 from sanic import HTTPResponse, Request, Sanic
-from sanic.exceptions import SanicException
+from sanic.exceptions import SanicException, ServiceUnavailable
 from sanic.response import json as json_response
 
 from jaxserve.async_engine import (AsyncEngine, EngineClosedError, QueueFullError, RequestRecord,
@@ -53,11 +54,52 @@ def _log_record(config: ServerConfig, record: RequestRecord) -> None:
                 ",".join(record.finish_reasons), prompt)
 
 
+def _connection(request: Request):
+    """The HTTP/1.1 connection (Sanic's protocol object) a request came on; None under ASGI."""
+    get_protocol = getattr(request.transport, "get_protocol", None)
+    connection = get_protocol() if get_protocol is not None else None
+    return connection if hasattr(connection, "response_timeout") else None
+
+
+def _set_timeouts(app: Sanic, config: ServerConfig) -> None:
+    """No HTTP timeout cuts off the engine's work; stalled clients still are.
+
+    Sanic applies REQUEST_TIMEOUT while the head arrives, but RESPONSE_TIMEOUT both while the body
+    arrives and while the handler runs, each counted from the last byte in or out. So
+    RESPONSE_TIMEOUT starts each request as the request timeout, and once the body is in (request
+    middleware runs after it) it is lifted for that connection until its next request arrives.
+    """
+    app.config.REQUEST_TIMEOUT = config.request_timeout
+    app.config.RESPONSE_TIMEOUT = config.request_timeout
+    app.config.KEEP_ALIVE_TIMEOUT = config.keep_alive_timeout
+
+    @app.signal("http.lifecycle.request")
+    async def body_may_stall(request: Request):
+        if (connection := _connection(request)) is not None:
+            connection.response_timeout = config.request_timeout
+
+    @app.on_request
+    async def body_is_in(request: Request):
+        request.ctx.body_received = True
+        if (connection := _connection(request)) is not None:
+            connection.response_timeout = math.inf
+
+
+def run_server(app: Sanic, config: ServerConfig) -> None:
+    """Serve ``app`` in this process until SIGINT/SIGTERM."""
+    ssl = {"cert": config.ssl_certfile, "key": config.ssl_keyfile} if config.ssl_certfile else None
+    # A burst connects faster than one event loop accepts: past Sanic's listen backlog of 100 the
+    # kernel drops the handshakes, and clients retry them only a second or more later.
+    app.run(host=config.host, port=config.port, single_process=True, access_log=False, motd=False, ssl=ssl,
+            debug=False, backlog=config.backlog)
+
+
 def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, name: str = "jaxserve") -> Sanic:
     app = Sanic(name)
     app.config.REQUEST_MAX_SIZE = config.max_request_bytes
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = config.shutdown_timeout
     app.config.FALLBACK_ERROR_FORMAT = "json"
+    _set_timeouts(app, config)
     metrics = Metrics(engine, card.names[0])
     app.ctx.engine, app.ctx.card, app.ctx.config, app.ctx.metrics = engine, card, config, metrics
 
@@ -104,6 +146,13 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
             return error_response(request, 503, str(error), code="shutting_down")
         if isinstance(error, RequestRefusedError):  # the engine validates last (token ids, KV pages...)
             return error_response(request, 400, str(error), code="invalid_value")
+        if isinstance(error, ServiceUnavailable) and not getattr(request.ctx, "body_received", False):
+            # Sanic's response timeout struck while the body was still arriving: the client stalled.
+            # Sanic would wait for the rest of the body before closing; there is nothing to wait for.
+            if request.stream is not None and hasattr(request.stream, "request_body"):
+                request.stream.request_body = None
+            return error_response(request, 408, f"the request body did not arrive within "
+                                  f"{config.request_timeout:g} s", code="request_timeout")
         if isinstance(error, SanicException):
             status = error.status_code
             if request.method == "OPTIONS" and status in (404, 405):

@@ -28,6 +28,11 @@ class ServerConfig:
     max_queue: int = 512                    # sequences allowed to wait beyond --max-num-seqs
     max_request_bytes: int = 4 << 20        # larger bodies get 413
     shutdown_timeout: float = 5.0           # seconds in-flight streams get on SIGINT/SIGTERM
+    # HTTP timeouts. None of them cuts off a request the engine is serving, streamed or not: a
+    # generation takes as long as it takes (as in vLLM and Ollama). They close stalled clients only.
+    request_timeout: float = 60.0           # seconds without a byte while a request's head or body arrives
+    keep_alive_timeout: float = 5.0         # seconds an idle keep-alive connection stays open (uvicorn's 5)
+    backlog: int = 2048                     # connections the kernel queues before the server accepts them
 
     def __post_init__(self):
         if not self.served_model_names or not all(isinstance(n, str) and n for n in self.served_model_names):
@@ -45,6 +50,12 @@ class ServerConfig:
         for path in (self.ssl_keyfile, self.ssl_certfile):
             if path is not None and not os.path.isfile(path):
                 raise ValueError(f"TLS file {path!r} does not exist")
+        for field in ("request_timeout", "keep_alive_timeout", "shutdown_timeout"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{field} must be a number of seconds > 0, got {value!r}")
+        if not isinstance(self.backlog, int) or self.backlog < 1:
+            raise ValueError(f"backlog must be an integer >= 1, got {self.backlog!r}")
         if self.api_key == "":
             raise ValueError("api_key must not be empty (leave it unset to disable authentication)")
 

@@ -37,8 +37,10 @@ def _loaded(model: str, key: str, empty) -> dict:
     return {"model": model, "created_at": proto.now_rfc3339(), key: empty, "done": True, "done_reason": "load"}
 
 
-async def _run(request: Request, body: dict, model: str, ids: list[int], text: str, piece, final_extra):
-    """Submit one request and answer as NDJSON (default) or one JSON object (stream false).
+async def _run(request: Request, body: dict, model: str, ids: list[int], text: str, piece, final_extra,
+               admission):
+    """Submit one request (its place held by ``admission``) and answer as NDJSON (default) or one
+    JSON object (stream false).
 
     ``piece(text) -> dict`` is the per-chunk payload; ``final_extra(output_ids)`` adds the
     closing object's route-specific fields."""
@@ -48,7 +50,7 @@ async def _run(request: Request, body: dict, model: str, ids: list[int], text: s
                                  logprobs=num_top)
     streaming = get(body, "stream", "bool", True)
     stream = await engine.add_request(f"ollama-{uuid.uuid4().hex}", ids, params, prompt_text=text,
-                                      log_id=request.ctx.request_id)
+                                      log_id=request.ctx.request_id, admission=admission)
     start = request.ctx.start
 
     def closing(out_ids, reason, metrics):
@@ -111,18 +113,22 @@ async def generate(request: Request):
         raise RequestError("keep_alive must be a duration string or a number of seconds", param="keep_alive")
     if not prompt and not context:
         return json_response(_loaded(model, "response", ""))
-    if get(body, "raw", "bool", False):
-        text = prompt
-        ids = engine.tokenizer(prompt).input_ids if prompt else []
-    else:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        text, ids = render_chat(engine.tokenizer, messages, config.chat_template)
-    ids = list(context) + ids
-    bad = [t for t in ids if not 0 <= t < engine.vocab_size]
+    raw = get(body, "raw", "bool", False)
+    bad = [t for t in context if not 0 <= t < engine.vocab_size]
     if bad:
         raise RequestError(f"context token id {bad[0]} is outside the vocabulary", param="context")
-    return await _run(request, body, model, ids, text, lambda t: {"response": t},
-                      lambda out_ids: {"context": ids + out_ids})
+
+    def encode(tokenizer) -> tuple[str, list[int]]:
+        if raw:
+            return prompt, tokenizer(prompt).input_ids if prompt else []
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return render_chat(tokenizer, messages, config.chat_template)
+
+    with engine.admit(1) as admission:  # before the prompt waits for the tokenizer thread
+        text, ids = await engine.with_tokenizer(encode)
+        ids = list(context) + ids
+        return await _run(request, body, model, ids, text, lambda t: {"response": t},
+                          lambda out_ids: {"context": ids + out_ids}, admission)
 
 
 @bp.post("/api/chat")
@@ -134,10 +140,12 @@ async def chat(request: Request):
     messages = normalize_messages(get(body, "messages", "array", []))
     if not messages:
         return json_response(_loaded(model, "message", {"role": config.response_role, "content": ""}))
-    text, ids = render_chat(engine.tokenizer, messages, config.chat_template)
     role = config.response_role
-    return await _run(request, body, model, ids, text, lambda t: {"message": {"role": role, "content": t}},
-                      lambda out_ids: {})
+    with engine.admit(1) as admission:  # before the template waits for the tokenizer thread
+        text, ids = await engine.with_tokenizer(lambda tokenizer: render_chat(tokenizer, messages,
+                                                                             config.chat_template))
+        return await _run(request, body, model, ids, text, lambda t: {"message": {"role": role, "content": t}},
+                          lambda out_ids: {}, admission)
 
 
 @bp.get("/api/tags")

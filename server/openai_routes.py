@@ -34,21 +34,23 @@ def _model(request: Request, name: str | None) -> str:
     return name
 
 
-def _tokenize(request: Request, prompt) -> tuple[list[int], str | None]:
-    if isinstance(prompt, str):
-        return request.app.ctx.engine.tokenizer(prompt).input_ids, prompt
-    return list(prompt), None
+def _tokenize(tokenizer, prompts) -> list[tuple[list[int], str | None]]:
+    """(token ids, text) per prompt; run on the tokenizer thread (AsyncEngine.with_tokenizer)."""
+    return [(tokenizer(p).input_ids, p) if isinstance(p, str) else (list(p), None) for p in prompts]
 
 
-async def _add_all(request: Request, prompts: list[tuple[list[int], str | None]], params, kind: str) -> list:
-    """One engine request per prompt; if any is refused, the ones already queued are aborted."""
+async def _add_all(request: Request, prompts: list[tuple[list[int], str | None]], params, kind: str,
+                   admission) -> list:
+    """One engine request per prompt, each taking its places from ``admission``; if any is refused,
+    the ones already queued are aborted."""
     engine = request.app.ctx.engine
     base = f"{kind}-{uuid.uuid4().hex}"
     streams = []
     try:
         for i, (ids, text) in enumerate(prompts):
             streams.append(await engine.add_request(base if len(prompts) == 1 else f"{base}-{i}", ids, params,
-                                                    prompt_text=text, log_id=request.ctx.request_id))
+                                                    prompt_text=text, log_id=request.ctx.request_id,
+                                                    admission=admission))
     except BaseException:
         for s in streams:
             s.close()
@@ -109,12 +111,15 @@ async def completions(request: Request):
     req = proto.parse_completion(parse_json_body(request.body))
     model = _model(request, req.model)
     engine = request.app.ctx.engine
-    prompts = [_tokenize(request, p) for p in req.prompts]
-    for ids, _ in prompts:
-        if not ids:
-            raise RequestError("'prompt' must not be empty", param="prompt", code="invalid_value")
-        proto.check_context(len(ids), req.params.max_tokens, engine.max_model_len, prompt_param="prompt")
-    streams = await _add_all(request, prompts, req.params, "cmpl")
+    # Places are held (or refused) before the prompts wait for the tokenizer thread.
+    with engine.admit(len(req.prompts) * req.params.n,
+                      what="n" if len(req.prompts) == 1 else "n times the number of prompts") as admission:
+        prompts = await engine.with_tokenizer(lambda tokenizer: _tokenize(tokenizer, req.prompts))
+        for ids, _ in prompts:
+            if not ids:
+                raise RequestError("'prompt' must not be empty", param="prompt", code="invalid_value")
+            proto.check_context(len(ids), req.params.max_tokens, engine.max_model_len, prompt_param="prompt")
+        streams = await _add_all(request, prompts, req.params, "cmpl", admission)
     rid, created = streams[0].request_id, int(time.time())
     choices = proto.CompletionChoices(engine.tokenizer, prompts, req.params.n, req.echo, req.params.logprobs)
     num_prompt = sum(len(ids) for ids, _ in prompts)
@@ -154,11 +159,12 @@ async def chat_completions(request: Request):
     req = proto.parse_chat(parse_json_body(request.body))
     model = _model(request, req.model)
     engine, config = request.app.ctx.engine, request.app.ctx.config
-    text, ids = render_chat(engine.tokenizer, req.messages, config.chat_template,
-                            add_generation_prompt=req.add_generation_prompt)
-    proto.check_context(len(ids), req.params.max_tokens, engine.max_model_len, prompt_param="messages",
-                        max_tokens_param="max_completion_tokens")
-    (stream,) = await _add_all(request, [(ids, text)], req.params, "chatcmpl")
+    with engine.admit(req.params.n) as admission:  # before the template waits for the tokenizer thread
+        text, ids = await engine.with_tokenizer(lambda tokenizer: render_chat(
+            tokenizer, req.messages, config.chat_template, add_generation_prompt=req.add_generation_prompt))
+        proto.check_context(len(ids), req.params.max_tokens, engine.max_model_len, prompt_param="messages",
+                            max_tokens_param="max_completion_tokens")
+        (stream,) = await _add_all(request, [(ids, text)], req.params, "chatcmpl", admission)
     rid, created, n, role = stream.request_id, int(time.time()), req.params.n, config.response_role
     num_top = req.params.logprobs or 0
 
@@ -230,14 +236,23 @@ async def tokenize(request: Request):
     body = parse_json_body(request.body)
     _model(request, get(body, "model", "str"))
     engine = request.app.ctx.engine
+    with_strs = get(body, "return_token_strs", "bool")
+    template = request.app.ctx.config.chat_template
     if "messages" in body:
         messages = normalize_messages(body["messages"])
-        _, ids = render_chat(engine.tokenizer, messages, request.app.ctx.config.chat_template,
-                             add_generation_prompt=get(body, "add_generation_prompt", "bool", True))
+        add_generation_prompt = get(body, "add_generation_prompt", "bool", True)
     else:
-        prompt = get(body, "prompt", "str", required=True)
-        ids = engine.tokenizer(prompt, add_special_tokens=get(body, "add_special_tokens", "bool", True)).input_ids
-    token_strs = engine.tokenizer.convert_ids_to_tokens(ids) if get(body, "return_token_strs", "bool") else None
+        messages, prompt = None, get(body, "prompt", "str", required=True)
+        add_special_tokens = get(body, "add_special_tokens", "bool", True)
+
+    def encode(tokenizer):  # on the tokenizer thread
+        if messages is not None:
+            ids = render_chat(tokenizer, messages, template, add_generation_prompt=add_generation_prompt)[1]
+        else:
+            ids = tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
+        return ids, tokenizer.convert_ids_to_tokens(ids) if with_strs else None
+
+    ids, token_strs = await engine.with_tokenizer(encode)
     return json_response({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids,
                           "token_strs": token_strs})
 
@@ -252,7 +267,8 @@ async def detokenize(request: Request):
     if bad:
         raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens",
                            code="invalid_value")
-    return json_response({"prompt": request.app.ctx.engine.tokenizer.decode(ids)})
+    text = await request.app.ctx.engine.with_tokenizer(lambda tokenizer: tokenizer.decode(ids))
+    return json_response({"prompt": text})
 
 
 @bp.route("/health", methods=["GET", "HEAD"])

@@ -1,14 +1,15 @@
-"""Pieces of the app that need no server: the request log line, ServerConfig validation, and the
---chat-template loader."""
+"""Pieces of the app that need no server: the request log line, ServerConfig validation, the HTTP
+settings handed to Sanic, and the --chat-template loader."""
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 
 from jaxserve.async_engine import RequestRecord
 from jaxserve.cli import _load_chat_template
-from jaxserve.server.app import _log_record
+from jaxserve.server.app import _log_record, create_app, run_server
 from jaxserve.server.config import ServerConfig
 
 
@@ -31,10 +32,27 @@ def test_request_log_line_has_id_tokens_ttft_total_and_a_cut_prompt(caplog):
     (dict(ssl_keyfile="/k.pem"), "together"),
     (dict(ssl_keyfile="/no/k.pem", ssl_certfile="/no/c.pem"), "does not exist"),
     (dict(api_key=""), "api_key"),
+    (dict(request_timeout=0), "request_timeout must be a number of seconds > 0"),
+    (dict(keep_alive_timeout=float("nan")), "keep_alive_timeout"),
+    (dict(shutdown_timeout="5"), "shutdown_timeout"),
+    (dict(backlog=0), "backlog"),
 ])
 def test_server_config_refuses_bad_values(kwargs, words):
     with pytest.raises(ValueError, match=words):
         ServerConfig(**{"served_model_names": ("m",), **kwargs})
+
+
+def test_the_http_timeouts_and_the_listen_backlog_reach_sanic(monkeypatch):
+    engine = SimpleNamespace(max_model_len=64, stats=lambda: None)
+    config = ServerConfig(("m",), request_timeout=7.0, keep_alive_timeout=3.0, backlog=4096)
+    app = create_app(engine, SimpleNamespace(names=("m",)), config, name="test-http-settings")
+    # The response timeout starts as the request timeout (a body still arriving); the app lifts it
+    # per request once the body is in (tests/server/test_burst.py checks both over HTTP).
+    assert (app.config.REQUEST_TIMEOUT, app.config.RESPONSE_TIMEOUT, app.config.KEEP_ALIVE_TIMEOUT) == (7.0, 7.0, 3.0)
+    ran = {}
+    monkeypatch.setattr(type(app), "run", lambda self, **kwargs: ran.update(kwargs, app=self))
+    run_server(app, config)
+    assert ran["app"] is app and ran["backlog"] == 4096 and ran["single_process"] and (ran["host"], ran["port"]) == ("127.0.0.1", 8000)
 
 
 def test_chat_template_from_a_file_or_inline(tmp_path):

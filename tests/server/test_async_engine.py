@@ -1,5 +1,6 @@
 """AsyncEngine over a scripted fake LLMEngine (no JAX): deltas, errors travelling back to the caller,
-the queue limit, aborts on cancellation, engine faults, idling without spinning, shutdown."""
+the queue limit and admissions held before tokenising, the tokenizer thread, aborts on cancellation,
+engine faults, idling without spinning, shutdown."""
 from __future__ import annotations
 
 import asyncio
@@ -35,6 +36,10 @@ class FakeEngine:
 
     def refresh_stats(self):
         return EngineStats(num_running=len(self.requests))
+
+    @property
+    def stats(self):  # read after each step when an on_step hook is set (the app sets one)
+        return EngineStats(num_running=len(self.requests), steps=self.steps, last_step_seconds=self.step_seconds)
 
     def add_request(self, request_id, prompt, params, prompt_text=None):
         self.thread_ids.add(threading.get_ident())
@@ -139,6 +144,56 @@ def test_requests_beyond_max_queue_are_refused_until_room_frees():
         await engine.shutdown()
 
     _run(main())
+
+
+def test_an_admission_holds_places_before_tokenising_and_gives_back_the_unused_ones():
+    async def main():
+        engine = AsyncEngine(FakeEngine(max_num_seqs=2, step_seconds=0.01), max_queue=1)
+        engine.start()
+        with engine.admit(2) as first:  # 2 of the 3 places, held while the prompt would be tokenised
+            assert engine.num_open_sequences == 2
+            with pytest.raises(QueueFullError):
+                engine.admit(2)  # refused at once: no tokenising, no engine round trip
+            stream = await engine.add_request("a", [1], SamplingParams(max_tokens=50), admission=first)
+        assert engine.num_open_sequences == 1  # the unused place came back when the block closed
+        more = [await engine.add_request(f"b{i}", [1], SamplingParams(max_tokens=50)) for i in range(2)]
+        with pytest.raises(QueueFullError):
+            await engine.add_request("b2", [1], SamplingParams(max_tokens=50))
+        with pytest.raises(RequestRefusedError, match=r"n times the number of prompts must be <= 3 .*got 4"):
+            engine.admit(4, what="n times the number of prompts")
+        for s in [stream, *more]:
+            s.close()
+        with pytest.raises(ValueError, match="boom"):
+            with engine.admit(3):
+                raise ValueError("boom")  # a refusal while tokenising gives the places back too
+        open_after = engine.num_open_sequences
+        await engine.shutdown()
+        with pytest.raises(EngineClosedError):
+            engine.admit(1)
+        return open_after
+
+    assert _run(main()) == 0
+
+
+def test_tokenising_runs_on_its_own_thread_with_its_own_tokenizer_copy():
+    async def main():
+        fake = FakeEngine()
+        engine = AsyncEngine(fake)
+        engine.start()
+        seen = await engine.with_tokenizer(lambda tok: (threading.get_ident(), tok))
+        beat = asyncio.ensure_future(asyncio.sleep(0.05))
+        slow = engine.with_tokenizer(lambda tok: time.sleep(0.3))  # a long encode does not hold the loop
+        done, _ = await asyncio.wait([beat, asyncio.ensure_future(slow)], return_when=asyncio.FIRST_COMPLETED)
+        stream = await engine.add_request("r", [1], SamplingParams(max_tokens=1))
+        await _collect(stream)
+        stream.close()
+        await engine.shutdown()
+        return fake, engine, seen, beat in done
+
+    fake, engine, (thread_id, tok), loop_was_free = _run(main())
+    assert thread_id != threading.get_ident() and thread_id not in fake.thread_ids
+    assert tok.name == "fake" and tok is not fake.tokenizer and tok is not engine.tokenizer
+    assert loop_was_free
 
 
 def test_cancelling_the_consumer_aborts_the_request():
