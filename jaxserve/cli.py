@@ -17,33 +17,47 @@ import time
 from jaxserve.engine_args import (CACHE_ROOT_ENV, ENGINE_OPTIONS, EngineArgs, add_arguments, option, options_of,
                                   read_config_file, resolve_options)
 
-_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+from jaxserve.server.config import LOG_LEVELS, ServerConfig
+
+
+def _server_default(name: str):
+    """ServerConfig's own default, so the two tables cannot disagree."""
+    return ServerConfig.__dataclass_fields__[name].default
 
 
 @dataclasses.dataclass(frozen=True)
 class ServeOptions:
     """The HTTP server's own options (server/config.py's ServerConfig is built from them); the
     engine's are EngineArgs. Declared like EngineArgs, so flags, YAML and environment agree."""
-    host: str = option("127.0.0.1", "address to bind", group="server")
-    port: int = option(8000, "port to bind", group="server", minimum=0)
+    host: str = option(_server_default("host"), "address to bind", group="server")
+    port: int = option(_server_default("port"), "port to bind", group="server", minimum=0)
     api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on every route but /health",
                                  group="server")
     served_model_name: tuple[str, ...] | None = option(None, "name(s) clients use as 'model' (default: MODEL, "
                                                              "or 'smollm2' for the bundled model)", group="server")
     chat_template: str | None = option(None, "Jinja chat template, as a file path or the template text",
                                        group="server")
-    response_role: str = option("assistant", "role of generated chat messages", group="server")
-    allowed_origins: tuple[str, ...] = option(("*",), "CORS origins allowed to call the API", group="server")
+    response_role: str = option(_server_default("response_role"), "role of generated chat messages",
+                                group="server")
+    allowed_origins: tuple[str, ...] = option(_server_default("allowed_origins"),
+                                              "CORS origins allowed to call the API", group="server")
     ssl_keyfile: str | None = option(None, "TLS private key file (with --ssl-certfile: serve HTTPS)",
                                      group="server")
     ssl_certfile: str | None = option(None, "TLS certificate file", group="server")
-    max_queue: int = option(512, "sequences allowed to wait beyond --max-num-seqs; more get 503 at once",
-                            group="server", minimum=0)
+    max_queue: int = option(_server_default("max_queue"), "sequences allowed to wait beyond --max-num-seqs; "
+                                                          "more get 503 at once", group="server", minimum=0)
+    request_timeout: float = option(_server_default("request_timeout"),
+                                    "seconds without data while a request's head or body arrives before the "
+                                    "connection gets 408 and is closed; never limits generation", group="server")
+    keep_alive_timeout: float = option(_server_default("keep_alive_timeout"),
+                                       "seconds an idle keep-alive connection stays open", group="server")
+    backlog: int = option(_server_default("backlog"), "connections the kernel queues before the server "
+                                                      "accepts them", group="server", minimum=1)
     max_log_len: int | None = option(None, "characters of the prompt shown in request logs (default: all)",
                                      group="logging", minimum=0)
     disable_log_requests: bool = option(False, "no log line per request", group="logging")
-    log_level: str = option("info", "log level", group="logging", env="JAXSERVE_LOGGING_LEVEL",
-                            choices=_LOG_LEVELS)
+    log_level: str = option(_server_default("log_level"), "log level", group="logging",
+                            env="JAXSERVE_LOGGING_LEVEL", choices=LOG_LEVELS)
 
 
 SERVE_OPTIONS = options_of(ServeOptions)
@@ -101,8 +115,6 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from jaxserve.server.config import ServerConfig
-
     o = resolve_options_for(args)
     engine_args = engine_args_from(o)
     names = tuple(o["served_model_name"] or [engine_args.model or "smollm2"])
@@ -111,7 +123,8 @@ def _serve(args: argparse.Namespace) -> int:
         chat_template=_load_chat_template(o["chat_template"]), response_role=o["response_role"],
         allowed_origins=tuple(o["allowed_origins"]), ssl_keyfile=o["ssl_keyfile"], ssl_certfile=o["ssl_certfile"],
         max_log_len=o["max_log_len"], log_requests=not o["disable_log_requests"], log_level=o["log_level"],
-        max_queue=o["max_queue"])
+        max_queue=o["max_queue"], request_timeout=o["request_timeout"],
+        keep_alive_timeout=o["keep_alive_timeout"], backlog=o["backlog"])
     log = _log_to_stderr(config.log_level)
 
     import jax
@@ -119,7 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
     from jaxserve.async_engine import AsyncEngine
     from jaxserve.llm import LLM
     from jaxserve.parallel import initialize_distributed
-    from jaxserve.server.app import create_app
+    from jaxserve.server.app import create_app, run_server
     from jaxserve.server.model_card import ModelCard
 
     if engine_args.distributed:  # joined first: only process 0 binds the port
@@ -154,10 +167,8 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("model %s loaded and compiled in %.1f s; serving as %s on %s://%s:%d", loaded.source,
              time.monotonic() - started, ", ".join(names), "https" if config.ssl_certfile else "http",
              config.host, config.port)
-    ssl = {"cert": config.ssl_certfile, "key": config.ssl_keyfile} if config.ssl_certfile else None
     try:
-        app.run(host=config.host, port=config.port, single_process=True, access_log=False, motd=False, ssl=ssl,
-                debug=False)
+        run_server(app, config)
     finally:
         if isinstance(engine, MirroredEngine):
             # The followers' EOF lets them exit too: JAX's exit barrier waits for every process.

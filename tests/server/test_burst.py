@@ -26,6 +26,7 @@ BURST = 72  # 6x the 12 sequences that fit (8 running, --max-num-seqs of the tes
 PROMPT_WAIT = 1.0  # seconds a refusal, or /health, may take
 HTTP_TIMEOUT = 1.0  # the scripted server's request and keep-alive timeouts
 STEP_SECONDS = 1.5  # the scripted engine's step: each token comes later than HTTP_TIMEOUT
+CLI_REQUEST_TIMEOUT = 2.0  # `jaxserve serve --request-timeout` of the burst server
 
 
 def _request(i: int) -> tuple[str, dict]:
@@ -76,7 +77,8 @@ def _check_refusal(path: str, text: str) -> None:
 @pytest.fixture(scope="module")
 def small_queue(tmp_path_factory):
     folder = tmp_path_factory.mktemp("burst")
-    srv = ServerProcess(["--served-model-name", MODEL, "--max-queue", str(MAX_QUEUE)], folder / "serve.log")
+    srv = ServerProcess(["--served-model-name", MODEL, "--max-queue", str(MAX_QUEUE),
+                         "--request-timeout", str(CLI_REQUEST_TIMEOUT)], folder / "serve.log")
     try:
         srv.wait_ready()
         yield srv
@@ -130,6 +132,15 @@ def test_a_burst_gets_every_answer_and_its_overflow_refused_within_a_second(smal
             assert seconds < PROMPT_WAIT, (path, seconds)
     assert {p for p, _, s, _, _ in answers if s == 200} == {p for p, *_ in answers}  # every route served
     assert len(health) >= 3 and all(status == 200 and seconds < PROMPT_WAIT for status, seconds in health), health
+
+
+def test_a_completion_longer_than_the_cli_request_timeout_completes(small_queue):
+    started = time.monotonic()
+    r = httpx.post(f"{small_queue.url}/v1/completions", timeout=300, json={
+        "model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "ignore_eos": True})
+    seconds = time.monotonic() - started
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 200 and seconds > CLI_REQUEST_TIMEOUT, seconds
 
 
 # ---- HTTP timeouts, over a scripted engine ---------------------------------------------------------
