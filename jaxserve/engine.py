@@ -8,6 +8,7 @@ touch any state, so they cannot disturb the requests already running.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections import deque
@@ -109,7 +110,8 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, loaded.params, num_pages=num_pages, block_size=cache.block_size,
                                   max_model_len=scheduler.max_model_len, max_num_seqs=scheduler.max_num_seqs,
                                   max_num_batched_tokens=scheduler.max_num_batched_tokens,
-                                  attention_fn=attention_fn, mesh=mesh)
+                                  attention_fn=attention_fn, mesh=mesh,
+                                  exported_graphs_dir=os.path.join(compile.resolved_cache_dir(), "jaxserve-exported"))
         self.groups: dict[str, _Group] = {}
         self.stats = EngineStats()
         self.step_log: deque[StepRecord] = deque(maxlen=10_000)
@@ -162,6 +164,9 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        bad = [t for t in params.stop_token_ids or () if not 0 <= t < self.vocab_size]
+        if bad:  # never generated, and past int32 it would break the step's packed arrays
+            raise ValueError(f"stop_token_ids holds {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
         room = self.max_model_len - len(token_ids)
         if room < 1:
             raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len ({self.max_model_len})"

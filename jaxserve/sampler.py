@@ -23,6 +23,7 @@ from jax import lax
 
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
 
+_INT32_MAX = np.iinfo(np.int32).max
 # Width of the sorted prefix that top-k and top-p read (lax.top_k: ~18 ms at B=64, V=49152).
 # Rows whose top_k exceeds it, or whose nucleus is wider, take the bisection fallback: exact,
 # but ~30 passes over their row (a few ms per row).
@@ -146,7 +147,7 @@ def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_wid
             # Greedy rows keep the padding values: no filtering, so they never trigger the sort.
             temperature[i] = p.temperature
             top_p[i] = p.top_p
-            top_k[i] = max(p.top_k, 0)
+            top_k[i] = min(max(p.top_k, 0), _INT32_MAX)  # any k >= V is off on the device
             min_p[i] = p.min_p
         seeds[i] = _fold_seed(row.seed)
         steps[i] = row.step

@@ -93,6 +93,11 @@ def test_build_sampling_tensors_pads_and_maps():
     assert t.token_history.shape == (4, W) and t.token_history.dtype == np.int32
 
 
+def test_a_top_k_past_int32_packs_as_the_largest_k_not_an_overflow():
+    t = tensors([make_row(SamplingParams(temperature=0.7, top_k=2**40))])
+    assert t.top_k.dtype == np.int32 and t.top_k[0] == np.iinfo(np.int32).max  # >= V: off on the device
+
+
 def test_build_sampling_tensors_rejects_overflow():
     with pytest.raises(ValueError, match="banned width"):
         tensors([make_row(banned=range(E + 1))])
