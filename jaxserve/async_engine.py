@@ -27,7 +27,11 @@ T = TypeVar("T")
 
 class RequestRefusedError(ValueError):
     """The engine cannot serve this request as asked (LLMEngine.add_request's ValueError); nothing
-    changed. The client's mistake: a 400."""
+    changed. The client's mistake: a 400; ``param`` names the field when one is known."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class QueueFullError(RuntimeError):
@@ -291,7 +295,7 @@ class AsyncEngine:
         capacity = self.max_num_seqs + self.max_queue
         if num_seqs > capacity:
             raise RequestRefusedError(f"{what} must be <= {capacity} (--max-num-seqs plus --max-queue), "
-                                      f"got {num_seqs}")
+                                      f"got {num_seqs}", param="n")
         if self._num_seqs + num_seqs > capacity:
             raise QueueFullError(f"server busy: more than {self.max_queue} sequences waiting "
                                  f"(--max-queue); retry later")

@@ -30,6 +30,7 @@ BAD = [
     (CHAT, {**OK_CHAT, "max_tokens": -1}, 400, "max_tokens", None),
     (CHAT, {**OK_CHAT, "max_completion_tokens": 0}, 400, "max_completion_tokens", None),
     (CHAT, {**OK_CHAT, "n": 0}, 400, "n", None),
+    (CHAT, {**OK_CHAT, "n": 600}, 400, "n", "invalid_value"),  # more than --max-num-seqs + --max-queue
     (CHAT, {**OK_CHAT, "top_p": 2}, 400, "top_p", None),
     (CHAT, {**OK_CHAT, "top_logprobs": 2}, 400, "top_logprobs", None),
     (CHAT, {**OK_CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
