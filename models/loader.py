@@ -8,6 +8,7 @@ import glob
 import importlib.util
 import json
 import logging
+import math
 import os
 from typing import Any, Protocol
 
@@ -42,6 +43,8 @@ _DTYPES = {
     "float16": jnp.float16, "fp16": jnp.float16, "half": jnp.float16,
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+HostParams = dict[tuple[str, ...], np.ndarray]  # flattened params path -> host array
 
 
 @dataclasses.dataclass
@@ -94,8 +97,13 @@ def _resolve_dtype(dtype: str) -> tuple[jnp.dtype, str]:
     raise ValueError(f"unknown dtype {dtype!r}; expected one of: auto, {', '.join(_DTYPES)}")
 
 
-def load_model(model: str | None = None, dtype: str = "auto") -> LoadedModel:
-    """Load an HF folder, a .gguf file, or the bundled SmolLM2 (model None or "smollm2")."""
+def load_model(model: str | None = None, dtype: str = "auto", weight_cache: bool = True) -> LoadedModel:
+    """Load an HF folder, a .gguf file, or the bundled SmolLM2 (model None or "smollm2").
+
+    A GGUF's converted params and config are cached under <cache root>/weights (models/weight_cache.py)
+    unless weight_cache is False; HF folders are not: their safetensors are read memory-mapped
+    already and only need a transpose and a cast, while dequantising a GGUF is most of its load time.
+    """
     jdtype, why = _resolve_dtype(dtype)
     logger.info("dtype %s (%s)", jdtype.name, why)
     if model is None or model == BUNDLED_ALIAS:
@@ -111,21 +119,65 @@ def load_model(model: str | None = None, dtype: str = "auto") -> LoadedModel:
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise ValueError(f"{path} is a file but not a .gguf file; pass a .gguf file or an HF folder")
-        from jaxserve.models import loader_gguf
-        config, source, tokenizer = loader_gguf.open_gguf(path)
+        config, family, host, tokenizer = _load_gguf(path, jdtype, weight_cache)
         name = os.path.splitext(os.path.basename(path))[0]
     else:
         config, source, tokenizer = _open_hf_folder(path)
+        family = model_class(config.architecture)(config)
+        host = host_params(family, source, jdtype, where=path)
         name = os.path.basename(path.rstrip(os.sep))
-    family = model_class(config.architecture)(config)
-    params = build_params(family, source, jdtype, where=path)
-    return LoadedModel(config=config, model=family, params=params, tokenizer=tokenizer,
+    return LoadedModel(config=config, model=family, params=device_params(host), tokenizer=tokenizer,
                        source=path, name=name)
 
 
-def build_params(model: DecoderModel, source: TensorSource, dtype: jnp.dtype, where: str = "") -> Params:
-    """Assemble the params pytree from checkpoint tensors, checking every HF shape on the way."""
-    expected = traverse_util.flatten_dict(jax.eval_shape(model.init_params, jax.random.key(0)))
+def _load_gguf(path: str, dtype: jnp.dtype, use_cache: bool):
+    """(config, family, host params, tokenizer) of a GGUF file, from the weight cache when it has them."""
+    from jaxserve.config import default_cache_root
+    from jaxserve.models import loader_gguf, weight_cache
+
+    root, key = default_cache_root(), weight_cache.cache_key(path, dtype)
+    cached = weight_cache.load(root, key) if use_cache else None
+    if cached is not None:
+        config, host = cached
+        family = model_class(config.architecture)(config)
+        if _check_host_params(family, host, dtype):
+            # The tokenizer has its own cache (loader_gguf), so a warm start never parses the file.
+            return config, family, host, loader_gguf.load_gguf_tokenizer(path)
+        logger.warning("weight cache entry %s does not fit %s; rebuilding it", key, config.architecture)
+        weight_cache.discard(root, key)
+    config, source, tokenizer = loader_gguf.open_gguf(path)
+    family = model_class(config.architecture)(config)
+    host = host_params(family, source, dtype, where=path)
+    if use_cache:
+        weight_cache.save(root, key, config, host, source=path)
+    return config, family, host, tokenizer
+
+
+def _expected_params(model: DecoderModel) -> dict[tuple[str, ...], Any]:
+    return traverse_util.flatten_dict(jax.eval_shape(model.init_params, jax.random.key(0)))
+
+
+def _check_host_params(model: DecoderModel, host: HostParams, dtype: jnp.dtype) -> bool:
+    """Whether cached arrays are the params this family maps from a checkpoint, in `dtype`: the same
+    paths and sizes. (Not jax.eval_shape of init_params: that traces the whole init, about 0.5 s.)"""
+    mapping = model.hf_tensor_map()
+    layers = model.config.num_layers
+    return set(host) == set(mapping) and all(
+        host[path].dtype == dtype
+        and host[path].size == math.prod(entry.shape) * (layers if path[0] == "layers" else 1)
+        for path, entry in mapping.items())
+
+
+def device_params(host: HostParams) -> Params:
+    """The params pytree on the default device: one transfer per array (device_put, not
+    jnp.asarray, which dispatches a convert per array: 0.3-0.5 s more for SmolLM2)."""
+    return traverse_util.unflatten_dict(jax.device_put(host))
+
+
+def host_params(model: DecoderModel, source: TensorSource, dtype: jnp.dtype, where: str = "") -> HostParams:
+    """The flattened params as host arrays in `dtype`, from checkpoint tensors, checking every HF
+    shape on the way."""
+    expected = _expected_params(model)
     mapping: dict[tuple[str, ...], HFTensor] = model.hf_tensor_map()
     assert set(mapping) == set(expected), f"hf_tensor_map does not cover {set(expected) ^ set(mapping)}"
     available = set(source.names())
@@ -152,7 +204,7 @@ def build_params(model: DecoderModel, source: TensorSource, dtype: jnp.dtype, wh
                               for l in range(model.config.num_layers)])  # [L, ...]
         else:
             array = fetch(entry.name, entry, shape)
-        flat[path] = jnp.asarray(array)
+        flat[path] = array
     # Tied checkpoints sometimes still carry lm_head; old ones carry RoPE buffers. Anything else
     # unused may mean a feature this family does not implement, so say so.
     unused = sorted(n for n in available - used
@@ -160,7 +212,7 @@ def build_params(model: DecoderModel, source: TensorSource, dtype: jnp.dtype, wh
     if unused:
         logger.warning("ignoring %d checkpoint tensors not used by %s: %s", len(unused),
                        model.config.architecture, ", ".join(unused[:8]))
-    return traverse_util.unflatten_dict(flat)
+    return flat
 
 
 # ----------------------------------------------------------------------------- HF folders

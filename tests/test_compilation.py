@@ -1,5 +1,6 @@
 """Compilation: one graph per bucket, compiled at warm-up; serving compiles nothing; a second
-process loads the graphs from the persistent compilation cache."""
+process reads the exported graphs back and loads their executables from the persistent
+compilation cache."""
 from __future__ import annotations
 
 import json
@@ -48,7 +49,7 @@ from jaxserve import LLM
 llm = LLM(**{args})
 print(json.dumps({{"start_seconds": time.perf_counter() - start, "cache_hits": events.count("/jax/compilation_cache/cache_hits"),
                   "cache_misses": events.count("/jax/compilation_cache/cache_misses"), "buckets": len(llm.engine.runner.buckets),
-                  "warmup_seconds": llm.engine.runner.compile_seconds,
+                  "warmup_seconds": llm.engine.runner.compile_seconds, "from_store": llm.engine.runner.num_graphs_from_store,
                   "stats_graphs": llm.stats().num_compiled_graphs}}))
 """
 
@@ -61,5 +62,6 @@ def test_second_process_loads_step_graphs_from_the_persistent_cache(smollm2_llm)
     print("second process:", report)
     assert report["cache_hits"] >= report["buckets"]
     assert report["cache_misses"] < report["buckets"]  # the step graphs came from disk, not the compiler
+    assert report["from_store"] == report["buckets"]  # and were not traced again (jaxserve/graph_cache.py)
     # Before any step, LLM.stats() already counts the graphs warm-up built.
     assert report["stats_graphs"] == report["buckets"]
