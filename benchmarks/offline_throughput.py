@@ -1,13 +1,14 @@
 """Offline throughput: jaxserve ``LLM.generate`` beside transformers ``generate`` on the same prompts.
 
 N seeded synthetic prompts (random token ids of random lengths) each make exactly
-``--output-len`` tokens (ignore_eos / min_new_tokens), greedy, fp32, both engines loaded in this
-process and run in alternation, ``--rounds`` times (the machine's noise comes and goes: each round
+``--output-len`` tokens (ignore_eos / min_new_tokens), greedy: jaxserve in each ``--dtype`` (one
+engine per dtype) and transformers in fp32, all loaded in this process and run in alternation, ``--rounds`` times (the machine's noise comes and goes: each round
 gives a ratio, and the medians are the result). Also a single-stream decode run (one prompt) beside
 transformers at batch 1, once per round.
 
     .venv/bin/python benchmarks/offline_throughput.py                # 64 prompts x 128 tokens, 3 rounds
     .venv/bin/python benchmarks/offline_throughput.py --num-prompts 8 --output-len 32 --rounds 1  # quick look
+    .venv/bin/python benchmarks/offline_throughput.py --dtype float32,bfloat16  # both dtypes side by side
 """
 from __future__ import annotations
 
@@ -28,14 +29,19 @@ def synthetic_prompts(n: int, min_len: int, max_len: int, vocab: int, seed: int)
 class Jaxserve:
     """jaxserve's LLM, built once; each run() is one timed round."""
 
-    def __init__(self, args):
+    def __init__(self, args, dtype: str):
         from jaxserve import LLM, SamplingParams
 
         self.args, self.SamplingParams = args, SamplingParams
         start = time.perf_counter()
-        self.llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+        self.llm = LLM(model=args.model, dtype=dtype, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
         self.startup = time.perf_counter() - start
+        import jax
+        # What "auto" resolved to: packed bf16 is stored as uint16, so go by the item size.
+        leaf = jax.tree_util.tree_leaves(self.llm.loaded.params)[0]
+        self.dtype = "bfloat16" if leaf.dtype.itemsize == 2 else "float32"
+        self.name = f"jaxserve LLM.generate ({self.dtype})" + (" [auto]" if dtype == "auto" else "")
         stats = self.llm.stats()
         self.compile_s, self.graphs = stats.compile_seconds, stats.num_compiled_graphs
 
@@ -127,7 +133,8 @@ def main() -> None:
                    help="transformers static batch size (64 measured 12%% faster than 32 on the 64 x 128 run)")
     p.add_argument("--single-stream-len", type=int, default=64, help="0 to skip the single-stream run")
     p.add_argument("--rounds", type=int, default=3, help="times to run each engine, alternating")
-    p.add_argument("--dtype", default="auto", help="jaxserve's dtype (auto = float32 on CPU); transformers stays fp32")
+    p.add_argument("--dtype", default="auto", help="jaxserve's dtype(s), comma-separated to run several side by "
+                                                   "side (auto: EngineArgs' rule); transformers stays fp32")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
@@ -136,46 +143,45 @@ def main() -> None:
     vocab = load_model(args.model).config.vocab_size
     prompts = synthetic_prompts(args.num_prompts, args.min_prompt_len, args.max_prompt_len, vocab, args.seed)
 
-    ours = Jaxserve(args)
+    ours = [Jaxserve(args, dtype) for dtype in args.dtype.split(",")]
     peer = None if args.skip_peer else Transformers(args)
     rounds = []
     for index in range(args.rounds):
-        entry = {"jaxserve": ours.run(prompts, args.output_len)}
+        entry = {engine.name: engine.run(prompts, args.output_len) for engine in ours}
         if peer:
             entry["transformers"] = peer.run(prompts, args.output_len)
         rounds.append(entry)
-        line = f"round {index + 1}: jaxserve {entry['jaxserve']['output_tok_s']:.1f} tok/s"
-        if peer:
-            line += (f", transformers {entry['transformers']['output_tok_s']:.1f} tok/s, "
-                     f"ratio {entry['jaxserve']['output_tok_s'] / entry['transformers']['output_tok_s']:.2f}")
-        print(line, flush=True)
+        print(f"round {index + 1}: " + ", ".join(f"{name} {r['output_tok_s']:.1f} tok/s" for name, r in entry.items()),
+              flush=True)
 
-    ours_rounds = [r["jaxserve"] for r in rounds]
-    print(f"\n{args.num_prompts} prompts x {args.output_len} tokens, greedy, jaxserve dtype {args.dtype} "
-          f"(transformers fp32), prompt lengths {args.min_prompt_len}-{args.max_prompt_len}, "
-          f"median of {args.rounds} round(s)")
-    print(f"{'engine':<34}{'output tok/s':>14}{'single stream tok/s':>22}")
-    print(f"{'jaxserve LLM.generate':<34}{_median(ours_rounds, 'output_tok_s'):>14.1f}"
-          f"{_median(ours_rounds, 'single_stream_tok_s') or 0:>22.1f}")
+    print(f"\n{args.num_prompts} prompts x {args.output_len} tokens, greedy, transformers fp32, prompt lengths "
+          f"{args.min_prompt_len}-{args.max_prompt_len}, median of {args.rounds} round(s)")
+    print(f"{'engine':<44}{'output tok/s':>14}{'single stream tok/s':>22}")
     summary = {}
-    if peer:
-        peer_rounds = [r["transformers"] for r in rounds]
-        name = f"transformers generate (batch {args.hf_batch_size})"
-        print(f"{name:<34}{_median(peer_rounds, 'output_tok_s'):>14.1f}"
-              f"{_median(peer_rounds, 'single_stream_tok_s') or 0:>22.1f}")
-        ratios = [o["output_tok_s"] / p["output_tok_s"] for o, p in zip(ours_rounds, peer_rounds)]
-        single_ratios = [o["single_stream_tok_s"] / p["single_stream_tok_s"] for o, p in zip(ours_rounds, peer_rounds)
-                         if o["single_stream_tok_s"] and p["single_stream_tok_s"]]
-        summary = {"ratio_median": float(np.median(ratios)), "ratios": ratios,
-                   "single_stream_ratio_median": float(np.median(single_ratios)) if single_ratios else None}
-        print(f"{'ratio jaxserve / transformers':<34}{summary['ratio_median']:>14.2f}"
-              f"{summary['single_stream_ratio_median'] or 0:>22.2f}"
-              f"   (per round: {', '.join(f'{r:.2f}' for r in ratios)})")
-    print(f"jaxserve start-up {ours.startup:.1f}s (compiling {ours.graphs} step graphs: {ours.compile_s:.1f}s)")
+    names = [engine.name for engine in ours] + (["transformers"] if peer else [])
+    for name in names:
+        label = f"transformers generate (batch {args.hf_batch_size})" if name == "transformers" else name
+        runs = [r[name] for r in rounds]
+        print(f"{label:<44}{_median(runs, 'output_tok_s'):>14.1f}{_median(runs, 'single_stream_tok_s') or 0:>22.1f}")
+
+    def ratio(a: str, b: str, key: str) -> list[float]:
+        return [r[a][key] / r[b][key] for r in rounds if r[a][key] and r[b][key]]
+
+    pairs = [(engine.name, "transformers") for engine in ours] if peer else []
+    pairs += [(b.name, a.name) for a, b in zip(ours, ours[1:])]
+    for a, b in pairs:
+        ratios, single = ratio(a, b, "output_tok_s"), ratio(a, b, "single_stream_tok_s")
+        summary[f"{a} / {b}"] = {"ratio_median": float(np.median(ratios)), "ratios": ratios,
+                                 "single_stream_ratio_median": float(np.median(single)) if single else None}
+        print(f"ratio {a} / {b}: {np.median(ratios):.2f} (per round: {', '.join(f'{r:.2f}' for r in ratios)}), "
+              f"single stream {np.median(single) if single else 0:.2f}")
+    for engine in ours:
+        print(f"{engine.name} start-up {engine.startup:.1f}s (building {engine.graphs} step graphs: "
+              f"{engine.compile_s:.1f}s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "startup_s": ours.startup, "compile_s": ours.compile_s,
-                       "graphs": ours.graphs, "rounds": rounds, **summary}, f, indent=1)
+            json.dump({"args": vars(args), "startup_s": {e.name: e.startup for e in ours}, "rounds": rounds,
+                       "ratios": summary}, f, indent=1)
 
 
 if __name__ == "__main__":
