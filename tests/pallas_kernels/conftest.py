@@ -88,6 +88,9 @@ SCENARIOS = {
     # no padding at all: the last block's reads end exactly at the end of q
     "decode_exact": dict(seqs=[(1, 5), (1, 8), (1, 9), (1, 1), (1, 17)]),
     "mixed_exact": dict(seqs=[(1, 9), (6, 14), (1, 4), (5, 5), (3, 23)]),
+    # a step of at most reference.ONE_PASS_MAX_TOKENS tokens: prefill chunks as one-token blocks
+    "small_step_mixed": dict(seqs=[(1, 9), (6, 14), (3, 23)], num_tokens=12, num_slots=8, num_pages=40,
+                             max_pages_per_seq=8),
 }
 
 
