@@ -95,9 +95,7 @@ def timed_step(runner, sched, rows, force_pluggable: bool) -> float:
     pluggable = force_pluggable or any(r.params.selected_sampler != "default" for r in rows)
     samplers = sampling.snapshot() if pluggable else None
     bucket, inputs = runner.prepare(sched, rows, samplers)
-    exe = runner._executable(bucket, inputs, None, samplers)
-    runner.kv_cache, *outs = exe(runner.params, runner.kv_cache, inputs, None)
-    jax.device_get(outs)
+    runner.run_graphs(bucket, inputs, None, samplers)
     return time.perf_counter() - start
 
 

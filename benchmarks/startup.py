@@ -77,7 +77,7 @@ times["graphs"] = spent["warmup"]
 times["engine"] = built - spent["load_model"] - spent["warmup"]
 times["total"] = now - spawned
 runner = getattr(llm.engine, "replicas", [llm.engine])[0].runner
-print(json.dumps({"times": times, "graphs": len(runner.buckets), "from_store": runner.num_graphs_from_store,
+print(json.dumps({"times": times, "graphs": len(runner.warmup_keys), "from_store": runner.num_graphs_from_store,
                   "dtype": str(jax.tree_util.tree_leaves(llm.loaded.params)[0].dtype),
                   "text": out[0].outputs[0].text}))
 """

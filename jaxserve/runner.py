@@ -1,11 +1,24 @@
-"""The model runner: turns a scheduled step into device arrays, runs one jitted step, returns tokens.
+"""The model runner: turns a scheduled step into device arrays, runs its compiled graphs, returns tokens.
 
 It owns the parameters and the paged KV cache (donated into every step so XLA updates it in
-place), laid out on its mesh as jaxserve/parallel.py says, and one compiled executable per bucket. The step's token count T is padded to a power of
-two and its sequence slots to B = min(T, max_num_seqs): pure decode steps pad nothing twice, and
-the number of graphs is the number of token buckets, all compiled at warm-up. A step in which
-some row names a pluggable sampler runs a second graph per bucket, compiled on first use for
-the sampler registry's current version (so registering a sampler costs one compile per bucket).
+place), laid out on its mesh as jaxserve/parallel.py says, and the compiled executables. A step
+runs up to three graphs back to back on the device; the host waits only for the last one:
+
+- the **forward** graph of its bucket (T, B): tokens -> KV cache update -> logits [B, V] of the
+  sequence slots. T, the step's token count, is padded to a power of two (`token_buckets`); B,
+  its sequence slots, to the batch bucket holding min(T, max_num_seqs) (`batch_buckets`: powers
+  of two from 8), so pure decode steps pad their tokens at most once;
+- the **penalties** graph of B (repetition, frequency, presence, banned ids), only on steps in
+  which some row has one (the host knows from the sampling params);
+- the **sampler** graph of B: logits -> tokens and logprobs.
+
+The sampling stages are graphs of their own because they depend on B only and are about half of
+a fused step's ops: built once per batch size instead of once per token bucket, the 17 warm-up
+graphs of `jaxserve serve`'s defaults compile in about half the CPU time of the 9 fused ones
+they replace (benchmarks/README.md, start-up). Every warm-up graph compiles at start-up
+(`warmup_keys`), so serving compiles nothing. A step in which some row names a pluggable sampler
+runs another sampler graph of its B, compiled on first use for the sampler registry's current
+version (so registering a sampler costs one sampler compile per batch size used).
 """
 from __future__ import annotations
 
@@ -14,6 +27,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +43,7 @@ from jaxserve.parallel import (ParallelConfig, build_mesh, kv_cache_sharding, pa
 from jaxserve.precision import storage_dtype
 from jaxserve.profiling import DEVICE_STEP, PREPARE, annotate
 from jaxserve.sampler import (DEFAULT_SAMPLER, SamplingRow, SamplingTensors, build_sampling_tensors,
-                              compute_logprobs, sample)
+                              compute_logprobs, needs_penalties, penalise, sample_penalised)
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
 from jaxserve.scheduler import SchedulerOutput
 
@@ -40,11 +54,19 @@ BANNED_WIDTH = 16  # EOS + stop_token_ids suppressed while min_tokens is not rea
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class StepInputs:
+class ModelInputs:
+    """What the forward graph reads: the flat tokens of a step and where they go."""
+
     tokens: jax.Array            # [T] int32
     attn: AttentionMetadata
     logits_indices: jax.Array    # [B] int32, the last token of each sequence slot
-    sampling: SamplingTensors
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepInputs:
+    model: ModelInputs         # for the forward graph of the bucket
+    sampling: SamplingTensors  # for the sampler graph of the batch size
 
 
 def token_buckets(max_num_batched_tokens: int) -> list[int]:
@@ -55,6 +77,21 @@ def token_buckets(max_num_batched_tokens: int) -> list[int]:
         buckets.append(t)
         t *= 2
     return buckets + [max_num_batched_tokens]
+
+
+# The smallest batch a sampler graph is built for (vLLM's TPU runner pads its sampling batch from 8
+# too): smaller steps pad their logits to 8 rows, which costs the decode of one stream about
+# nothing (the logits matmul reads the same weights) and saves compiling a sampler for 2 and 4.
+MIN_SAMPLER_BATCH = 8
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """Sequence-slot counts B of the step graphs: powers of two from MIN_SAMPLER_BATCH, capped."""
+    buckets, b = [], min(MIN_SAMPLER_BATCH, max_num_seqs)
+    while b < max_num_seqs:
+        buckets.append(b)
+        b *= 2
+    return buckets + [max_num_seqs]
 
 
 @dataclasses.dataclass
@@ -77,9 +114,38 @@ _GREEDY = SamplingParams(temperature=0.0)
 _COMPILE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
-def _timed_compile(lowered: jax.stages.Lowered):
+# XLA:CPU's older loop emitters compile the sampling graphs with a third less CPU time, and run
+# them as fast (SmolLM2's vocabulary, B = 8 and 64: 1.7 against 2.6 CPU-seconds; greedy and top-p
+# steps within noise). The forward graphs keep the default emitters: without them a whole engine
+# decoded 9-16% slower.
+_CPU_COMPILER_OPTIONS = {"penalties": {"xla_cpu_use_fusion_emitters": False},
+                         "sampler": {"xla_cpu_use_fusion_emitters": False}}
+
+
+def _timed_compile(lowered: jax.stages.Lowered, options: dict | None):
     start = time.perf_counter()
-    return lowered.compile(), time.perf_counter() - start
+    return lowered.compile(compiler_options=options), time.perf_counter() - start
+
+
+class GraphKey(NamedTuple):
+    """One compiled executable: ("forward", (T, B), with prompt_logprobs), ("penalties", B, None)
+    or ("sampler", B, sampler registry version or None for the default-only sampler)."""
+
+    kind: str
+    shape: Any
+    variant: Any
+
+
+def forward_key(bucket: tuple[int, int], with_prompt_logprobs: bool = False) -> GraphKey:
+    return GraphKey("forward", bucket, with_prompt_logprobs)
+
+
+def penalties_key(batch_size: int) -> GraphKey:
+    return GraphKey("penalties", batch_size, None)
+
+
+def sampler_key(batch_size: int, version: int | None = None) -> GraphKey:
+    return GraphKey("sampler", batch_size, version)
 
 
 class ModelRunner:
@@ -105,85 +171,115 @@ class ModelRunner:
         # Built in place on its devices: a sharded cache is never whole on one device.
         self.kv_cache = jax.jit(lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)),
                                 out_shardings=kv_sharding)()
-        self.buckets = [(t, min(t, max_num_seqs)) for t in token_buckets(max_num_batched_tokens)]
-        # Explicit shardings, the same for warm-up and serving: step inputs and the sampler's
-        # outputs are replicated, so every shard samples the same tokens.
+        self.batch_sizes = batch_buckets(max_num_seqs)
+        self.buckets = [(t, next(b for b in self.batch_sizes if b >= min(t, max_num_seqs)))
+                        for t in token_buckets(max_num_batched_tokens)]
+        # What warm-up builds: every bucket's forward graph, every batch size's penalties and default sampler.
+        self.warmup_keys = ([forward_key(b) for b in self.buckets]
+                            + [key(b) for b in self.batch_sizes for key in (penalties_key, sampler_key)])
+        # Explicit shardings, the same for warm-up and serving: step inputs, logits and the
+        # sampler's outputs are replicated, so every shard samples the same tokens.
         self._replicated = replicated(self.mesh)
+        self._logits_type = lambda batch: jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32,
+                                                               sharding=self._replicated)
+        self._shardings = {
+            "forward": dict(in_shardings=(param_sharding, kv_sharding, self._replicated, self._replicated),
+                            out_shardings=(kv_sharding, self._replicated, self._replicated)),
+            "penalties": dict(in_shardings=(self._replicated, self._replicated), out_shardings=self._replicated),
+            "sampler": dict(in_shardings=(self._replicated,) * 3, out_shardings=self._replicated),
+        }
         # `samplers` (the pluggable ones a variant runs) is static and positional: jit refuses
         # keyword arguments once in_shardings is given.
-        self._shardings = dict(in_shardings=(param_sharding, kv_sharding, self._replicated, self._replicated),
-                               out_shardings=(kv_sharding, self._replicated, self._replicated))
-        self._jitted = jax.jit(self._step, donate_argnums=(1,), static_argnums=(4,), **self._shardings)
+        self._jitted = {
+            "forward": jax.jit(self._forward, donate_argnums=(1,), **self._shardings["forward"]),
+            "penalties": jax.jit(self._penalise, **self._shardings["penalties"]),
+            "sampler": jax.jit(self._sample, static_argnums=(3,), **self._shardings["sampler"]),
+        }
         self._exported = self._exported_store(exported_graphs_dir)
         self.num_graphs_from_store = 0  # warm-up graphs read back from the store instead of traced
-        # (bucket, prompt_logprobs, sampler registry version or None for the default-only graph)
-        self._compiled: dict[tuple[tuple[int, int], bool, int | None], object] = {}
+        self._compiled: dict[GraphKey, object] = {}
         self.compile_seconds = 0.0
         self.compile_times: list[float] = []  # seconds of each executable built, in order
 
     # ---- device side -------------------------------------------------------------------------
 
-    def _step(self, params, kv_cache: KVCache, inputs: StepInputs, prompt_targets=None, samplers=()):
+    def _forward(self, params, kv_cache: KVCache, inputs: ModelInputs, prompt_targets=None):
         with jax.named_scope("model"):
             hidden, kv_cache = self.model.forward(params, inputs.tokens, kv_cache, inputs.attn,
                                                   attention_fn=self.attention_fn)
         with jax.named_scope("logits"):
             logits = self.model.compute_logits(params, hidden[inputs.logits_indices])  # [B, V]
-        with jax.named_scope("sampler"):
-            out = sample(logits, inputs.sampling, samplers=samplers)
         if prompt_targets is None:
-            return kv_cache, out, None
+            return kv_cache, logits, None
         # The prompt_logprobs variant (compiled only when a request asks): every position scores
         # the prompt token after it.
         with jax.named_scope("prompt_logprobs"):
             all_logits = self.model.compute_logits(params, hidden)  # [T, V]
             prompt = compute_logprobs(all_logits, jnp.maximum(prompt_targets, 0), num_top_logprobs=MAX_LOGPROBS)
-        return kv_cache, out, prompt
+        return kv_cache, logits, prompt
+
+    def _penalise(self, logits: jax.Array, sampling_tensors: SamplingTensors) -> jax.Array:
+        with jax.named_scope("penalties"):
+            return penalise(logits, sampling_tensors)
+
+    def _sample(self, raw: jax.Array, penalised: jax.Array, sampling_tensors: SamplingTensors, samplers=()):
+        with jax.named_scope("sampler"):
+            return sample_penalised(raw, penalised, sampling_tensors, samplers=samplers)
 
     @property
     def num_compiled(self) -> int:
-        """Executables held, prompt_logprobs variants included."""
+        """Executables held: warm-up's, prompt_logprobs and pluggable-sampler variants included."""
         return len(self._compiled)
 
     @property
-    def num_compiled_steps(self) -> int:
-        """Plain default-sampler step executables (the ones warm-up builds, one per bucket)."""
-        return sum(1 for _, with_prompt_logprobs, version in self._compiled
-                   if not with_prompt_logprobs and version is None)
+    def num_compiled_warmup(self) -> int:
+        """How many of warm-up's graphs (`warmup_keys`) are compiled."""
+        return sum(1 for key in self.warmup_keys if key in self._compiled)
 
-    def _executable(self, bucket: tuple[int, int], inputs: StepInputs, prompt_targets=None,
-                    samplers: sampling.Snapshot | None = None):
-        """The step for `bucket`; with `samplers`, the variant that also runs their pluggable ones."""
-        version = samplers.version if samplers is not None else None
-        key = (bucket, prompt_targets is not None, version)
+    def _executable(self, key: GraphKey, args: tuple, samplers: sampling.Snapshot | None = None):
+        """The executable of `key`, compiled from `args` (example arguments) on first use."""
         exe = self._compiled.get(key)
         if exe is None:
-            if version is not None:  # graphs of older registry versions are never used again
-                for stale in [k for k in self._compiled if k[2] not in (None, version)]:
-                    del self._compiled[stale]
+            if key.kind == "sampler" and key.variant is not None:
+                # Samplers of older registry versions are never used again.
+                stale = [k for k in self._compiled if k.kind == "sampler" and k.variant not in (None, key.variant)]
+                for old in stale:
+                    del self._compiled[old]
             start = time.perf_counter()
-            exe = self._lower(bucket, inputs, prompt_targets, samplers).compile()
+            exe = self._lower(key, args, samplers).compile(compiler_options=self._compiler_options(key))
             self._keep(key, exe, time.perf_counter() - start)
         return exe
 
-    def _keep(self, key: tuple[tuple[int, int], bool, int | None], exe, seconds: float) -> None:
+    def _compiler_options(self, key: GraphKey) -> dict | None:
+        on_cpu = self.mesh.devices.flat[0].platform == "cpu"
+        return _CPU_COMPILER_OPTIONS.get(key.kind) if on_cpu else None
+
+    def _keep(self, key: GraphKey, exe, seconds: float) -> None:
         self.compile_seconds += seconds
         self.compile_times.append(seconds)
         self._compiled[key] = exe
-        logger.debug("compiled step T=%d B=%d (sampler registry %s) in %.2fs", *key[0], key[2], seconds)
+        logger.debug("compiled %s %s (%s) in %.2fs", key.kind, key.shape, key.variant, seconds)
 
-    def _lower(self, bucket: tuple[int, int], inputs: StepInputs, prompt_targets=None,
-               samplers: sampling.Snapshot | None = None) -> jax.stages.Lowered:
-        """A step graph lowered: the Python half of building it (XLA's compile() is the other)."""
-        if self._exported is not None and prompt_targets is None and samplers is None:
-            lowered = self._lower_through_store(bucket, inputs)
+    def _example_args(self, key: GraphKey) -> tuple:
+        """Arguments of the right shapes for lowering `key`'s graph ahead of its first step."""
+        if key.kind == "forward":
+            targets = np.zeros(key.shape[0], np.int32) if key.variant else None
+            return self.params, self.kv_cache, self._empty_inputs(key.shape).model, targets
+        logits, tensors = self._logits_type(key.shape), self._empty_inputs((key.shape, key.shape)).sampling
+        return (logits, tensors) if key.kind == "penalties" else (logits, logits, tensors)
+
+    def _lower(self, key: GraphKey, args: tuple, samplers: sampling.Snapshot | None = None) -> jax.stages.Lowered:
+        """A graph lowered: the Python half of building it (XLA's compile() is the other)."""
+        if self._exported is not None and key in self.warmup_keys:
+            lowered = self._lower_through_store(key, args)
             if lowered is not None:
                 return lowered
-        return self._jitted.lower(self.params, self.kv_cache, inputs, prompt_targets,
-                                  samplers.pluggable if samplers is not None else ())
+        if key.kind != "sampler":
+            return self._jitted[key.kind].lower(*args)
+        return self._jitted["sampler"].lower(*args, samplers.pluggable if samplers is not None else ())
 
     def _exported_store(self, folder: str | None) -> ExportedGraphStore | None:
-        """The store of the default step graphs, or None where a graph could not be keyed safely
+        """The store of the warm-up graphs, or None where a graph could not be keyed safely
         (an attention function from outside jaxserve) or would be shared between processes."""
         attention = describe_callable(self.attention_fn)
         if folder is None or attention is None or jax.process_count() > 1:
@@ -193,40 +289,47 @@ class ModelRunner:
                     f"{attention}\0{dict(self.mesh.shape)}\0{platform_fingerprint(devices)}")
         return ExportedGraphStore(folder, identity)
 
-    def _lower_through_store(self, bucket: tuple[int, int], inputs: StepInputs) -> jax.stages.Lowered | None:
-        """The default step of `bucket` lowered from its exported graph (read from the store, or
-        exported now and kept): it compiles to the same executable as `_jitted`'s, without tracing
+    def _lower_through_store(self, key: GraphKey, args: tuple) -> jax.stages.Lowered | None:
+        """A warm-up graph lowered from its exported form (read from the store, or exported now
+        and kept): it compiles to the same executable as the jitted function's, without tracing
         the model on a warm start. None when the graph cannot be exported."""
-        args = (self.params, self.kv_cache, inputs, None)
-        key = self._exported.key(f"{bucket}\0{describe_arguments(*args)}")
-        exported = self._exported.load(key)
+        stored = self._exported.key(f"{key.kind}\0{key.shape}\0{describe_arguments(*args)}")
+        exported = self._exported.load(stored)
         if exported is not None:
             self.num_graphs_from_store += 1
         else:
+            static = ((),) if key.kind == "sampler" else ()  # the sampler's `samplers`: none
             try:
-                exported = jax.export.export(self._jitted)(*args, ())
+                exported = jax.export.export(self._jitted[key.kind])(*args, *static)
             except Exception as error:  # e.g. a kernel's custom call that export does not vouch for
                 logger.info("step graphs are not exported (%s); each start traces them", error)
                 self._exported = None
                 return None
-            self._exported.save(key, exported)
-        return jax.jit(exported.call, donate_argnums=(1,), **self._shardings).lower(*args)
+            self._exported.save(stored, exported)
+        donate = dict(donate_argnums=(1,)) if key.kind == "forward" else {}
+        # Named as the method it was exported from, so a profile's ops name their graph
+        # (hlo_module "jit__forward", "jit__penalise", "jit__sample") on either path.
+        def call(*a):
+            return exported.call(*a)
+        call.__name__ = call.__qualname__ = self._jitted[key.kind].__name__
+        return jax.jit(call, **donate, **self._shardings[key.kind]).lower(*args)
 
     def warmup(self) -> None:
-        """Build every bucket's default step now, so serving never compiles. The main thread lowers
-        one graph while worker threads compile the ones before it (or read them from the persistent
+        """Build every warm-up graph now, so serving never compiles. The main thread lowers one
+        graph while worker threads compile the ones before it (or read them from the persistent
         cache): XLA releases the GIL, lowering holds it. Measured on 2 vCPUs, warm: SmolLM2's 7
         graphs of `jaxserve run` in about 1.0 s instead of 1.85 s one after another."""
-        todo = [b for b in self.buckets if (b, False, None) not in self._compiled]
+        todo = [key for key in self.warmup_keys if key not in self._compiled]
         with ThreadPoolExecutor(max_workers=_COMPILE_THREADS) as pool:
             pending = []
-            for bucket in todo:
+            for key in todo:
                 start = time.perf_counter()
-                lowered = self._lower(bucket, self._empty_inputs(bucket))
-                pending.append((bucket, time.perf_counter() - start, pool.submit(_timed_compile, lowered)))
-            for bucket, lower_seconds, future in pending:
+                lowered = self._lower(key, self._example_args(key))
+                compiling = pool.submit(_timed_compile, lowered, self._compiler_options(key))
+                pending.append((key, time.perf_counter() - start, compiling))
+            for key, lower_seconds, future in pending:
                 exe, compile_seconds = future.result()
-                self._keep((bucket, False, None), exe, lower_seconds + compile_seconds)
+                self._keep(key, exe, lower_seconds + compile_seconds)
 
     def bucket_for(self, num_tokens: int) -> tuple[int, int]:
         for bucket in self.buckets:
@@ -247,8 +350,9 @@ class ModelRunner:
             cu_q_lens=np.zeros(B + 1, np.int32), kv_lens=np.zeros(B, np.int32),
             page_table=np.full((B, self.page_table_width), NULL_PAGE, np.int32),
             num_seqs=np.int32(0))
-        return StepInputs(tokens=np.zeros(T, np.int32), attn=attn,
-                          logits_indices=np.zeros(B, np.int32), sampling=tensors)
+        return StepInputs(model=ModelInputs(tokens=np.zeros(T, np.int32), attn=attn,
+                                            logits_indices=np.zeros(B, np.int32)),
+                          sampling=tensors)
 
     def prepare(self, sched: SchedulerOutput, rows: list[SamplingRow | None],
                 samplers: sampling.Snapshot | None = None) -> tuple[tuple[int, int], StepInputs]:
@@ -256,7 +360,8 @@ class ModelRunner:
         bucket = self.bucket_for(sched.num_tokens)
         greedy_row = SamplingRow(params=_GREEDY, seed=0, step=0, prompt_ids=(), output_ids=(), banned_ids=())
         inputs = self._empty_inputs(bucket, [r or greedy_row for r in rows], samplers)
-        a = inputs.attn
+        model_inputs = inputs.model
+        a = model_inputs.attn
         S = self.block_size
         offset = 0
         for b, seq in enumerate(sched.seqs):
@@ -264,9 +369,9 @@ class ModelRunner:
             end = seq.start + n
             positions = np.arange(seq.start, end, dtype=np.int32)
             if n == 1:
-                inputs.tokens[offset] = req.token_at(seq.start)
+                model_inputs.tokens[offset] = req.token_at(seq.start)
             else:
-                inputs.tokens[offset:offset + n] = req.all_token_ids()[seq.start:end]
+                model_inputs.tokens[offset:offset + n] = req.all_token_ids()[seq.start:end]
             pages = np.asarray(req.block_ids, np.int32)
             a.positions[offset:offset + n] = positions
             a.slot_mapping[offset:offset + n] = pages[positions // S] * S + positions % S
@@ -274,7 +379,7 @@ class ModelRunner:
             a.kv_lens[b] = end
             offset += n
             a.cu_q_lens[b + 1] = offset
-            inputs.logits_indices[b] = offset - 1
+            model_inputs.logits_indices[b] = offset - 1
         a.cu_q_lens[len(sched.seqs) + 1:] = offset
         a.num_seqs = np.int32(len(sched.seqs))
         return bucket, inputs
@@ -302,13 +407,27 @@ class ModelRunner:
         with annotate(PREPARE):
             bucket, inputs = self.prepare(sched, rows, samplers)
             targets = self._prompt_targets(sched, bucket[0])
-        exe = self._executable(bucket, inputs, targets, samplers)
-        with annotate(DEVICE_STEP):
-            inputs, targets = jax.device_put((inputs, targets), self._replicated)  # the one host->device transfer
-            self.kv_cache, out, prompt = exe(self.params, self.kv_cache, inputs, targets)
-            out, prompt = jax.device_get((out, prompt))  # the step's one device->host transfer
+        out, prompt = self.run_graphs(bucket, inputs, targets, samplers)
         n = len(sched.seqs)
         return StepResult(tokens=out.tokens[:n], logprobs=out.logprobs[:n], top_ids=out.top_ids[:n],
                           top_logprobs=out.top_logprobs[:n],
                           sampler_state=out.sampler_state[:n], bucket=bucket,
                           seconds=time.perf_counter() - start, prompt_logprobs=prompt)
+
+    def run_graphs(self, bucket: tuple[int, int], inputs: StepInputs, targets: np.ndarray | None = None,
+                   samplers: sampling.Snapshot | None = None):
+        """One step's graphs on prepared (host) inputs -> (sampler output, prompt logprobs or None) on the host."""
+        forward = self._executable(forward_key(bucket, targets is not None),
+                                   (self.params, self.kv_cache, inputs.model, targets))
+        batch, logits_type = bucket[1], self._logits_type(bucket[1])
+        penalties = (self._executable(penalties_key(batch), (logits_type, inputs.sampling))
+                     if needs_penalties(inputs.sampling) else None)
+        sampler = self._executable(sampler_key(batch, samplers.version if samplers is not None else None),
+                                   (logits_type, logits_type, inputs.sampling), samplers)
+        with annotate(DEVICE_STEP):
+            inputs, targets = jax.device_put((inputs, targets), self._replicated)  # the one host->device transfer
+            # Each graph is queued behind the one before it: the host waits only for the last.
+            self.kv_cache, logits, prompt = forward(self.params, self.kv_cache, inputs.model, targets)
+            penalised = penalties(logits, inputs.sampling) if penalties is not None else logits
+            out = sampler(logits, penalised, inputs.sampling)
+            return jax.device_get((out, prompt))  # the step's one device->host transfer

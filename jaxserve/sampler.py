@@ -1,10 +1,12 @@
 """The on-device sampler: logits of one step -> next tokens and their logprobs, for every row.
 
 Vectorised over the batch with per-row parameters, so requests with different sampling settings
-share one compiled graph; traceable with no host sync (the engine jits it inside its step).
-Order as in vLLM: penalties, banned ids, temperature, top-k / top-p / min-p, then one draw.
-Rows may instead name a pluggable sampler (`jaxserve.sampling`): `sample` then also runs each
-such sampler on the penalised logits, only when some row uses it, and takes its tokens there.
+share one compiled graph; traceable with no host sync. Order as in vLLM: penalties, banned ids
+(`penalise`), then temperature, top-k / top-p / min-p and one draw (`sample_penalised`); the
+engine compiles the two stages as graphs of their own and runs the first only on steps where
+some row has a penalty. Rows may instead name a pluggable sampler (`jaxserve.sampling`): the
+second stage then also runs each such sampler on the penalised logits, only when some row uses
+it, and takes its tokens there.
 
 Cost notes (2-core CPU, B=64, V=49152): a full `lax.sort` of the logits takes ~0.9 s, so top-k
 and top-p share one `lax.top_k` prefix of TOP_K_CAP values instead, and fall back to an exact
@@ -192,44 +194,53 @@ def sample(logits: jax.Array, t: SamplingTensors, *, num_top_logprobs: int = MAX
            samplers: tuple = ()) -> SamplerOutput:
     """Choose one token per row from `logits` [B, V]; see the module docstring for the order.
 
+    The whole pipeline in one call: `penalise`, then `sample_penalised`. The engine runs the two
+    as separate graphs and skips the first on steps where `needs_penalties` says no row asks.
+    """
+    return sample_penalised(logits, penalise(logits, t), t, num_top_logprobs=num_top_logprobs,
+                            samplers=samplers)
+
+
+def needs_penalties(t: SamplingTensors) -> bool:
+    """Host side (numpy tensors): does any row of the step have a penalty or a banned id?"""
+    return bool(np.any(np.asarray(t.repetition_penalty) != 1.0) or np.any(np.asarray(t.frequency_penalty) != 0.0)
+                or np.any(np.asarray(t.presence_penalty) != 0.0) or np.any(np.asarray(t.banned_token_ids) >= 0))
+
+
+def penalise(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+    """[B, V] logits with the repetition, frequency and presence penalties and the banned ids
+    applied; rows with none come out bit-identical."""
+    return _ban(_apply_penalties(logits.astype(jnp.float32), t), t.banned_token_ids)
+
+
+def sample_penalised(raw: jax.Array, penalised: jax.Array, t: SamplingTensors, *,
+                     num_top_logprobs: int = MAX_LOGPROBS, samplers: tuple = ()) -> SamplerOutput:
+    """Tokens chosen from the `penalised` logits [B, V] (or `raw` itself, where no row has a
+    penalty), their logprobs from the `raw` ones.
+
     `num_top_logprobs` is static (a different value compiles a different graph); pass 0 when
     no request in the step asked for top logprobs, it saves a top-k over the vocabulary.
     `samplers` (static) are the pluggable samplers rows may name, `t.sampler_ids` 1, 2, ...;
     with none, this is the default path alone and the sampler ids and state are passed through.
     """
-    raw = logits.astype(jnp.float32)  # [B, V]
-    any_penalty = jnp.any((t.repetition_penalty != 1.0) | (t.frequency_penalty != 0.0)
-                          | (t.presence_penalty != 0.0))
-    any_banned = jnp.any(t.banned_token_ids >= 0)
-    penalised = (any_penalty | any_banned).astype(jnp.int32)
-    processed = lambda: _ban(_apply_penalties(raw, t), t.banned_token_ids)
+    raw = raw.astype(jnp.float32)  # [B, V]
+    x = penalised.astype(jnp.float32)
     default_t = t
     if samplers:
         # Rows of other samplers look greedy to the default path: it never filters or draws for them.
         default_t = dataclasses.replace(t, temperature=jnp.where(t.sampler_ids == 0, t.temperature, 0.0))
     greedy = default_t.temperature <= 0.0
-    # Four whole pipelines, so a step only pays for what some row asked for (no scatter without
-    # penalties, no sort or RNG when all rows are greedy). One flat switch, not nested conds
-    # around the logits: on XLA:CPU a cond that hands [B, V] logits on to the next stage
-    # (identity branch, or a nested cond) cost 15-25 ms per step at B=64, V=49152.
-    branch = 2 * penalised + (~jnp.all(greedy)).astype(jnp.int32)
-    tokens = lax.switch(branch, [
-        lambda: _argmax(raw),
-        lambda: _sample_rows(raw, default_t, greedy),
-        lambda: _argmax(processed()),
-        lambda: _sample_rows(processed(), default_t, greedy),
-    ])
+    # No sort or RNG when all rows are greedy. Only [B] tokens leave the branch: on XLA:CPU a cond
+    # that hands [B, V] logits on to the next stage cost 15-25 ms per step at B=64, V=49152.
+    tokens = lax.cond(jnp.all(greedy), lambda: _argmax(x), lambda: _sample_rows(x, default_t, greedy))
     state = t.sampler_state
     if samplers:
         keys = row_keys(t.seeds, t.steps)
         for index, sampler in enumerate(samplers, start=1):
             uses = t.sampler_ids == index  # [B]
-            run = lambda x, fn=sampler.fn: _call_sampler(fn, x, t, state, keys)
-            # Same flat-switch shape as above: skipped entirely unless some row names it, and
-            # only [B] tokens and [B, S] state leave the branch (no [B, V] copies).
-            branch = jnp.where(jnp.any(uses), 1 + penalised, 0)
-            sampled, new_state = lax.switch(branch, [lambda: (tokens, state), lambda: run(raw),
-                                                     lambda: run(processed())])
+            # Skipped entirely unless some row names it; only [B] tokens and [B, S] state leave the branch.
+            sampled, new_state = lax.cond(jnp.any(uses), lambda fn=sampler.fn: _call_sampler(fn, x, t, state, keys),
+                                          lambda: (tokens, state))
             tokens = jnp.where(uses, sampled, tokens)
             state = jnp.where(uses[:, None], new_state, state)
 

@@ -11,9 +11,9 @@ independently so that a seeded request gives the same tokens in any batch.
 On XLA:CPU, read `lax.top_k` results with gathers (`jnp.take_along_axis`), never static slices
 (`[:, 1]`): a slice makes XLA sort the whole row instead (~0.5 s at B=64, V=49152, not ~3 ms).
 
-Registering bumps the registry's version: a runner compiles the new samplers into its step on
-the first step that needs them (once per token bucket), while steps in which every row uses
-the default sampler keep their warm-up graphs.
+Registering bumps the registry's version: a runner compiles the new samplers into a sampler
+graph on the first step that needs them (once per batch size), while steps in which every row
+uses the default sampler keep their warm-up graphs.
 
     import jax, jax.numpy as jnp
     from jaxserve import sampling

@@ -27,7 +27,8 @@ def mixed_requests(seed: int, vocab: int):
 def test_mixed_traffic_compiles_nothing_after_warmup(smollm2_llm):
     llm = smollm2_llm
     runner = llm.engine.runner
-    assert runner.num_compiled_steps == len(runner.buckets)  # warm-up compiled every bucket, no more
+    # Warm-up compiled every bucket's forward graph and every batch size's sampler, no more.
+    assert runner.num_compiled_warmup == len(runner.warmup_keys) == runner.num_compiled
     compiled_before = runner.num_compiled
     prompts, params = mixed_requests(0, llm.loaded.config.vocab_size)
     before = COUNTER.count
@@ -48,7 +49,7 @@ start = time.perf_counter()
 from jaxserve import LLM
 llm = LLM(**{args})
 print(json.dumps({{"start_seconds": time.perf_counter() - start, "cache_hits": events.count("/jax/compilation_cache/cache_hits"),
-                  "cache_misses": events.count("/jax/compilation_cache/cache_misses"), "buckets": len(llm.engine.runner.buckets),
+                  "cache_misses": events.count("/jax/compilation_cache/cache_misses"), "graphs": len(llm.engine.runner.warmup_keys),
                   "warmup_seconds": llm.engine.runner.compile_seconds, "from_store": llm.engine.runner.num_graphs_from_store,
                   "stats_graphs": llm.stats().num_compiled_graphs}}))
 """
@@ -60,8 +61,8 @@ def test_second_process_loads_step_graphs_from_the_persistent_cache(smollm2_llm)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     print("second process:", report)
-    assert report["cache_hits"] >= report["buckets"]
-    assert report["cache_misses"] < report["buckets"]  # the step graphs came from disk, not the compiler
-    assert report["from_store"] == report["buckets"]  # and were not traced again (jaxserve/graph_cache.py)
+    assert report["cache_hits"] >= report["graphs"]
+    assert report["cache_misses"] < report["graphs"]  # the step graphs came from disk, not the compiler
+    assert report["from_store"] == report["graphs"]  # and were not traced again (jaxserve/graph_cache.py)
     # Before any step, LLM.stats() already counts the graphs warm-up built.
-    assert report["stats_graphs"] == report["buckets"]
+    assert report["stats_graphs"] == report["graphs"]

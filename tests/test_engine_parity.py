@@ -46,7 +46,7 @@ def engine_logits(folder: str, prompts, *, block_size=4, budget=8, dtype="float3
         out = scheduler.schedule()
         chunked |= any(not s.samples for s in out.seqs)
         _, inputs = runner.prepare(out, [None] * len(out.seqs))
-        runner.kv_cache, logits = all_logits(runner.params, runner.kv_cache, inputs)
+        runner.kv_cache, logits = all_logits(runner.params, runner.kv_cache, inputs.model)
         logits = np.asarray(logits)
         offset = 0
         for seq in out.seqs:

@@ -56,11 +56,12 @@ def traced_tokens(tiny_folder, xla_dir):
 
 def test_second_engine_reads_every_graph_back(tiny_folder, cache, traced_tokens):
     first = LLM(tiny_folder, compilation_cache_dir=cache, **ARGS)
-    buckets = len(first.engine.runner.buckets)
-    assert first.engine.runner.num_graphs_from_store == 0 and len(stored(cache)) == buckets
+    graphs = len(first.engine.runner.warmup_keys)  # forward graphs per bucket, samplers per batch size
+    assert graphs > len(first.engine.runner.buckets)
+    assert first.engine.runner.num_graphs_from_store == 0 and len(stored(cache)) == graphs
     second = LLM(tiny_folder, compilation_cache_dir=cache, **ARGS)
-    assert second.engine.runner.num_graphs_from_store == buckets
-    assert second.engine.runner.num_compiled_steps == buckets
+    assert second.engine.runner.num_graphs_from_store == graphs
+    assert second.engine.runner.num_compiled_warmup == graphs
     assert greedy(first) == greedy(second) == traced_tokens
 
 
@@ -100,7 +101,7 @@ def test_damaged_graph_is_exported_again(tiny_folder, cache, traced_tokens, dama
             f.write(damage)
     llm = LLM(tiny_folder, compilation_cache_dir=cache, **ARGS)
     runner = llm.engine.runner
-    assert runner.num_graphs_from_store == len(runner.buckets) - 1
+    assert runner.num_graphs_from_store == len(runner.warmup_keys) - 1
     assert greedy(llm) == traced_tokens
     again = LLM(tiny_folder, compilation_cache_dir=cache, **ARGS)  # the re-exported file is whole
-    assert again.engine.runner.num_graphs_from_store == len(runner.buckets)
+    assert again.engine.runner.num_graphs_from_store == len(runner.warmup_keys)

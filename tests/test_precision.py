@@ -102,7 +102,7 @@ def test_bf16_step_never_converts_a_whole_weight_stack_or_the_cache(tiny_checkpo
     loaded = load_model(folder, "bfloat16")
     kv = KVCache(k=jnp.zeros(runner.kv_cache.k.shape, jnp.bfloat16), v=jnp.zeros(runner.kv_cache.v.shape, jnp.bfloat16))
     bucket = runner.buckets[0]
-    inputs = runner._empty_inputs(bucket)
+    inputs = runner._empty_inputs(bucket).model
     step = jax.jit(lambda p, c, i: loaded.model.forward(p, i.tokens, c, i.attn, attention_fn=runner.attention_fn))
     hlo = step.lower(loaded.params, kv, inputs).compile().as_text()
     assert whole_array_conversions(hlo, stored_shapes(loaded.params, kv))

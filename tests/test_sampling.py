@@ -14,6 +14,7 @@ from test_sampler import ref_penalised
 from testlib import compile_counter
 from jaxserve import LLM, SamplingParams, sampling
 from jaxserve.sampler import SamplingRow, build_sampling_tensors, sample
+from jaxserve.runner import sampler_key
 
 
 def second_best(logits, params, state, keys):
@@ -216,13 +217,15 @@ def test_registering_after_warmup_compiles_only_the_buckets_used(tiny, registere
 
     name = registered("test_notebook_sampler", second_best)
     assert COUNTER.count == before  # registering compiles nothing by itself
-    # One request: a 3-token prompt (bucket of 4 tokens), then single-token decode steps (bucket of 2).
+    # One request: a 3-token prompt (bucket of 4 tokens), then single-token decode steps (bucket
+    # of 2), both with B = 8 slots. One sampler graph of that batch size compiles, no forward graph.
     llm.generate([[7, 8, 9]], SamplingParams(sampler=name, max_tokens=4, ignore_eos=True), use_tqdm=False)
     new_keys = set(runner._compiled) - before_keys
     version = sampling.snapshot().version
-    assert new_keys == {(runner.bucket_for(3), False, version), (runner.bucket_for(1), False, version)}
-    assert COUNTER.count - before == 2
-    assert runner.num_compiled_steps == len(runner.buckets)
+    assert runner.bucket_for(3) != runner.bucket_for(1) and runner.bucket_for(3)[1] == runner.bucket_for(1)[1] == 8
+    assert new_keys == {sampler_key(8, version)}
+    assert COUNTER.count - before == 1
+    assert runner.num_compiled_warmup == len(runner.warmup_keys)
 
     # No restart, no second compile: the same sampler again, then default traffic, compile nothing.
     before = COUNTER.count
