@@ -99,7 +99,6 @@ class LLMEngine:
     def __init__(self, loaded, *, cache: CacheConfig, scheduler: SchedulerConfig, compile: CompileConfig,
                  attention_fn, seed: int = 0, profiler_dir: str | None = None, mesh=None):
         self.model_config = loaded.config
-        self.tokenizer = loaded.tokenizer
         self.max_model_len = scheduler.max_model_len
         self.vocab_size = loaded.config.vocab_size
         leaves = jax.tree_util.tree_leaves(loaded.params)
@@ -120,6 +119,7 @@ class LLMEngine:
         self.profiler = Profiler(profiler_dir)
         if compile.warmup:
             self.runner.warmup()
+        self.tokenizer = loaded.tokenizer  # last: a GGUF's loads in the background until here (models/loader.py)
 
     # ---- requests ------------------------------------------------------------------------------
 

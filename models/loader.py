@@ -10,6 +10,8 @@ import json
 import logging
 import math
 import os
+import threading
+from concurrent.futures import Future
 from typing import Any, Protocol
 
 import jax
@@ -52,9 +54,32 @@ class LoadedModel:
     config: ModelConfig
     model: DecoderModel  # stateless family object; hashable, safe to close over in jit
     params: Params  # pytree of jax arrays in the chosen dtype
-    tokenizer: Any  # transformers PreTrainedTokenizerFast, chat_template set when the source has one
     source: str  # absolute path of the folder or .gguf file
     name: str  # short display name: folder name or GGUF file stem
+    # The tokenizer, or a Future of it while it still loads in the background (a GGUF's: see _load_gguf).
+    tokenizer_or_future: Any = dataclasses.field(repr=False)
+
+    @property
+    def tokenizer(self) -> Any:
+        """transformers PreTrainedTokenizerFast, chat_template set when the source has one (waits
+        for a background load to finish, and raises what it raised)."""
+        if isinstance(self.tokenizer_or_future, Future):
+            self.tokenizer_or_future = self.tokenizer_or_future.result()
+        return self.tokenizer_or_future
+
+
+def _in_background(fn, *args) -> Future:
+    """fn(*args) on a thread of its own, as a Future."""
+    future: Future = Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as error:  # handed to whoever asks for the result
+            future.set_exception(error)
+
+    threading.Thread(target=run, name=f"jaxserve-{fn.__name__}", daemon=True).start()
+    return future
 
 
 class TensorSource(Protocol):
@@ -126,12 +151,15 @@ def load_model(model: str | None = None, dtype: str = "auto", weight_cache: bool
         family = model_class(config.architecture)(config)
         host = host_params(family, source, jdtype, where=path)
         name = os.path.basename(path.rstrip(os.sep))
-    return LoadedModel(config=config, model=family, params=device_params(host), tokenizer=tokenizer,
-                       source=path, name=name)
+    return LoadedModel(config=config, model=family, params=device_params(host), source=path, name=name,
+                       tokenizer_or_future=tokenizer)
 
 
 def _load_gguf(path: str, dtype: jnp.dtype, use_cache: bool):
-    """(config, family, host params, tokenizer) of a GGUF file, from the weight cache when it has them."""
+    """(config, family, host params, Future of the tokenizer) of a GGUF file, from the weight cache
+    when it has them. The tokenizer loads on a thread of its own (converted from the file's
+    metadata, or read back from its cache: 0.6-1.5 s for SmolLM2), beside the weights and, as
+    LLMEngine asks for it only after warm-up, beside compiling or loading the step graphs."""
     from jaxserve.config import default_cache_root
     from jaxserve.models import loader_gguf, weight_cache
 
@@ -142,10 +170,11 @@ def _load_gguf(path: str, dtype: jnp.dtype, use_cache: bool):
         family = model_class(config.architecture)(config)
         if _check_host_params(family, host, dtype):
             # The tokenizer has its own cache (loader_gguf), so a warm start never parses the file.
-            return config, family, host, loader_gguf.load_gguf_tokenizer(path)
+            return config, family, host, _in_background(loader_gguf.load_gguf_tokenizer, path)
         logger.warning("weight cache entry %s does not fit %s; rebuilding it", key, config.architecture)
         weight_cache.discard(root, key)
-    config, source, tokenizer = loader_gguf.open_gguf(path)
+    config, source, reader = loader_gguf.open_gguf(path)
+    tokenizer = _in_background(loader_gguf.load_gguf_tokenizer, path, reader)  # the reader is read-only
     family = model_class(config.architecture)(config)
     host = host_params(family, source, dtype, where=path)
     if use_cache:

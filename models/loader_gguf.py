@@ -124,14 +124,14 @@ def _plain_array_reader_class() -> type:
 
 
 def open_gguf(path: str) -> tuple[ModelConfig, GGUFTensors, Any]:
-    """Read a GGUF file's config and tensor index, and load its tokenizer."""
+    """Read a GGUF file's config and tensor index: (config, tensors, the open reader, which
+    load_gguf_tokenizer takes)."""
     reader = open_reader(path)
     config = config_from_gguf(reader)
     # transformers un-permutes q/k for general.architecture "llama" only (qwen2/qwen3 use NeoX RoPE,
     # which llama.cpp stores unpermuted); follow it exactly.
     source = GGUFTensors(reader, config, unpermute_qk=_field(reader, "general.architecture") == "llama")
-    tokenizer = load_gguf_tokenizer(path, reader)
-    return config, source, tokenizer
+    return config, source, reader
 
 
 def config_from_gguf(reader: Any) -> ModelConfig:
