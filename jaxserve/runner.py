@@ -116,8 +116,8 @@ _COMPILE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 # XLA:CPU's older loop emitters compile the sampling graphs with a third less CPU time, and run
 # them as fast (SmolLM2's vocabulary, B = 8 and 64: 1.7 against 2.6 CPU-seconds; greedy and top-p
-# steps within noise). The forward graphs keep the default emitters: without them a whole engine
-# decoded 9-16% slower.
+# steps within noise). The forward graphs keep the default emitters: without them the engine
+# decoded 7-51% slower and prefilled 23% slower (benchmarks/README.md, start-up).
 _CPU_COMPILER_OPTIONS = {"penalties": {"xla_cpu_use_fusion_emitters": False},
                          "sampler": {"xla_cpu_use_fusion_emitters": False}}
 

@@ -236,3 +236,33 @@ def test_registering_after_warmup_compiles_only_the_buckets_used(tiny, registere
     registered("test_notebook_sampler_2", second_best)
     llm.generate(PROMPTS, default_traffic, use_tqdm=False)
     assert COUNTER.count == before
+
+
+def hf_penalised_greedy(hf, prompt, params, num_tokens):
+    """Greedy decoding on transformers' logits with vLLM's penalties applied in numpy each step."""
+    ids = list(prompt)
+    for _ in range(num_tokens):
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1].double().numpy()
+        row = SamplingRow(params, 0, len(ids) - len(prompt), prompt, ids[len(prompt):], ())
+        x = ref_penalised(logits, row)
+        order = np.argsort(-x)
+        assert x[order[0]] - x[order[1]] > 1e-4, "best and second too close to tell apart"
+        ids.append(int(order[0]))
+    return ids[len(prompt):]
+
+
+def test_engine_applies_penalties_only_to_the_rows_that_ask(tiny):
+    """The penalties graph runs on steps where some row has a penalty (runner.needs_penalties):
+    penalised rows follow the reference, penalty-free rows in the same steps stay plain greedy."""
+    llm, hf = tiny
+    new = dict(temperature=0.0, max_tokens=8, ignore_eos=True)
+    params = [SamplingParams(repetition_penalty=1.8, **new), SamplingParams(**new),
+              SamplingParams(presence_penalty=1.5, frequency_penalty=0.5, **new)]
+    prompts = [PROMPTS[4], PROMPTS[0], PROMPTS[1]]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    got = [o.outputs[0].token_ids for o in outs]
+    for prompt, p, tokens in zip(prompts, params, got):
+        assert tokens == hf_penalised_greedy(hf, prompt, p, 8)
+    plain = llm.generate([PROMPTS[4]], SamplingParams(**new), use_tqdm=False)[0].outputs[0].token_ids
+    assert plain != got[0], "the repetition penalty changed nothing: the check could not fail"
