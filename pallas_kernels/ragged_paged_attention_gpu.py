@@ -146,7 +146,8 @@ def ragged_paged_attention_gpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_le
     _, N, H = q.shape
     _, S, K, _ = k_pages.shape
     if not jnp.issubdtype(k_pages.dtype, jnp.floating):
-        raise ValueError(f"k_pages must be bf16, fp16 or float32 (packed bf16 is CPU-only), got {k_pages.dtype}")
+        raise ValueError(f"k_pages must be bf16, fp16 or float32 (packed bf16 is CPU-only), "
+                         f"got {k_pages.dtype}")
     for name, size in (("head dim", H), ("page size", S)):
         if size & (size - 1):
             raise ValueError(f"{name} must be a power of two for the GPU kernel, got {size}")

@@ -108,7 +108,8 @@ def test_kernel_matches_naive(make_case, scenario, window):
     assert_kernel_matches_naive(case, sliding_window=window)
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2), (8, 2), (14, 2)], ids=["G1", "G3", "G4", "G7"])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2), (8, 2), (14, 2)],
+                         ids=["G1", "G3", "G4", "G7"])
 def test_kernel_query_group_sizes(make_case, num_heads, num_kv_heads):
     case = make_case(**MIXED, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=64, seed=1)
     assert_kernel_matches_naive(case, sliding_window=7)
