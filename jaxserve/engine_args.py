@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 ENV_PREFIX = "JAXSERVE_"
 CACHE_ROOT_ENV = "JAXSERVE_CACHE_ROOT"
-ATTENTION_BACKENDS = ("reference", "pallas")  # pallas_kernels.backend.BACKENDS, without importing jax
+ATTENTION_BACKENDS = ("auto", "pallas", "jnp")  # pallas_kernels.backend.BACKENDS, without importing jax
 
 
 def default_cache_root(environ: Mapping[str, str] = os.environ) -> str:
@@ -145,9 +145,9 @@ class EngineArgs:
     gpu_memory_utilization: float = option(0.9, "share of accelerator memory for weights + KV cache",
                                            group=_ENGINE)
     seed: int = option(0, "engine seed (requests without a seed draw from it)", group=_ENGINE)
-    attention_backend: str = option("reference", "attention implementation: reference (jnp, the CPU path) "
-                                                 "or pallas (the kernel; interpreted on CPU)", group=_ENGINE,
-                                    choices=ATTENTION_BACKENDS)
+    attention_backend: str = option("auto", "attention implementation: auto (the Pallas kernel on GPU, jnp "
+                                            "elsewhere), pallas (the kernel; interpreted on CPU) or jnp "
+                                            "(the CPU path)", group=_ENGINE, choices=ATTENTION_BACKENDS)
     compilation_cache_dir: str | None = option(None, "persistent XLA compilation cache (default: "
                                                      "$JAXSERVE_CACHE_ROOT/xla, i.e. ~/.cache/jaxserve/xla)",
                                                group=_COMPILE)

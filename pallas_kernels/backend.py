@@ -1,6 +1,13 @@
-"""Picks the attention implementation a model calls: the jnp reference or the Pallas kernel.
+"""Picks the attention implementation a model calls: the tuned jnp path or a Pallas kernel.
 
-Both take the same arguments (see reference.py); the choice is made once, outside jit.
+All take the same arguments (see reference.py); the choice is made once, outside jit, for the
+platform the engine runs on:
+
+- "auto": the Pallas kernel on GPUs, the jnp path elsewhere (on CPU the kernel only interprets);
+- "pallas": the kernel for the platform: the Triton kernel on GPUs
+  (ragged_paged_attention_gpu.py), the block kernel on TPUs, and the block kernel interpreted
+  on CPU (the only way Pallas runs there);
+- "jnp": the chunked jnp path, the CPU serving path.
 """
 from __future__ import annotations
 
@@ -10,16 +17,22 @@ from typing import Callable
 import jax
 
 from jaxserve.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from jaxserve.pallas_kernels.ragged_paged_attention_gpu import ragged_paged_attention_gpu
 from jaxserve.pallas_kernels.reference import ragged_paged_attention_reference
 
-BACKENDS = ("reference", "pallas")
+BACKENDS = ("auto", "pallas", "jnp")
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
-def attention_backend(name: str) -> Callable[..., jax.Array]:
-    """"reference" -> the jnp reference; "pallas" -> the kernel, interpreted on CPU (the only
-    way Pallas runs there) and compiled on GPU/TPU."""
-    if name == "reference":
+def attention_backend(name: str, platform: str | None = None) -> Callable[..., jax.Array]:
+    """The attention function of backend `name` on `platform` (default: JAX's default backend)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
+    platform = platform or jax.default_backend()
+    if name == "auto":
+        name = "pallas" if platform in _GPU_PLATFORMS else "jnp"
+    if name == "jnp":
         return ragged_paged_attention_reference
-    if name == "pallas":
-        return functools.partial(ragged_paged_attention, interpret=jax.default_backend() == "cpu")
-    raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
+    if platform in _GPU_PLATFORMS:
+        return ragged_paged_attention_gpu
+    return functools.partial(ragged_paged_attention, interpret=platform == "cpu")

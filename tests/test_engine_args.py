@@ -109,7 +109,7 @@ def test_llm_keywords_beat_the_environment(monkeypatch):
     (dict(env={"JAXSERVE_MAX_NUM_SEQS": "many"}), "JAXSERVE_MAX_NUM_SEQS: max-num-seqs must be an integer"),
     (dict(env={"JAXSERVE_ENABLE_PREFIX_CACHING": "maybe"}), "enable-prefix-caching must be true or false"),
     (dict(argv=["--max-num-seqs", "0"]), "max-num-seqs must be >= 1"),
-    (dict(env={"JAXSERVE_ATTENTION_BACKEND": "cuda"}), "attention-backend must be one of reference, pallas"),
+    (dict(env={"JAXSERVE_ATTENTION_BACKEND": "cuda"}), "attention-backend must be one of auto, pallas, jnp"),
     (dict(argv=["--max-num-seqs", "64", "--max-num-batched-tokens", "32"]), "max_num_batched_tokens must be"),
 ])
 def test_bad_engine_values_name_the_option_and_where_it_came_from(source, message):

@@ -27,7 +27,7 @@ def engine_logits(folder: str, prompts, *, block_size=4, budget=8, dtype="float3
     scheduler = Scheduler(sched_cfg, pool)
     runner = ModelRunner(loaded.model, loaded.params, num_pages=64, block_size=block_size, max_model_len=64,
                          max_num_seqs=4, max_num_batched_tokens=budget,
-                         attention_fn=attention_backend("reference"))
+                         attention_fn=attention_backend("jnp"))
     model = loaded.model
 
     @jax.jit

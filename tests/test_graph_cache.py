@@ -82,7 +82,7 @@ def test_key_follows_what_the_graph_depends_on(tiny_folder, cache, monkeypatch):
 def test_key_names_the_attention_function_and_refuses_foreign_ones():
     from jaxserve.pallas_kernels import attention_backend
 
-    reference, pallas = attention_backend("reference"), attention_backend("pallas")
+    reference, pallas = attention_backend("jnp"), attention_backend("pallas")
     assert graph_cache.describe_callable(reference) != graph_cache.describe_callable(pallas) is not None
     assert graph_cache.describe_callable(lambda *a: None) is None  # not jaxserve's: not keyed, not stored
     assert graph_cache.describe_callable(np.sum) is None

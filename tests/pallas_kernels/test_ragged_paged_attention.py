@@ -50,9 +50,20 @@ def test_pallas_backend_runs_the_kernel_on_cpu(make_case):
     got = attention_backend("pallas")(*case.poisoned_args, sm_scale=SM_SCALE)
     want = ragged_paged_attention_reference(*case.args, sm_scale=SM_SCALE)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
-    assert attention_backend("reference") is ragged_paged_attention_reference
+    assert attention_backend("jnp") is ragged_paged_attention_reference
     with pytest.raises(ValueError, match="unknown attention backend 'triton'"):
         attention_backend("triton")
+
+
+def test_backend_choice_follows_the_platform():
+    from jaxserve.pallas_kernels.ragged_paged_attention_gpu import ragged_paged_attention_gpu
+
+    assert attention_backend("auto") is attention_backend("auto", "cpu") is ragged_paged_attention_reference
+    assert attention_backend("auto", "gpu") is attention_backend("pallas", "cuda") is ragged_paged_attention_gpu
+    assert attention_backend("jnp", "gpu") is ragged_paged_attention_reference
+    on_cpu, on_tpu = attention_backend("pallas", "cpu"), attention_backend("pallas", "tpu")
+    assert on_cpu.func is on_tpu.func is ragged_paged_attention
+    assert on_cpu.keywords == {"interpret": True} and on_tpu.keywords == {"interpret": False}
 
 
 @pytest.mark.parametrize("argument,bad", [
