@@ -22,6 +22,10 @@ from jax.experimental.pallas import triton as plgpu
 from jaxserve.pallas_kernels.ragged_batch import (QBlocks, gather_token_outputs, split_q_blocks,
                                                   validate_attention_args)
 
+# The custom calls the kernel lowers to: jax 0.10's Triton call, and the FFI one of later versions.
+# jax.export keeps them only when told (they carry no compatibility guarantee).
+TRITON_CALL_TARGETS = ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")
+
 # Query rows ((token, head) pairs) of a decode program and of a prefill program. Triton's dot
 # needs at least 16 rows; decodes are bound by reading KV, prefills by the matmuls.
 DECODE_ROWS = 16

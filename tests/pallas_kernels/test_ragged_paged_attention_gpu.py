@@ -9,13 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.pallas_kernels.ragged_paged_attention_gpu import ragged_paged_attention_gpu
+from jaxserve.pallas_kernels.ragged_paged_attention_gpu import TRITON_CALL_TARGETS, ragged_paged_attention_gpu
 from jaxserve.pallas_kernels.reference import ragged_paged_attention_naive
 
 SM_SCALE = 0.125
 # jax <= 0.10.2 hands XLA the Triton IR under the first name; later versions compile it at
 # lowering time and call the result under the second.
-TRITON_CALL_TARGETS = ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")
 MIXED = dict(seqs=[(1, 9), (6, 14), (1, 4), (5, 5), (3, 23)], num_tokens=24, num_slots=8, num_pages=40,
              max_pages_per_seq=8)
 
