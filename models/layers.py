@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxserve.models.config import ModelConfig, RopeScaling
 from jaxserve.models.metadata import AttentionMetadata, KVCache
-from jaxserve.pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+from jaxserve.pallas_kernels.ragged_paged_attention_jnp import ragged_paged_attention_jnp
 from jaxserve.precision import PACKED, activation_dtype, pack, unpack
 
 # (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale, sliding_window) -> out,
@@ -254,10 +254,10 @@ class DecoderLM:
         raise NotImplementedError
 
     def init_params(self, rng: jax.Array, dtype=jnp.float32) -> Params:
-        return init_decoder_params(self.decoder_layer(ragged_paged_attention_reference), self.config, rng, dtype)
+        return init_decoder_params(self.decoder_layer(ragged_paged_attention_jnp), self.config, rng, dtype)
 
     def forward(self, params: Params, tokens: jax.Array, kv_cache: KVCache, md: AttentionMetadata,
-                *, attention_fn: AttentionFn = ragged_paged_attention_reference) -> tuple[jax.Array, KVCache]:
+                *, attention_fn: AttentionFn = ragged_paged_attention_jnp) -> tuple[jax.Array, KVCache]:
         """tokens [T] int32 -> hidden [T, D] after the final norm, and the cache with this step's K/V."""
         return decoder_forward(self.decoder_layer(attention_fn), params, tokens, kv_cache, md,
                                self.config.rms_norm_eps)

@@ -1,13 +1,14 @@
 """Picks the attention implementation a model calls: the tuned jnp path or a Pallas kernel.
 
-All take the same arguments (see reference.py); the choice is made once, outside jit, for the
-platform the engine runs on:
+All take the same arguments (the contract in reference.py); the choice is made once, outside jit,
+for the platform the engine runs on:
 
 - "auto": the Pallas kernel on GPUs, the jnp path elsewhere (on CPU the kernel only interprets);
 - "pallas": the kernel for the platform: the Triton kernel on GPUs
   (ragged_paged_attention_gpu.py), the block kernel on TPUs, and the block kernel interpreted
   on CPU (the only way Pallas runs there);
-- "jnp": the chunked jnp path, the CPU serving path.
+- "jnp": the chunked jnp path tuned for XLA:CPU (ragged_paged_attention_jnp.py), the CPU
+  serving path.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import jax
 
 from jaxserve.pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from jaxserve.pallas_kernels.ragged_paged_attention_gpu import ragged_paged_attention_gpu
-from jaxserve.pallas_kernels.reference import ragged_paged_attention_reference
+from jaxserve.pallas_kernels.ragged_paged_attention_jnp import ragged_paged_attention_jnp
 
 BACKENDS = ("auto", "pallas", "jnp")
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
@@ -32,7 +33,7 @@ def attention_backend(name: str, platform: str | None = None) -> Callable[..., j
     if name == "auto":
         name = "pallas" if platform in _GPU_PLATFORMS else "jnp"
     if name == "jnp":
-        return ragged_paged_attention_reference
+        return ragged_paged_attention_jnp
     if platform in _GPU_PLATFORMS:
         return ragged_paged_attention_gpu
     return functools.partial(ragged_paged_attention, interpret=platform == "cpu")

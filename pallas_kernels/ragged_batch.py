@@ -1,7 +1,7 @@
 """How the attention implementations see a ragged batch: the argument checks of the attention
 contract, and the split of each sequence's tokens into fixed-size query blocks ("q blocks").
 
-Both the jnp reference and the Pallas kernel work on q blocks: a block holds up to ``block_q``
+Both the jnp path and the Pallas kernels work on q blocks: a block holds up to ``block_q``
 consecutive tokens of one sequence, so a decode token is a block of one and a prefill chunk is a
 few full blocks. Each block reads only the KV pages its tokens can attend to.
 """

@@ -2,7 +2,7 @@
 
 One program attends one q block (up to block_q tokens of one sequence) for one KV head, looping
 over that sequence's pages pages_per_block at a time, so it reads only pages the sequence owns.
-The plain-jnp reference with the same contract lives in reference.py (re-exported here).
+The dense oracle with the same contract lives in reference.py.
 """
 from __future__ import annotations
 
@@ -16,9 +16,6 @@ from jax.experimental import pallas as pl
 from jaxserve.precision import unpack
 from jaxserve.pallas_kernels.ragged_batch import (QBlocks, gather_token_outputs, split_q_blocks,
                                                   validate_attention_args)
-# Models import the reference from this module (where it first lived); keep it importable here.
-from jaxserve.pallas_kernels.reference import (ragged_paged_attention_naive,  # noqa: F401
-                                               ragged_paged_attention_reference)
 
 
 def ragged_paged_attention_kernel(

@@ -91,13 +91,13 @@ def test_model_objects_are_hashable_static_closures(family):
 
 
 def test_attention_fn_receives_all_layers_pages(family, ragged_batch, kv_cache_factory):
-    from jaxserve.pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+    from jaxserve.pallas_kernels import ragged_paged_attention_jnp
     lm, _, step = family("mistral")
     seen = []
 
     def spy(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale, sliding_window):
         seen.append((q.shape, k_pages.shape, page_table.shape, sm_scale, sliding_window))
-        return ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
+        return ragged_paged_attention_jnp(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
                                                 num_seqs, sm_scale=sm_scale, sliding_window=sliding_window)
 
     batch = ragged_batch([(PROMPTS[0], 0)], [[4, 1, 6]])

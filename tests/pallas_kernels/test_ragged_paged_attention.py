@@ -1,4 +1,4 @@
-"""The Pallas kernel (interpret mode on CPU) against the jnp reference, its argument checks, and
+"""The Pallas kernel (interpret mode on CPU) against the dense oracle, its argument checks, and
 the backend switch."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.pallas_kernels import attention_backend, ragged_paged_attention, ragged_paged_attention_reference
+from jaxserve.pallas_kernels import (attention_backend, ragged_paged_attention, ragged_paged_attention_jnp,
+                                     ragged_paged_attention_reference)
 
 SM_SCALE = 0.125
 MIXED = dict(seqs=[(1, 9), (6, 14), (1, 4), (5, 5), (3, 23)], num_tokens=24, num_slots=8, num_pages=40,
@@ -50,7 +51,7 @@ def test_pallas_backend_runs_the_kernel_on_cpu(make_case):
     got = attention_backend("pallas")(*case.poisoned_args, sm_scale=SM_SCALE)
     want = ragged_paged_attention_reference(*case.args, sm_scale=SM_SCALE)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
-    assert attention_backend("jnp") is ragged_paged_attention_reference
+    assert attention_backend("jnp") is ragged_paged_attention_jnp
     with pytest.raises(ValueError, match="unknown attention backend 'triton'"):
         attention_backend("triton")
 
@@ -58,9 +59,9 @@ def test_pallas_backend_runs_the_kernel_on_cpu(make_case):
 def test_backend_choice_follows_the_platform():
     from jaxserve.pallas_kernels.ragged_paged_attention_gpu import ragged_paged_attention_gpu
 
-    assert attention_backend("auto") is attention_backend("auto", "cpu") is ragged_paged_attention_reference
+    assert attention_backend("auto") is attention_backend("auto", "cpu") is ragged_paged_attention_jnp
     assert attention_backend("auto", "gpu") is attention_backend("pallas", "cuda") is ragged_paged_attention_gpu
-    assert attention_backend("jnp", "gpu") is ragged_paged_attention_reference
+    assert attention_backend("jnp", "gpu") is ragged_paged_attention_jnp
     on_cpu, on_tpu = attention_backend("pallas", "cpu"), attention_backend("pallas", "tpu")
     assert on_cpu.func is on_tpu.func is ragged_paged_attention
     assert on_cpu.keywords == {"interpret": True} and on_tpu.keywords == {"interpret": False}
@@ -76,7 +77,7 @@ def test_backend_choice_follows_the_platform():
     ("head dim", lambda c: c.q[..., :32]),
     ("q heads", lambda c: c.q[:, :5]),
 ])
-@pytest.mark.parametrize("fn", [kernel, ragged_paged_attention_reference], ids=["kernel", "reference"])
+@pytest.mark.parametrize("fn", [kernel, ragged_paged_attention_jnp], ids=["kernel", "jnp"])
 def test_bad_arguments_raise_value_error_naming_them(make_case, fn, argument, bad):
     case = make_case(seqs=[(1, 3), (2, 2)], num_heads=6, num_kv_heads=2, head_dim=64)
     names = ["q", "k_pages", "v_pages", "kv_lens", "page_table", "cu_q_lens", "num_seqs"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxserve.pallas_kernels.ragged_paged_attention_gpu import TRITON_CALL_TARGETS, ragged_paged_attention_gpu
-from jaxserve.pallas_kernels.reference import ragged_paged_attention_naive
+from jaxserve.pallas_kernels.reference import ragged_paged_attention_reference
 
 SM_SCALE = 0.125
 # jax <= 0.10.2 hands XLA the Triton IR under the first name; later versions compile it at
@@ -89,10 +89,10 @@ def test_lowers_for_cuda_with_sliding_window_and_page_size_64():
 kernel = functools.partial(ragged_paged_attention_gpu, sm_scale=SM_SCALE, interpret=True)
 
 
-def assert_kernel_matches_naive(case, *, atol=1e-5, dtype=jnp.float32, **kw):
+def assert_kernel_matches_reference(case, *, atol=1e-5, dtype=jnp.float32, **kw):
     args = [a.astype(dtype) if i < 3 else a for i, a in enumerate(case.args)]
     poisoned = [a.astype(dtype) if i < 3 else a for i, a in enumerate(case.poisoned_args)]
-    want = np.asarray(ragged_paged_attention_naive(*args, sm_scale=SM_SCALE, **kw), np.float32)
+    want = np.asarray(ragged_paged_attention_reference(*args, sm_scale=SM_SCALE, **kw), np.float32)
     # NaN in every page no sequence owns: the kernel must never read one.
     got = kernel(*poisoned, **kw)
     assert got.dtype == dtype
@@ -102,16 +102,16 @@ def assert_kernel_matches_naive(case, *, atol=1e-5, dtype=jnp.float32, **kw):
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_kernel_matches_naive(make_case, scenario, window):
+def test_kernel_matches_reference(make_case, scenario, window):
     case = make_case(**scenario, num_heads=6, num_kv_heads=2, head_dim=64)  # G = 3
-    assert_kernel_matches_naive(case, sliding_window=window)
+    assert_kernel_matches_reference(case, sliding_window=window)
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2), (8, 2), (14, 2)],
                          ids=["G1", "G3", "G4", "G7"])
 def test_kernel_query_group_sizes(make_case, num_heads, num_kv_heads):
     case = make_case(**MIXED, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=64, seed=1)
-    assert_kernel_matches_naive(case, sliding_window=7)
+    assert_kernel_matches_reference(case, sliding_window=7)
 
 
 # Several pages per chunk (16), and one page per chunk with the window inside it (64).
@@ -120,13 +120,13 @@ def test_kernel_page_sizes_head_dim_128(make_case, page_size):
     seqs = [(1, 70), (33, 100), (1, 1), (20, 20)]
     case = make_case(seqs=seqs, num_tokens=64, num_slots=8, page_size=page_size, max_pages_per_seq=8,
                      num_heads=7, num_kv_heads=1, head_dim=128, seed=2)
-    assert_kernel_matches_naive(case, sliding_window=40)
+    assert_kernel_matches_reference(case, sliding_window=40)
 
 
 def test_kernel_bf16_accumulates_in_float32(make_case):
     case = make_case(**MIXED, num_heads=6, num_kv_heads=2, head_dim=64, seed=3)
     # bf16 rounding of p and of the output only; a bf16 accumulation would be far off.
-    assert_kernel_matches_naive(case, dtype=jnp.bfloat16, atol=3e-2)
+    assert_kernel_matches_reference(case, dtype=jnp.bfloat16, atol=3e-2)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -147,4 +147,4 @@ def test_kernel_rows_whose_window_starts_in_a_later_chunk(make_case):
     # its late rows see nothing in the first chunk and must carry an empty softmax through it.
     case = make_case(seqs=[(100, 130), (1, 50)], num_tokens=104, num_slots=4, page_size=16,
                      max_pages_per_seq=9, num_heads=2, num_kv_heads=2, head_dim=64, seed=4)
-    assert_kernel_matches_naive(case, sliding_window=3)
+    assert_kernel_matches_reference(case, sliding_window=3)

@@ -1,10 +1,10 @@
-"""The chunked jnp reference against the dense naive oracle, and the oracle against a numpy loop."""
+"""The tuned jnp path against the dense oracle, and the oracle against a numpy loop."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from jaxserve.pallas_kernels import ragged_paged_attention_naive, ragged_paged_attention_reference
+from jaxserve.pallas_kernels import ragged_paged_attention_jnp, ragged_paged_attention_reference
 
 SM_SCALE = 0.125
 
@@ -36,29 +36,29 @@ def numpy_attention(case, sm_scale, sliding_window=None):
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_naive_oracle_matches_numpy_loop(make_case, scenario, window):
+def test_reference_matches_numpy_loop(make_case, scenario, window):
     case = make_case(**scenario, num_heads=6, num_kv_heads=2, head_dim=64)
-    got = ragged_paged_attention_naive(*case.args, sm_scale=SM_SCALE, sliding_window=window)
+    got = ragged_paged_attention_reference(*case.args, sm_scale=SM_SCALE, sliding_window=window)
     np.testing.assert_allclose(np.asarray(got), numpy_attention(case, SM_SCALE, window), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_reference_matches_naive(make_case, scenario, window):
+def test_jnp_path_matches_reference(make_case, scenario, window):
     case = make_case(**scenario, num_heads=6, num_kv_heads=2, head_dim=64)
-    want = ragged_paged_attention_naive(*case.args, sm_scale=SM_SCALE, sliding_window=window)
-    # NaN in every page no sequence owns: the reference must never read one.
-    got = np.asarray(ragged_paged_attention_reference(*case.poisoned_args, sm_scale=SM_SCALE,
-                                                      sliding_window=window))
+    want = ragged_paged_attention_reference(*case.args, sm_scale=SM_SCALE, sliding_window=window)
+    # NaN in every page no sequence owns: the jnp path must never read one.
+    got = np.asarray(ragged_paged_attention_jnp(*case.poisoned_args, sm_scale=SM_SCALE,
+                                                sliding_window=window))
     np.testing.assert_allclose(got, np.asarray(want), atol=1e-5, rtol=0)
     assert not got[int(case.cu_q_lens[-1]):].any(), "padding tokens must give zeros"
 
 
 # GQA ratios 1, 4, 8 and head dim 128 (ratio 3 with head dim 64 is the default above).
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 4, 64), (8, 2, 64), (8, 1, 64), (4, 4, 128)])
-def test_reference_gqa_and_head_dims(make_case, num_heads, num_kv_heads, head_dim):
+def test_jnp_path_gqa_and_head_dims(make_case, num_heads, num_kv_heads, head_dim):
     case = make_case(**MIXED, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, seed=1)
-    want = ragged_paged_attention_naive(*case.args, sm_scale=SM_SCALE)
-    got = ragged_paged_attention_reference(*case.poisoned_args, sm_scale=SM_SCALE)
+    want = ragged_paged_attention_reference(*case.args, sm_scale=SM_SCALE)
+    got = ragged_paged_attention_jnp(*case.poisoned_args, sm_scale=SM_SCALE)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
@@ -66,10 +66,10 @@ def test_reference_gqa_and_head_dims(make_case, num_heads, num_kv_heads, head_di
 # and groups of a block or two (many groups, some holding unused blocks).
 @pytest.mark.parametrize("block_q,pages_per_chunk,rows_per_group", [(1, 1, 256), (3, 2, 256), (None, 1, 2),
                                                                     (4, 3, 8)])
-def test_reference_tiling_does_not_change_result(make_case, block_q, pages_per_chunk, rows_per_group):
+def test_jnp_path_tiling_does_not_change_result(make_case, block_q, pages_per_chunk, rows_per_group):
     case = make_case(**MIXED, seed=2)
-    want = ragged_paged_attention_naive(*case.args, sm_scale=SM_SCALE, sliding_window=5)
-    got = ragged_paged_attention_reference(*case.poisoned_args, sm_scale=SM_SCALE, sliding_window=5,
-                                           block_q=block_q, pages_per_chunk=pages_per_chunk,
-                                           rows_per_group=rows_per_group)
+    want = ragged_paged_attention_reference(*case.args, sm_scale=SM_SCALE, sliding_window=5)
+    got = ragged_paged_attention_jnp(*case.poisoned_args, sm_scale=SM_SCALE, sliding_window=5,
+                                     block_q=block_q, pages_per_chunk=pages_per_chunk,
+                                     rows_per_group=rows_per_group)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
