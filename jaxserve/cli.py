@@ -3,7 +3,8 @@
 ``jaxserve serve [MODEL]`` runs the OpenAI- and Ollama-compatible HTTP server (flags named as
 vLLM's; flag > JAXSERVE_* environment > ``--config`` YAML > default). ``jaxserve run [MODEL]
 [PROMPT]`` chats in the terminal as ``ollama run``; ``jaxserve generate "prompt"`` streams one
-completion.
+completion. ``jaxserve lower --platform cuda [MODEL]`` lowers every step graph an engine with
+these flags would compile, for a platform this machine need not have (jaxserve/lowering.py).
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ SERVE_OPTIONS = options_of(ServeOptions)
 _ONE_STREAM = {"max_num_seqs": 1, "max_num_batched_tokens": 128}
 _COMMAND_TABLES = {"serve": (SERVE_OPTIONS + ENGINE_OPTIONS, {}),
                    "generate": (ENGINE_OPTIONS, _ONE_STREAM),
-                   "run": (ENGINE_OPTIONS, _ONE_STREAM)}
+                   "run": (ENGINE_OPTIONS, _ONE_STREAM),
+                   "lower": (ENGINE_OPTIONS, {})}
 
 
 def resolve_options_for(args: argparse.Namespace, environ=os.environ) -> dict:
@@ -292,6 +294,31 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- jaxserve lower ------------------------------------------------------------------------------
+
+def _lower(args: argparse.Namespace) -> int:
+    engine_args = engine_args_from(resolve_options_for(args))
+    devices = engine_args.tensor_parallel_size * engine_args.data_parallel_size
+    if devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # A mesh of host devices stands in for the target's (read when JAX first starts a backend).
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    from jaxserve.lowering import lower_step_graphs
+
+    _log_to_stderr("warning")
+    started = time.monotonic()
+    plan, graphs = lower_step_graphs(engine_args, args.platform, num_pages=args.num_pages)
+    print(f"lowering {plan.num_graphs} step graphs of {plan.model} for {plan.platform}: dtype {plan.dtype}, "
+          f"attention {plan.attention}, {plan.num_pages} KV pages of {plan.block_size} tokens, "
+          f"mesh {plan.mesh}", flush=True)
+    failed = 0
+    for graph in graphs:
+        print(graph.describe(), flush=True)
+        failed += graph.error is not None
+    verdict = f"{failed} of {plan.num_graphs} graphs failed" if failed else f"all {plan.num_graphs} graphs lowered"
+    print(f"{verdict} for {plan.platform} in {time.monotonic() - started:.1f} s")
+    return 1 if failed else 0
+
+
 def _add_config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="YAML file whose keys are option names (e.g. max-num-seqs: 32)")
@@ -337,6 +364,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sample-seed", type=int, default=None)
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_arguments(gen, ENGINE_OPTIONS, defaults=_ONE_STREAM)
+
+    from jaxserve.lowering import DEFAULT_NUM_PAGES, PLATFORMS
+    low = sub.add_parser("lower", help="lower every step graph for a platform (e.g. CUDA) without its device",
+                         epilog=_EPILOG,
+                         description="Lower (jax.export) each graph `serve` would compile with these engine "
+                                     "flags, for --platform, reading only the model's config. Prints each "
+                                     "graph; exits 1 if any fails to lower. Checks a deployment (shapes, "
+                                     "buckets, kernels, mesh) before renting the hardware; compiling and "
+                                     "running still need the device.")
+    low.add_argument("model", nargs="?", default=argparse.SUPPRESS,
+                     help="HF folder, .gguf file or 'smollm2' (default: the bundled SmolLM2-135M-Instruct)")
+    _add_config_arg(low)
+    s = low.add_argument_group("lowering")
+    s.add_argument("--platform", default="cuda", choices=PLATFORMS, help="the platform to lower for")
+    s.add_argument("--num-pages", type=int, default=None,
+                   help=f"KV cache pages (default: from --kv-cache-memory, else {DEFAULT_NUM_PAGES})")
+    add_arguments(low, ENGINE_OPTIONS)
     return parser
 
 
@@ -346,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"serve": _serve, "run": _run, "generate": _generate}
+    commands = {"serve": _serve, "run": _run, "generate": _generate, "lower": _lower}
     try:
         return commands[args.command](args)
     except (ValueError, OSError) as e:  # bad flags or files, a port in use: no traceback

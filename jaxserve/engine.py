@@ -78,11 +78,15 @@ def enable_persistent_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+def kv_page_bytes(model_config, block_size: int, dtype_bytes: int) -> int:
+    """Bytes of one KV page: K and V of block_size tokens in every layer."""
+    return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * model_config.head_dim * dtype_bytes
+
+
 def kv_pages_for(model_config, cache: CacheConfig, dtype_bytes: int, max_model_len: int, max_num_seqs: int,
                  param_bytes: int) -> int:
     """Pages from kv_cache_memory, else from accelerator memory, else sized to fit on CPU."""
-    page_bytes = (2 * model_config.num_layers * cache.block_size * model_config.num_kv_heads
-                  * model_config.head_dim * dtype_bytes)
+    page_bytes = kv_page_bytes(model_config, cache.block_size, dtype_bytes)
     budget = cache.kv_cache_memory
     if budget is None:
         device = jax.devices()[0]

@@ -8,10 +8,14 @@ So on CPU bf16 weights and KV pages are *stored* as their uint16 bit patterns (i
 gathers and scatters run as they are), turned back into bf16 only where they are used
 (`unpack`, just before a dot), and activations flow in float32 between the matmuls. uint16 is
 never a real weight or cache dtype, so a uint16 array always means packed bf16.
+
+Every choice here follows the *target* platform: JAX's default backend, or the one `targeting`
+names while graphs are built for another machine (`jaxserve lower --platform cuda` on a CPU).
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +25,27 @@ PACKED = jnp.dtype(jnp.uint16)
 # use. Both host kinds measured here have avx512_bf16; there packed bf16 runs a step 1.3-1.4x
 # faster than float32. Other CPUs (no flag, or not x86/Linux) keep float32, which is faster there.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+_target_platform: str | None = None
+
+
+def target_platform() -> str:
+    """The platform arrays are stored and graphs are built for."""
+    return _target_platform or jax.default_backend()
+
+
+@contextlib.contextmanager
+def targeting(platform: str) -> Iterator[None]:
+    """Build for `platform` instead of the default backend (storage dtypes, activation dtype,
+    dtype "auto", the attention backend), e.g. to export a CUDA graph on a CPU. Process-wide:
+    meant for one thread building graphs, not for a serving engine."""
+    global _target_platform
+    previous, _target_platform = _target_platform, platform
+    try:
+        yield
+    finally:
+        _target_platform = previous
 
 
 def read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
@@ -40,7 +65,7 @@ def auto_dtype(backend: str | None = None,
                cpu_flags: Callable[[], frozenset[str]] = read_cpu_flags) -> tuple[str, str]:
     """What dtype="auto" means here, and why: bfloat16 on accelerators, bfloat16 (stored packed)
     on a CPU with native bf16 products, float32 on other CPUs."""
-    backend = backend or jax.default_backend()
+    backend = backend or target_platform()
     if backend != "cpu":
         return "bfloat16", f"auto: bfloat16 on {backend}"
     native = sorted(set(NATIVE_BF16_FLAGS) & cpu_flags())
@@ -51,7 +76,7 @@ def auto_dtype(backend: str | None = None,
 
 def packs_bfloat16() -> bool:
     """Whether bf16 weights and KV pages are stored packed here (on CPU)."""
-    return jax.default_backend() == "cpu"
+    return target_platform() == "cpu"
 
 
 def pack(x: jax.Array) -> jax.Array:
@@ -75,6 +100,6 @@ def unpack(x: jax.Array) -> jax.Array:
 def activation_dtype(weight_dtype) -> jnp.dtype:
     """The dtype activations flow in between the matmuls, for (unpacked) weights of `weight_dtype`:
     float32 on CPU (see above), elsewhere the weights' own dtype."""
-    if jax.default_backend() == "cpu":
+    if target_platform() == "cpu":
         return jnp.dtype(jnp.float32)
     return jnp.dtype(weight_dtype)

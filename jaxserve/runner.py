@@ -38,8 +38,9 @@ from jaxserve import sampling
 from jaxserve.block_pool import NULL_PAGE
 from jaxserve.graph_cache import ExportedGraphStore, describe_arguments, describe_callable, platform_fingerprint
 from jaxserve.models.metadata import AttentionMetadata, KVCache
+from jaxserve.pallas_kernels.ragged_paged_attention_gpu import TRITON_CALL_TARGETS
 from jaxserve.parallel import (ParallelConfig, build_mesh, kv_cache_sharding, param_shardings,
-                               replicated)
+                               replicated, shard_attention)
 from jaxserve.precision import storage_dtype
 from jaxserve.profiling import DEVICE_STEP, PREPARE, annotate
 from jaxserve.sampler import (DEFAULT_SAMPLER, SamplingRow, SamplingTensors, build_sampling_tensors,
@@ -122,6 +123,16 @@ _CPU_COMPILER_OPTIONS = {"penalties": {"xla_cpu_use_fusion_emitters": False},
                          "sampler": {"xla_cpu_use_fusion_emitters": False}}
 
 
+# jax.export keeps the GPU kernel's Triton custom calls only when told: they carry no
+# compatibility guarantee across jax versions, and the exported-graph store keys every graph by
+# the jax and jaxlib versions anyway (graph_cache.platform_fingerprint).
+_UNCHECKED_CALLS = tuple(jax.export.DisabledSafetyCheck.custom_call(t) for t in TRITON_CALL_TARGETS)
+
+
+def _with_sharding(shape: jax.ShapeDtypeStruct, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
+
+
 def _timed_compile(lowered: jax.stages.Lowered, options: dict | None):
     start = time.perf_counter()
     return lowered.compile(compiler_options=options), time.perf_counter() - start
@@ -151,26 +162,32 @@ def sampler_key(batch_size: int, version: int | None = None) -> GraphKey:
 class ModelRunner:
     def __init__(self, model, params, *, num_pages: int, block_size: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, attention_fn, mesh: Mesh | None = None,
-                 exported_graphs_dir: str | None = None):
+                 exported_graphs_dir: str | None = None, abstract: bool = False):
+        """abstract: hold no arrays, only their shapes (params may be jax.ShapeDtypeStructs), to
+        export the step graphs for another platform (`export`) without memory for weights or cache."""
         cfg = model.config
         self.model = model
         # One code path for every mesh: a single device is a 1 x 1 mesh.
         self.mesh = mesh if mesh is not None else build_mesh(ParallelConfig())
-        params = model.storage_form(params)  # bf16 layers are stored packed on CPU (precision.py)
+        # bf16 layers are stored packed on CPU (precision.py)
+        params = jax.eval_shape(model.storage_form, params) if abstract else model.storage_form(params)
         param_sharding = param_shardings(params, self.mesh, cfg)
-        self.params = jax.device_put(params, param_sharding)
+        self.params = (jax.tree_util.tree_map(_with_sharding, params, param_sharding) if abstract
+                       else jax.device_put(params, param_sharding))
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.page_table_width = -(-max_model_len // block_size)
         self.attention_fn = attention_fn
+        self._attention = shard_attention(attention_fn, self.mesh, cfg)  # per model shard
         dtype = storage_dtype(jax.tree_util.tree_leaves(params)[0].dtype)
         shape = (cfg.num_layers, num_pages, block_size, cfg.num_kv_heads, cfg.head_dim)
         kv_sharding = kv_cache_sharding(self.mesh, cfg)
         kv_sharding = KVCache(k=kv_sharding, v=kv_sharding)
         # Built in place on its devices: a sharded cache is never whole on one device.
-        self.kv_cache = jax.jit(lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)),
-                                out_shardings=kv_sharding)()
+        zeros = jax.jit(lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)),
+                        out_shardings=kv_sharding)
+        self.kv_cache = jax.tree_util.tree_map(_with_sharding, jax.eval_shape(zeros), kv_sharding) if abstract else zeros()
         self.batch_sizes = batch_buckets(max_num_seqs)
         self.buckets = [(t, next(b for b in self.batch_sizes if b >= min(t, max_num_seqs)))
                         for t in token_buckets(max_num_batched_tokens)]
@@ -195,7 +212,7 @@ class ModelRunner:
             "penalties": jax.jit(self._penalise, **self._shardings["penalties"]),
             "sampler": jax.jit(self._sample, static_argnums=(3,), **self._shardings["sampler"]),
         }
-        self._exported = self._exported_store(exported_graphs_dir)
+        self._exported = None if abstract else self._exported_store(exported_graphs_dir)
         self.num_graphs_from_store = 0  # warm-up graphs read back from the store instead of traced
         self._compiled: dict[GraphKey, object] = {}
         self.compile_seconds = 0.0
@@ -206,7 +223,7 @@ class ModelRunner:
     def _forward(self, params, kv_cache: KVCache, inputs: ModelInputs, prompt_targets=None):
         with jax.named_scope("model"):
             hidden, kv_cache = self.model.forward(params, inputs.tokens, kv_cache, inputs.attn,
-                                                  attention_fn=self.attention_fn)
+                                                  attention_fn=self._attention)
         with jax.named_scope("logits"):
             logits = self.model.compute_logits(params, hidden[inputs.logits_indices])  # [B, V]
         if prompt_targets is None:
@@ -278,6 +295,13 @@ class ModelRunner:
             return self._jitted[key.kind].lower(*args)
         return self._jitted["sampler"].lower(*args, samplers.pluggable if samplers is not None else ())
 
+    def export(self, key: GraphKey, platforms: tuple[str, ...] | None = None) -> jax.export.Exported:
+        """`key`'s graph lowered (not compiled) for `platforms` (default: the mesh's), e.g. for
+        CUDA on a CPU: jax.export runs the whole lowering, Pallas kernels included, with no device."""
+        static = ((),) if key.kind == "sampler" else ()  # the sampler's `samplers`: none
+        return jax.export.export(self._jitted[key.kind], platforms=platforms, disabled_checks=_UNCHECKED_CALLS)(
+            *self._example_args(key), *static)
+
     def _exported_store(self, folder: str | None) -> ExportedGraphStore | None:
         """The store of the warm-up graphs, or None where a graph could not be keyed safely
         (an attention function from outside jaxserve) or would be shared between processes."""
@@ -300,7 +324,8 @@ class ModelRunner:
         else:
             static = ((),) if key.kind == "sampler" else ()  # the sampler's `samplers`: none
             try:
-                exported = jax.export.export(self._jitted[key.kind])(*args, *static)
+                exported = jax.export.export(self._jitted[key.kind], disabled_checks=_UNCHECKED_CALLS)(
+                    *args, *static)
             except Exception as error:  # e.g. a kernel's custom call that export does not vouch for
                 logger.info("step graphs are not exported (%s); each start traces them", error)
                 self._exported = None

@@ -4,7 +4,7 @@ ModelConfig, a stateless family model (``forward`` / ``compute_logits``), params
 from jaxserve.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
 from jaxserve.models.llama import LlamaModel
 from jaxserve.models.loader import (MODEL_CLASSES, DecoderModel, LoadedModel, bundled_model_path,
-                                    load_model, model_class, resolve_dtype)
+                                    load_model, load_model_config, model_class, resolve_dtype)
 from jaxserve.models.metadata import AttentionMetadata, KVCache
 from jaxserve.models.mistral import MistralModel
 from jaxserve.models.qwen2 import Qwen2Model
@@ -13,5 +13,5 @@ from jaxserve.models.qwen3 import Qwen3Model
 __all__ = [
     "AttentionMetadata", "DecoderModel", "KVCache", "LlamaModel", "LoadedModel", "MODEL_CLASSES",
     "MistralModel", "ModelConfig", "Qwen2Model", "Qwen3Model", "RopeScaling", "SUPPORTED_ARCHITECTURES",
-    "bundled_model_path", "load_model", "model_class", "resolve_dtype",
+    "bundled_model_path", "load_model", "load_model_config", "model_class", "resolve_dtype",
 ]

@@ -131,6 +131,31 @@ def load_model(model: str | None = None, dtype: str = "auto", weight_cache: bool
     """
     jdtype, why = _resolve_dtype(dtype)
     logger.info("dtype %s (%s)", jdtype.name, why)
+    path = _model_path(model)
+    if os.path.isfile(path):
+        config, family, host, tokenizer = _load_gguf(path, jdtype, weight_cache)
+        name = os.path.splitext(os.path.basename(path))[0]
+    else:
+        config, source, tokenizer = _open_hf_folder(path)
+        family = model_class(config.architecture)(config)
+        host = host_params(family, source, jdtype, where=path)
+        name = os.path.basename(path.rstrip(os.sep))
+    return LoadedModel(config=config, model=family, params=device_params(host), source=path, name=name,
+                       tokenizer_or_future=tokenizer)
+
+
+def load_model_config(model: str | None = None) -> tuple[ModelConfig, str]:
+    """(config, path) of what load_model would load, reading no weights: for checks that need
+    the shapes only (`jaxserve lower`)."""
+    path = _model_path(model)
+    if os.path.isfile(path):
+        from jaxserve.models import loader_gguf
+        return loader_gguf.config_from_gguf(loader_gguf.open_reader(path)), path
+    return _read_hf_config(path), path
+
+
+def _model_path(model: str | None) -> str:
+    """The file or folder a model argument names, checked to exist and to be a kind we load."""
     if model is None or model == BUNDLED_ALIAS:
         model = bundled_model_path()
     path = os.path.abspath(os.path.expanduser(model))
@@ -141,18 +166,9 @@ def load_model(model: str | None = None, dtype: str = "auto", weight_cache: bool
         ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
         if len(ggufs) == 1:  # a folder holding just one GGUF file means that file
             path = ggufs[0]
-    if os.path.isfile(path):
-        if not path.endswith(".gguf"):
-            raise ValueError(f"{path} is a file but not a .gguf file; pass a .gguf file or an HF folder")
-        config, family, host, tokenizer = _load_gguf(path, jdtype, weight_cache)
-        name = os.path.splitext(os.path.basename(path))[0]
-    else:
-        config, source, tokenizer = _open_hf_folder(path)
-        family = model_class(config.architecture)(config)
-        host = host_params(family, source, jdtype, where=path)
-        name = os.path.basename(path.rstrip(os.sep))
-    return LoadedModel(config=config, model=family, params=device_params(host), source=path, name=name,
-                       tokenizer_or_future=tokenizer)
+    if os.path.isfile(path) and not path.endswith(".gguf"):
+        raise ValueError(f"{path} is a file but not a .gguf file; pass a .gguf file or an HF folder")
+    return path
 
 
 def _load_gguf(path: str, dtype: jnp.dtype, use_cache: bool):
@@ -270,7 +286,7 @@ class _SafetensorsSource:
         return self._handles[file, framework]
 
 
-def _open_hf_folder(path: str) -> tuple[ModelConfig, TensorSource, Any]:
+def _read_hf_config(path: str) -> ModelConfig:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path} has no config.json (an HF model folder needs config.json, "
@@ -286,7 +302,11 @@ def _open_hf_folder(path: str) -> tuple[ModelConfig, TensorSource, Any]:
         gen_eos = gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
         merged = tuple(dict.fromkeys([*config.eos_token_ids, *map(int, gen_eos)]))
         config = dataclasses.replace(config, eos_token_ids=merged)
+    return config
 
+
+def _open_hf_folder(path: str) -> tuple[ModelConfig, TensorSource, Any]:
+    config = _read_hf_config(path)
     index_file = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index_file):
         with open(index_file) as f:

@@ -20,16 +20,18 @@ import jax
 from jaxserve.pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from jaxserve.pallas_kernels.ragged_paged_attention_gpu import ragged_paged_attention_gpu
 from jaxserve.pallas_kernels.ragged_paged_attention_jnp import ragged_paged_attention_jnp
+from jaxserve.precision import target_platform
 
 BACKENDS = ("auto", "pallas", "jnp")
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
 def attention_backend(name: str, platform: str | None = None) -> Callable[..., jax.Array]:
-    """The attention function of backend `name` on `platform` (default: JAX's default backend)."""
+    """The attention function of backend `name` on `platform` (default: the target platform,
+    jaxserve/precision.py)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     if name == "auto":
         name = "pallas" if platform in _GPU_PLATFORMS else "jnp"
     if name == "jnp":

@@ -1,5 +1,6 @@
 """Sharding on a mesh of forced host devices (tests/conftest.py asks XLA for 4): tensor parallel
-2 and 4 on a tiny model and 3 on SmolLM2 give the one-device greedy tokens, with the parameter and
+2 and 4 on a tiny model (jnp attention and the Pallas kernel) and 3 on SmolLM2 give the one-device
+greedy tokens, with the parameter and
 KV cache shardings asserted; data parallel 2 serves requests on both replicas with the same outputs;
 sizes that cannot split the model are refused with the numbers."""
 from __future__ import annotations
@@ -38,9 +39,11 @@ def tiny_one_device(tiny_folder):
     return tokens(llm, TINY_PROMPTS)
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_tensor_parallel_tiny_matches_one_device(tiny_folder, tiny_one_device, tp):
-    llm = LLM(tiny_folder, tensor_parallel_size=tp, **TINY_ARGS)
+# Attention runs per model shard (parallel.shard_attention): the jnp path, and the Pallas kernel
+# (interpreted here) that the SPMD partitioner could not split by itself.
+@pytest.mark.parametrize("tp,attention", [(2, "jnp"), (4, "jnp"), (2, "pallas"), (4, "pallas")])
+def test_tensor_parallel_tiny_matches_one_device(tiny_folder, tiny_one_device, tp, attention):
+    llm = LLM(tiny_folder, tensor_parallel_size=tp, attention_backend=attention, **TINY_ARGS)
     runner = llm.engine.runner
     layers = runner.params["layers"]
     assert spec(layers["attn"]["q_proj"]) == P(None, None, "model", None)   # [L, D, N, H] by heads

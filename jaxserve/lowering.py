@@ -1,0 +1,127 @@
+"""`jaxserve lower`: every step graph of an engine configuration lowered for another platform.
+
+It checks a deployment before renting the hardware. The model is read for its config only (no
+weights: the params are shapes, `jax.eval_shape` of the family's init), the engine flags give the
+buckets, mesh and page size as `serve` would build them, and each warm-up graph is exported with
+`jax.export` for the target platform, under `precision.targeting` so the dtypes and the attention
+backend are the target's (bf16 stays bf16 instead of CPU's packed form; "auto" attention is the
+GPU kernel). Export runs the whole lowering, Pallas -> Triton included, without a device: what
+it catches is what fails before any compile (block shapes, shared memory, unsupported ops, a
+kernel that does not partition). Compiling and running need the device itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:  # the CLI reads PLATFORMS before anything imports JAX
+    from jaxserve.engine_args import EngineArgs
+    from jaxserve.runner import GraphKey
+
+PLATFORMS = ("cuda", "rocm", "tpu", "cpu")
+# A cache of thousands of pages, the size a GPU's memory gives a small model: the page count is
+# only a shape here, and kernels that map whole page arrays (instead of gathering the pages they
+# own) fail to lower at this size where they would pass at a test's dozens.
+DEFAULT_NUM_PAGES = 4096
+# Custom-call target of Pallas TPU kernels (the GPU kernel's are TRITON_CALL_TARGETS).
+_TPU_KERNEL_CALL = "tpu_custom_call"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweringPlan:
+    """What the graphs are lowered for (printed before them)."""
+    model: str
+    platform: str
+    dtype: str
+    attention: str
+    num_pages: int
+    block_size: int
+    mesh: dict[str, int]
+    num_graphs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweredGraph:
+    key: GraphKey
+    seconds: float
+    module: str = ""           # the StableHLO text
+    kernel_calls: int = 0      # attention-kernel custom calls in it
+    error: str | None = None
+
+    def describe(self) -> str:
+        T, B = self.key.shape if self.key.kind == "forward" else (None, self.key.shape)
+        shape = f"T={T:<5} B={B:<4}" if T is not None else f"{'':7} B={B:<4}"
+        if self.error is not None:
+            return f"FAIL {self.key.kind:<9} {shape} {self.seconds:6.2f}s  {self.error}"
+        kernel = f"{self.kernel_calls} kernel call(s)" if self.kernel_calls else "no kernel call"
+        return (f"ok   {self.key.kind:<9} {shape} {self.seconds:6.2f}s  {len(self.module) / 1e3:8.1f} kB"
+                f"  {kernel}")
+
+
+def lower_step_graphs(args: EngineArgs, platform: str, *, num_pages: int | None = None,
+                      ) -> tuple[LoweringPlan, Iterator[LoweredGraph]]:
+    """The plan, and each warm-up graph lowered for `platform` (lazily: print as they come).
+    A graph that fails to lower is reported with its error; the others still lower."""
+    if platform not in PLATFORMS:
+        raise ValueError(f"unknown platform {platform!r}; expected one of {', '.join(PLATFORMS)}")
+    import jax
+
+    from jaxserve.models import load_model_config, model_class, resolve_dtype
+    from jaxserve.pallas_kernels import attention_backend
+    from jaxserve.pallas_kernels.ragged_paged_attention_gpu import TRITON_CALL_TARGETS
+    from jaxserve.parallel import build_mesh, check_divisible, replica_meshes
+    from jaxserve.precision import targeting
+    from jaxserve.runner import ModelRunner
+
+    config, path = load_model_config(args.model)
+    limit = config.max_position_embeddings
+    if args.max_model_len is not None and args.max_model_len > limit:
+        raise ValueError(f"max_model_len ({args.max_model_len}) exceeds the model's context length ({limit})")
+    parallel = args.parallel_config()
+    check_divisible(config, parallel.tensor_parallel_size)
+    mesh = replica_meshes(build_mesh(parallel))[0]  # data-parallel replicas run the same graphs
+    scheduler = args.scheduler_config(args.max_model_len or limit)
+    with targeting(platform):
+        dtype = resolve_dtype(args.dtype)
+        attention_fn = attention_backend(args.attention_backend)
+        family = model_class(config.architecture)(config)
+        params = jax.eval_shape(functools.partial(family.init_params, dtype=dtype), jax.random.key(0))
+        pages = num_pages if num_pages is not None else _pages_for(args, config, dtype.itemsize)
+        runner = ModelRunner(family, params, num_pages=pages, block_size=args.block_size,
+                             max_model_len=scheduler.max_model_len, max_num_seqs=scheduler.max_num_seqs,
+                             max_num_batched_tokens=scheduler.max_num_batched_tokens,
+                             attention_fn=attention_fn, mesh=mesh, abstract=True)
+    plan = LoweringPlan(model=path, platform=platform, dtype=dtype.name, attention=_name(attention_fn),
+                        num_pages=pages, block_size=args.block_size, mesh=dict(mesh.shape),
+                        num_graphs=len(runner.warmup_keys))
+
+    def graphs() -> Iterator[LoweredGraph]:
+        for key in runner.warmup_keys:
+            start = time.perf_counter()
+            try:
+                with targeting(platform):
+                    module = runner.export(key, (platform,)).mlir_module()
+            except Exception as error:  # reported per graph: the point is to see every failure
+                message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+                yield LoweredGraph(key, time.perf_counter() - start, error=message)
+                continue
+            calls = sum(module.count(f"custom_call @{target}(") for target in (*TRITON_CALL_TARGETS, _TPU_KERNEL_CALL))
+            yield LoweredGraph(key, time.perf_counter() - start, module=module, kernel_calls=calls)
+
+    return plan, graphs()
+
+
+def _pages_for(args: EngineArgs, config, dtype_bytes: int) -> int:
+    """--kv-cache-memory's pages where given (as serve sizes them), else DEFAULT_NUM_PAGES."""
+    if args.kv_cache_memory is None:
+        return DEFAULT_NUM_PAGES
+    from jaxserve.engine import kv_page_bytes
+    return max(2, args.kv_cache_memory // kv_page_bytes(config, args.block_size, dtype_bytes) + 1)
+
+
+def _name(fn) -> str:
+    base = getattr(fn, "func", fn)
+    keywords = getattr(fn, "keywords", {})
+    return base.__name__ + (f"({', '.join(f'{k}={v}' for k, v in keywords.items())})" if keywords else "")
