@@ -19,12 +19,12 @@ import jax
 from jaxserve import sampling
 from jaxserve.block_pool import BlockPool
 from jaxserve.config import CacheConfig, CompileConfig, SchedulerConfig
-from jaxserve.detokenizer import IncrementalDetokenizer, find_stop
+from jaxserve.detokenizer import IncrementalDetokenizer, add_tokens, find_stop
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.profiling import PROCESS_OUTPUTS, SCHEDULE, Profiler, annotate
 from jaxserve.request import Request, RequestStatus
 from jaxserve.runner import BANNED_WIDTH, ModelRunner, StepResult
-from jaxserve.sampler import DEFAULT_SAMPLER, SamplingRow
+from jaxserve.sampler import DEFAULT_SAMPLER, SamplingRow, row_values
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerOutput
 
@@ -35,12 +35,21 @@ CPU_DEFAULT_KV_BYTES = 1 << 30
 
 @dataclass
 class StepRecord:
-    """What one step did (kept for tests and debugging)."""
+    """What one step did (kept for tests, debugging and benchmarks/host_overhead.py)."""
     index: int
     scheduled: dict[str, int]          # request id -> tokens computed this step
     bucket: tuple[int, int]
     preempted: list[str]
-    seconds: float
+    seconds: float                     # the runner's part: prepare + device
+    # Where the step's wall time went: the host phases and the device wait between them.
+    schedule_seconds: float = 0.0      # scheduling and the sampling rows
+    prepare_seconds: float = 0.0       # the padded host arrays of the step
+    device_seconds: float = 0.0        # transfer in, the graphs, transfer out
+    outputs_seconds: float = 0.0       # tokens into requests, detokenising, stops, outputs, stats
+
+    @property
+    def host_seconds(self) -> float:
+        return self.schedule_seconds + self.prepare_seconds + self.outputs_seconds
 
 
 @dataclass
@@ -151,6 +160,7 @@ class LLMEngine:
                 eos_token_ids=self._eos, prompt=prompt_text, group_id=request_id, sample_index=i,
                 leader=children[0] if i > 0 else None,
                 logprobs=[] if params.logprobs is not None else None,
+                sampling_values=row_values(params), sampler_name=params.selected_sampler,
                 prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None))
         detoks = [IncrementalDetokenizer(self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens,
                                          spaces_between_special_tokens=params.spaces_between_special_tokens)
@@ -208,19 +218,27 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one step; return the outputs of the requests that advanced (finished ones last time)."""
+        started = time.perf_counter()
         with annotate(SCHEDULE):
             sched = self.scheduler.schedule()
             if not sched.seqs:
                 return []
             rows = [self._sampling_row(s.request) if s.samples else None for s in sched.seqs]
+        scheduled = time.perf_counter()
         result = self.runner.execute(sched, rows)
+        executed = time.perf_counter()
         with annotate(PROCESS_OUTPUTS):
             self.scheduler.update_after_step(sched)
             if result.prompt_logprobs is not None:
                 self._store_prompt_logprobs(sched, result)
             touched = self._process_samples(sched, result)
-            self._record(sched, result)
-            return [self._group_output(g) for g in touched]
+            record = self._record(sched, result)
+            outputs = [self._group_output(g) for g in touched]
+        record.schedule_seconds = scheduled - started
+        record.prepare_seconds = result.prepare_seconds
+        record.device_seconds = executed - scheduled - result.prepare_seconds
+        record.outputs_seconds = time.perf_counter() - executed
+        return outputs
 
     def _sampling_row(self, req: Request) -> SamplingRow:
         p = req.params
@@ -229,27 +247,27 @@ class LLMEngine:
             banned = tuple(p.stop_token_ids or ()) + (() if p.ignore_eos else req.eos_token_ids)
         return SamplingRow(params=p, seed=req.seed, step=len(req.output_token_ids),
                            prompt_ids=req.prompt_token_ids, output_ids=req.output_token_ids, banned_ids=banned,
-                           sampler_state=req.sampler_state)
+                           sampler_state=req.sampler_state, values=req.sampling_values, sampler=req.sampler_name)
 
     def _process_samples(self, sched: SchedulerOutput, result: StepResult) -> list[_Group]:
         touched: dict[str, _Group] = {}
         now = time.monotonic()
-        for i, seq in enumerate(sched.seqs):
-            if not seq.samples:
-                continue
-            req = seq.request
-            group = self.groups[req.group_id]
-            token = int(result.tokens[i])
+        # Python lists once, not a numpy scalar per row.
+        tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()
+        sampled = [(i, seq.request) for i, seq in enumerate(sched.seqs) if seq.samples]
+        groups = [self.groups[req.group_id] for _, req in sampled]
+        detoks = [group.detokenizers[req.sample_index] for group, (_, req) in zip(groups, sampled)]
+        new_texts = add_tokens(detoks, [tokens[i] for i, _ in sampled])  # the streams' text, in one batch
+        for (i, req), group, detok, new_text in zip(sampled, groups, detoks, new_texts):
+            token = tokens[i]
             req.output_token_ids.append(token)
-            if req.params.selected_sampler != DEFAULT_SAMPLER:  # e.g. mirostat's mu, for the next step
+            if req.sampler_name != DEFAULT_SAMPLER:  # e.g. mirostat's mu, for the next step
                 req.sampler_state = result.sampler_state[i].copy()
-            req.cumulative_logprob += float(result.logprobs[i])
+            req.cumulative_logprob += logprobs[i]
             if req.first_token_time is None:
                 req.first_token_time = now
-            detok = group.detokenizers[req.sample_index]
-            new_text = detok.add_token(token)
             if req.logprobs is not None:
-                req.logprobs.append(self._logprob_entry(req.params.logprobs, token, result.logprobs[i],
+                req.logprobs.append(self._logprob_entry(req.params.logprobs, token, logprobs[i],
                                                         result.top_ids[i], result.top_logprobs[i]))
             status = self._stop_status(req, token, detok, len(new_text))
             if status is not None:
@@ -304,7 +322,7 @@ class LLMEngine:
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def _record(self, sched: SchedulerOutput, result: StepResult) -> None:
+    def _record(self, sched: SchedulerOutput, result: StepResult) -> StepRecord:
         s = self.stats
         s.steps += 1
         s.step_seconds_total += result.seconds
@@ -316,9 +334,11 @@ class LLMEngine:
             s.prompt_tokens += max(0, min(seq.start + seq.num_tokens, p) - seq.start)
             s.generation_tokens += int(seq.samples)
         self.refresh_stats()
-        self.step_log.append(StepRecord(
+        record = StepRecord(
             index=s.steps, scheduled={seq.request.request_id: seq.num_tokens for seq in sched.seqs},
-            bucket=result.bucket, preempted=[r.request_id for r in sched.preempted], seconds=result.seconds))
+            bucket=result.bucket, preempted=[r.request_id for r in sched.preempted], seconds=result.seconds)
+        self.step_log.append(record)
+        return record
 
     def refresh_stats(self) -> EngineStats:
         """Bring the gauges up to date between steps (an abort frees pages without a step)."""
@@ -338,7 +358,7 @@ class LLMEngine:
 
     def _group_output(self, group: _Group) -> RequestOutput:
         outputs = [self._completion(req, detok) for req, detok in zip(group.children, group.detokenizers)]
-        finished = all(r.is_finished for r in group.children)
+        finished = all(c.finish_reason is not None for c in outputs)
         if finished:
             self.groups.pop(group.request_id, None)
         first = group.children[0]
@@ -348,15 +368,18 @@ class LLMEngine:
 
     @staticmethod
     def _completion(req: Request, detok: IncrementalDetokenizer) -> CompletionOutput:
-        if req.is_finished:
+        finish_reason = req.finish_reason
+        if finish_reason is not None:
             text = detok.text if req.final_text is None else req.final_text
-        else:
+        elif req.params.stop:
             # While running, hold back a tail that could still turn out to be a stop string.
-            hold = max((len(s) for s in req.params.stop or ()), default=1) - 1
+            hold = req.params.max_stop_len - 1
             text = detok.text[:max(0, len(detok.text) - hold)] if hold else detok.text
+        else:
+            text = detok.text
         return CompletionOutput(
             index=req.sample_index, text=text, token_ids=list(req.output_token_ids),
             cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
-            finish_reason=req.finish_reason, stop_reason=req.stop_reason)
+            finish_reason=finish_reason, stop_reason=req.stop_reason)
 

@@ -22,7 +22,12 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort")
+        return self in _FINISHED
+
+
+# A tuple, not a set: `in` compares by identity in C, where hashing an Enum member calls Python
+# (Request.is_finished runs for every sequence of every step).
+_FINISHED = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
 
 
 @dataclass(eq=False)
@@ -38,6 +43,9 @@ class Request:
     leader: "Request | None" = None  # n > 1: siblings wait until the leader's prompt pages are cached
     sample_index: int = 0            # which of the n completions this is
     arrival_time: float = field(default_factory=time.monotonic)
+    # What the sampler packs for this request every step, read from params once (sampler.SamplingRow).
+    sampling_values: tuple | None = None
+    sampler_name: str | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -72,8 +80,8 @@ class Request:
 
     @property
     def finish_reason(self) -> str | None:
-        return self.status.value if self.status.finished else None
+        return self.status._value_ if self.status in _FINISHED else None
 
     @property
     def is_finished(self) -> bool:
-        return self.status.finished
+        return self.status in _FINISHED

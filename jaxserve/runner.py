@@ -23,6 +23,7 @@ version (so registering a sampler costs one sampler compile per batch size used)
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -104,6 +105,7 @@ class StepResult:
     sampler_state: np.ndarray  # [n, SAMPLER_STATE_WIDTH], each row's pluggable-sampler state after its token
     bucket: tuple[int, int]
     seconds: float
+    prepare_seconds: float  # of seconds, the host arrays' preparation (the rest is the device's)
     # Only when a scheduled request asked for prompt_logprobs: per flat token, the log-prob of the
     # next prompt token and the top ones ([T], [T, MAX_LOGPROBS], [T, MAX_LOGPROBS]).
     prompt_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -283,7 +285,10 @@ class ModelRunner:
             targets = np.zeros(key.shape[0], np.int32) if key.variant else None
             return self.params, self.kv_cache, self._empty_inputs(key.shape).model, targets
         logits, tensors = self._logits_type(key.shape), self._empty_inputs((key.shape, key.shape)).sampling
-        return (logits, tensors) if key.kind == "penalties" else (logits, logits, tensors)
+        if key.kind == "penalties":  # the one graph reading the token history, [B, max_model_len]
+            history = np.full((key.shape, self.max_model_len), -1, np.int32)
+            return logits, dataclasses.replace(tensors, token_history=history)
+        return logits, logits, tensors
 
     def _lower(self, key: GraphKey, args: tuple, samplers: sampling.Snapshot | None = None) -> jax.stages.Lowered:
         """A graph lowered: the Python half of building it (XLA's compile() is the other)."""
@@ -381,33 +386,56 @@ class ModelRunner:
 
     def prepare(self, sched: SchedulerOutput, rows: list[SamplingRow | None],
                 samplers: sampling.Snapshot | None = None) -> tuple[tuple[int, int], StepInputs]:
-        """The flat ragged batch of a step, padded to its bucket (numpy only)."""
+        """The flat ragged batch of a step, padded to its bucket (numpy only).
+
+        Whole arrays at a time: one Python pass collects each sequence's few numbers (and its
+        token, or its chunk's tokens), numpy builds positions, page table and slots from them,
+        so 256 decoding sequences cost a fraction of a millisecond."""
         bucket = self.bucket_for(sched.num_tokens)
+        T, B = bucket
+        S, W = self.block_size, self.page_table_width
+        seqs = sched.seqs
+        n = len(seqs)
+        reqs = [seq.request for seq in seqs]
+        starts = np.fromiter((seq.start for seq in seqs), np.int32, n)
+        counts = np.fromiter((seq.num_tokens for seq in seqs), np.int32, n)
+        num_tokens = int(counts.sum())
+        tokens = np.zeros(T, np.int32)
+        if num_tokens == n:  # every sequence computes one token: a decode step
+            tokens[:n] = [req.token_at(seq.start) for req, seq in zip(reqs, seqs)]
+        elif n:
+            tokens[:num_tokens] = list(itertools.chain.from_iterable(
+                (req.token_at(seq.start),) if seq.num_tokens == 1
+                else req.all_token_ids()[seq.start:seq.start + seq.num_tokens] for req, seq in zip(reqs, seqs)))
+        cu_q_lens = np.zeros(B + 1, np.int32)
+        np.cumsum(counts, out=cu_q_lens[1:n + 1])
+        cu_q_lens[n + 1:] = num_tokens
+        seq_of_token = np.repeat(np.arange(n, dtype=np.int32), counts)  # [num_tokens]
+        positions = np.zeros(T, np.int32)
+        positions[:num_tokens] = starts[seq_of_token] + np.arange(num_tokens, dtype=np.int32) - cu_q_lens[seq_of_token]
+        # Each sequence's pages into its row: flattened, then scattered to (row, column).
+        num_pages = np.fromiter((len(req.block_ids) for req in reqs), np.int32, n)
+        page_table = np.full((B, W), NULL_PAGE, np.int32)
+        if n:
+            pages = np.fromiter(itertools.chain.from_iterable(req.block_ids for req in reqs), np.int32,
+                                int(num_pages.sum()))
+            row_of_page = np.repeat(np.arange(n, dtype=np.int32), num_pages)
+            first_page = np.cumsum(num_pages) - num_pages
+            page_table[row_of_page, np.arange(len(pages), dtype=np.int32) - first_page[row_of_page]] = pages
+        slot_mapping = np.zeros(T, np.int32)  # padding tokens write to the null page's slot 0
+        pos = positions[:num_tokens]
+        slot_mapping[:num_tokens] = page_table[seq_of_token, pos // S] * S + pos % S
+        kv_lens = np.zeros(B, np.int32)
+        kv_lens[:n] = starts + counts
+        logits_indices = np.zeros(B, np.int32)
+        logits_indices[:n] = cu_q_lens[1:n + 1] - 1
         greedy_row = SamplingRow(params=_GREEDY, seed=0, step=0, prompt_ids=(), output_ids=(), banned_ids=())
-        inputs = self._empty_inputs(bucket, [r or greedy_row for r in rows], samplers)
-        model_inputs = inputs.model
-        a = model_inputs.attn
-        S = self.block_size
-        offset = 0
-        for b, seq in enumerate(sched.seqs):
-            req, n = seq.request, seq.num_tokens
-            end = seq.start + n
-            positions = np.arange(seq.start, end, dtype=np.int32)
-            if n == 1:
-                model_inputs.tokens[offset] = req.token_at(seq.start)
-            else:
-                model_inputs.tokens[offset:offset + n] = req.all_token_ids()[seq.start:end]
-            pages = np.asarray(req.block_ids, np.int32)
-            a.positions[offset:offset + n] = positions
-            a.slot_mapping[offset:offset + n] = pages[positions // S] * S + positions % S
-            a.page_table[b, :len(pages)] = pages
-            a.kv_lens[b] = end
-            offset += n
-            a.cu_q_lens[b + 1] = offset
-            model_inputs.logits_indices[b] = offset - 1
-        a.cu_q_lens[len(sched.seqs) + 1:] = offset
-        a.num_seqs = np.int32(len(sched.seqs))
-        return bucket, inputs
+        tensors = build_sampling_tensors([r or greedy_row for r in rows], B, self.max_model_len, BANNED_WIDTH,
+                                         samplers.samplers if samplers is not None else None)
+        attn = AttentionMetadata(positions=positions, slot_mapping=slot_mapping, cu_q_lens=cu_q_lens,
+                                 kv_lens=kv_lens, page_table=page_table, num_seqs=np.int32(n))
+        return bucket, StepInputs(model=ModelInputs(tokens=tokens, attn=attn, logits_indices=logits_indices),
+                                  sampling=tensors)
 
     def _prompt_targets(self, sched: SchedulerOutput, num_tokens: int) -> np.ndarray | None:
         """[T] the prompt token after each flat position of requests wanting prompt_logprobs, else -1."""
@@ -427,17 +455,19 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput, rows: list[SamplingRow | None]) -> StepResult:
         start = time.perf_counter()
         # Only a step in which some row names a pluggable sampler pays for (and compiles) them.
-        pluggable = any(r is not None and r.params.selected_sampler != DEFAULT_SAMPLER for r in rows)
+        pluggable = any(r is not None and (r.sampler or r.params.selected_sampler) != DEFAULT_SAMPLER for r in rows)
         samplers = sampling.snapshot() if pluggable else None
         with annotate(PREPARE):
             bucket, inputs = self.prepare(sched, rows, samplers)
             targets = self._prompt_targets(sched, bucket[0])
+        prepared = time.perf_counter()
         out, prompt = self.run_graphs(bucket, inputs, targets, samplers)
         n = len(sched.seqs)
         return StepResult(tokens=out.tokens[:n], logprobs=out.logprobs[:n], top_ids=out.top_ids[:n],
                           top_logprobs=out.top_logprobs[:n],
                           sampler_state=out.sampler_state[:n], bucket=bucket,
-                          seconds=time.perf_counter() - start, prompt_logprobs=prompt)
+                          seconds=time.perf_counter() - start, prepare_seconds=prepared - start,
+                          prompt_logprobs=prompt)
 
     def run_graphs(self, bucket: tuple[int, int], inputs: StepInputs, targets: np.ndarray | None = None,
                    samplers: sampling.Snapshot | None = None):
@@ -447,12 +477,20 @@ class ModelRunner:
         batch, logits_type = bucket[1], self._logits_type(bucket[1])
         penalties = (self._executable(penalties_key(batch), (logits_type, inputs.sampling))
                      if needs_penalties(inputs.sampling) else None)
+        # The sampler never reads the token history: it always gets the [B, 1] of a step without penalties.
+        sampling = dataclasses.replace(inputs.sampling, token_history=inputs.sampling.token_history[:, :1])
         sampler = self._executable(sampler_key(batch, samplers.version if samplers is not None else None),
-                                   (logits_type, logits_type, inputs.sampling), samplers)
+                                   (logits_type, logits_type, sampling), samplers)
         with annotate(DEVICE_STEP):
-            inputs, targets = jax.device_put((inputs, targets), self._replicated)  # the one host->device transfer
+            history = inputs.sampling.token_history if penalties is not None else None
+            # The one host->device transfer.
+            model, sampling, history, targets = jax.device_put((inputs.model, sampling, history, targets),
+                                                               self._replicated)
             # Each graph is queued behind the one before it: the host waits only for the last.
-            self.kv_cache, logits, prompt = forward(self.params, self.kv_cache, inputs.model, targets)
-            penalised = penalties(logits, inputs.sampling) if penalties is not None else logits
-            out = sampler(logits, penalised, inputs.sampling)
+            self.kv_cache, logits, prompt = forward(self.params, self.kv_cache, model, targets)
+            if penalties is not None:
+                penalised = penalties(logits, dataclasses.replace(sampling, token_history=history))
+            else:
+                penalised = logits
+            out = sampler(logits, penalised, sampling)
             return jax.device_get((out, prompt))  # the step's one device->host transfer

@@ -79,7 +79,7 @@ class SamplerOutput:
     sampler_state: jax.Array  # [B, SAMPLER_STATE_WIDTH] f32, each row's state after this token
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class SamplingRow:
     """One running sequence as the sampler needs to see it this step (host side)."""
 
@@ -90,10 +90,29 @@ class SamplingRow:
     output_ids: Sequence[int]
     banned_ids: Sequence[int]   # ids to forbid this step (EOS + stop_token_ids while under min_tokens)
     sampler_state: Sequence[float] | None = None  # the pluggable sampler's state; None before the first token
+    # row_values(params) and params.selected_sampler, when the caller keeps them per request
+    # (they cost a few attribute reads each, every step, for every row).
+    values: tuple | None = None
+    sampler: str | None = None
 
 
-def _fold_seed(seed: int) -> int:
-    # Seeds are uint32 on device; xor-fold 64 bits so that large seeds stay distinct.
+# A padding row's temperature, top_p, top_k, min_p, presence, frequency and repetition penalty
+# (row_values' order): greedy, nothing filtered, no penalty.
+_PADDING = (0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+_NO_PENALTY = _PADDING[4:]
+
+
+def row_values(p: SamplingParams) -> tuple:
+    """A row's temperature, top_p, top_k, min_p and penalties as the device reads them. Greedy rows
+    keep the padding values of the filters (no filtering, so they never trigger the sort); any
+    k >= V is off on the device, so top_k is clipped to int32; penalties need repeat_last_n != 0."""
+    filters = _PADDING[:4] if p.greedy else (p.temperature, p.top_p, min(max(p.top_k, 0), _INT32_MAX), p.min_p)
+    penalised = (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0) and p.repeat_last_n
+    return filters + ((p.presence_penalty, p.frequency_penalty, p.repetition_penalty) if penalised else _NO_PENALTY)
+
+
+def fold_seed(seed: int) -> int:
+    """A seed as the device keeps it (uint32): 64 bits xor-folded, so large seeds stay distinct."""
     s = seed & 0xFFFF_FFFF_FFFF_FFFF
     return (s ^ (s >> 32)) & 0xFFFF_FFFF
 
@@ -102,26 +121,70 @@ def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_wid
                            banned_width: int = 16, samplers: Sequence | None = None) -> SamplingTensors:
     """Pack the rows of one step into numpy arrays padded to `batch_size` rows.
 
-    Token history is only written for rows with a penalty (the only readers), which keeps this
-    cheap when W_h is the whole context. `samplers` is the registry snapshot the step compiles
-    (`jaxserve.sampling.snapshot().samplers`, default first); only needed when a row names a
-    sampler other than the default.
+    Column by column, not row by row: a step of 256 rows costs tens of microseconds, not
+    milliseconds. Only rows with a penalty, a banned id or a pluggable sampler take a Python
+    pass of their own. Token history is only written for rows with a penalty (its only readers),
+    and is [B, history_width] only when the penalties stage runs (some row has a penalty or a
+    banned id), else [B, 1]: nothing reads it then, and the whole context's width would be
+    megabytes to fill and send every step. `samplers` is the
+    registry snapshot the step compiles (`jaxserve.sampling.snapshot().samplers`, default first);
+    only needed when a row names a sampler other than the default.
     """
     n, B = len(rows), batch_size
     if n > B:
         raise ValueError(f"{n} rows do not fit in a batch of {B}")
-    temperature = np.zeros(B, np.float32)
-    top_p = np.ones(B, np.float32)
-    top_k = np.zeros(B, np.int32)
-    min_p = np.zeros(B, np.float32)
-    presence = np.zeros(B, np.float32)
-    frequency = np.zeros(B, np.float32)
-    repetition = np.ones(B, np.float32)
+    values = np.tile(np.asarray(_PADDING), (B, 1))
+    if n:
+        values[:n] = [row.values if row.values is not None else row_values(row.params) for row in rows]
     seeds = np.zeros(B, np.uint32)
+    seeds[:n] = [fold_seed(row.seed) for row in rows]
     steps = np.zeros(B, np.int32)
-    history = np.full((B, history_width), -1, np.int32)
+    steps[:n] = [row.step for row in rows]
     prompt_lens = np.zeros(B, np.int32)
+    prompt_lens[:n] = [len(row.prompt_ids) for row in rows]
     banned = np.full((B, banned_width), -1, np.int32)
+    bans = False
+    for i, row in enumerate(rows):
+        if len(row.banned_ids):
+            if len(row.banned_ids) > banned_width:
+                raise ValueError(f"row {i} bans {len(row.banned_ids)} token ids, more than the "
+                                 f"banned width {banned_width}")
+            banned[i, :len(row.banned_ids)] = row.banned_ids
+            bans = True
+    # Full width whenever the penalties graph runs (needs_penalties), so it has one input shape.
+    penalised = np.flatnonzero(np.any(values[:n, 4:] != _NO_PENALTY, axis=1))
+    history = np.full((B, history_width if len(penalised) or bans else 1), -1, np.int32)
+    for i in penalised:
+        prompt_lens[i] = _write_history(history, i, rows[i])
+    pluggable = _pack_pluggable_samplers(rows, B, samplers)
+    temperature, top_p, top_k, min_p, presence, frequency, repetition = values.T
+    return SamplingTensors(
+        temperature=temperature.astype(np.float32), top_p=top_p.astype(np.float32),
+        top_k=top_k.astype(np.int32), min_p=min_p.astype(np.float32),
+        presence_penalty=presence.astype(np.float32), frequency_penalty=frequency.astype(np.float32),
+        repetition_penalty=repetition.astype(np.float32), seeds=seeds, steps=steps, token_history=history,
+        prompt_lens=prompt_lens, banned_token_ids=banned, **pluggable)
+
+
+def _write_history(history: np.ndarray, i: int, row: SamplingRow) -> int:
+    """Row i's prompt then output ids (the last repeat_last_n of them where set) -> its prompt length."""
+    p, prompt_ids, output_ids = row.params, row.prompt_ids, row.output_ids
+    if p.repeat_last_n > 0:  # only the latest tokens: the window is a host-side slice
+        num_out = min(len(output_ids), p.repeat_last_n)
+        num_prompt = min(len(prompt_ids), p.repeat_last_n - num_out)
+        output_ids = output_ids[len(output_ids) - num_out:]
+        prompt_ids = prompt_ids[len(prompt_ids) - num_prompt:]
+    num_prompt, num_out = len(prompt_ids), len(output_ids)
+    if num_prompt + num_out > history.shape[1]:
+        raise ValueError(f"row {i} has {num_prompt + num_out} tokens, more than the "
+                         f"history width {history.shape[1]}")
+    history[i, :num_prompt] = prompt_ids
+    history[i, num_prompt:num_prompt + num_out] = output_ids
+    return num_prompt
+
+
+def _pack_pluggable_samplers(rows: list[SamplingRow], B: int, samplers: Sequence | None) -> dict[str, np.ndarray]:
+    """The pluggable samplers' fields of SamplingTensors: registry index, their parameters, state."""
     sampler_ids = np.zeros(B, np.int32)
     typical_p = np.ones(B, np.float32)
     tfs_z = np.ones(B, np.float32)
@@ -129,60 +192,23 @@ def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_wid
     mirostat_eta = np.zeros(B, np.float32)
     state = np.zeros((B, SAMPLER_STATE_WIDTH), np.float32)
     index = {s.name: i for i, s in enumerate(samplers or ())}
-
     for i, row in enumerate(rows):
-        p = row.params
-        name = p.selected_sampler
-        if name != DEFAULT_SAMPLER:
-            if name not in index:
-                raise ValueError(f"sampler {name!r} is not registered (registered: {sorted(index)})")
-            sampler = samplers[index[name]]
-            sampler_ids[i] = index[name]
-            typical_p[i], tfs_z[i] = p.typical_p, p.tfs_z
-            mirostat_tau[i], mirostat_eta[i] = p.mirostat_tau, p.mirostat_eta
-            row_state = row.sampler_state
-            if row_state is None and sampler.init_state is not None:
-                row_state = sampler.init_state(p)
-            if row_state is not None:
-                state[i, :len(row_state)] = row_state
-        if not p.greedy:
-            # Greedy rows keep the padding values: no filtering, so they never trigger the sort.
-            temperature[i] = p.temperature
-            top_p[i] = p.top_p
-            top_k[i] = min(max(p.top_k, 0), _INT32_MAX)  # any k >= V is off on the device
-            min_p[i] = p.min_p
-        seeds[i] = _fold_seed(row.seed)
-        steps[i] = row.step
-        prompt_lens[i] = len(row.prompt_ids)
-        if (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0) and p.repeat_last_n:
-            presence[i] = p.presence_penalty
-            frequency[i] = p.frequency_penalty
-            repetition[i] = p.repetition_penalty
-            prompt_ids, output_ids = row.prompt_ids, row.output_ids
-            if p.repeat_last_n > 0:  # only the latest tokens: the window is a host-side slice
-                num_out = min(len(output_ids), p.repeat_last_n)
-                num_prompt = min(len(prompt_ids), p.repeat_last_n - num_out)
-                output_ids = output_ids[len(output_ids) - num_out:]
-                prompt_ids = prompt_ids[len(prompt_ids) - num_prompt:]
-            num_prompt, num_out = len(prompt_ids), len(output_ids)
-            prompt_lens[i] = num_prompt
-            if num_prompt + num_out > history_width:
-                raise ValueError(f"row {i} has {num_prompt + num_out} tokens, more than the "
-                                 f"history width {history_width}")
-            history[i, :num_prompt] = prompt_ids
-            history[i, num_prompt:num_prompt + num_out] = output_ids
-        if len(row.banned_ids):
-            if len(row.banned_ids) > banned_width:
-                raise ValueError(f"row {i} bans {len(row.banned_ids)} token ids, more than the "
-                                 f"banned width {banned_width}")
-            banned[i, :len(row.banned_ids)] = row.banned_ids
-
-    return SamplingTensors(
-        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-        presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
-        seeds=seeds, steps=steps, token_history=history, prompt_lens=prompt_lens,
-        banned_token_ids=banned, sampler_ids=sampler_ids, typical_p=typical_p, tfs_z=tfs_z,
-        mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, sampler_state=state)
+        name = row.sampler if row.sampler is not None else row.params.selected_sampler
+        if name == DEFAULT_SAMPLER:
+            continue
+        if name not in index:
+            raise ValueError(f"sampler {name!r} is not registered (registered: {sorted(index)})")
+        p, sampler = row.params, samplers[index[name]]
+        sampler_ids[i] = index[name]
+        typical_p[i], tfs_z[i] = p.typical_p, p.tfs_z
+        mirostat_tau[i], mirostat_eta[i] = p.mirostat_tau, p.mirostat_eta
+        row_state = row.sampler_state
+        if row_state is None and sampler.init_state is not None:
+            row_state = sampler.init_state(p)
+        if row_state is not None:
+            state[i, :len(row_state)] = row_state
+    return dict(sampler_ids=sampler_ids, typical_p=typical_p, tfs_z=tfs_z, mirostat_tau=mirostat_tau,
+                mirostat_eta=mirostat_eta, sampler_state=state)
 
 
 # ----------------------------------------------------------------------------------------------

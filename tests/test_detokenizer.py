@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxserve.detokenizer import IncrementalDetokenizer, find_stop, find_stop_string
+from jaxserve.detokenizer import IncrementalDetokenizer, add_tokens, batch_decoder, find_stop, find_stop_string
 
 TEXTS = {
     "korean": "안녕하세요, 세계! 오늘 날씨가 정말 좋네요.",
@@ -107,6 +107,48 @@ def test_random_token_streams_match_decode(tokenizer):
             det = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=skip)
             streamed = "".join(det.add_token(t) for t in ids) + det.flush()
             assert streamed == tokenizer.decode(ids, skip_special_tokens=skip), ids
+
+
+def test_batched_streams_match_one_stream_at_a_time(tokenizer, chat_prompt):
+    # Streams of different texts and options stepped together (add_tokens, as the engine does)
+    # give the pieces each gives alone; streams end at different lengths.
+    rng = np.random.default_rng(1)
+    fragments = tokenizer.encode("".join(TEXTS.values()))
+    outputs = [tokenizer.encode(t) for t in TEXTS.values()]
+    outputs += [[int(t) for t in rng.choice(fragments, size=30)] + [int(t) for t in rng.integers(0, len(tokenizer), 4)]
+                for _ in range(4)]
+    options = [dict(skip_special_tokens=i % 3 != 0) for i in range(len(outputs))]
+    alone = []
+    for ids, kw in zip(outputs, options):
+        det = IncrementalDetokenizer(tokenizer, chat_prompt, **kw)
+        alone.append([det.add_token(t) for t in ids])
+    together = [IncrementalDetokenizer(tokenizer, chat_prompt, **kw) for kw in options]
+    batched = [[] for _ in outputs]
+    for k in range(max(map(len, outputs))):
+        live = [i for i, ids in enumerate(outputs) if k < len(ids)]
+        for i, piece in zip(live, add_tokens([together[i] for i in live], [outputs[i][k] for i in live])):
+            batched[i].append(piece)
+    assert batched == alone
+    assert [d.text for d in together] == ["".join(p) for p in alone]
+
+
+def test_batch_decoder_matches_decode_with_and_without_cleanup(tokenizer):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # A WordPiece-style tokenizer with clean-up on: transformers rewrites " ," to ",", so the
+    # batch decoder must go through tokenizer.decode rather than the Rust decode alone.
+    vocab = {w: i for i, w in enumerate(["[UNK]", "hello", ",", "world", "!", "do", "n't"])}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    cleaned = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]",
+                                      clean_up_tokenization_spaces=True)
+    windows = [[1, 2, 3, 4], [5, 6], [], [4, 2]]
+    for tok in (cleaned, tokenizer):
+        for skip in (True, False):
+            want = [tok.decode(w, skip_special_tokens=skip) if w else "" for w in windows]
+            assert batch_decoder(tok, skip)(windows) == want
+    assert batch_decoder(cleaned)(windows)[0] == "hello, world!"
 
 
 def test_stop_strings_found_while_streaming(tokenizer, chat_prompt):
