@@ -12,9 +12,9 @@ def __getattr__(name):
     if name in ("LLM",):
         from jaxserve.llm import LLM
         return LLM
-    if name in ("SamplingParams",):
-        from jaxserve.sampling_params import SamplingParams
-        return SamplingParams
+    if name in ("SamplingParams", "RequestOutputKind"):
+        from jaxserve import sampling_params
+        return getattr(sampling_params, name)
     if name in ("RequestOutput", "CompletionOutput"):
         from jaxserve import outputs
         return getattr(outputs, name)

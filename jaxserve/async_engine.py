@@ -19,7 +19,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 from jaxserve.outputs import CompletionOutput, RequestOutput
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -104,7 +104,8 @@ class _Progress:
             pieces.append(CompletionOutput(i, text, tokens, c.cumulative_logprob, logprobs,
                                            c.finish_reason, c.stop_reason))
         if self.first_token_time is None and any(p.token_ids for p in pieces):
-            self.first_token_time = now
+            # The engine's own time of the first token: a FINAL_ONLY output comes at the end.
+            self.first_token_time = out.metrics.get("first_token_time") or now
         if not pieces and not out.finished:
             return None
         first = not self.sent_prompt
@@ -312,8 +313,10 @@ class AsyncEngine:
 
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
                           prompt_text: str | None = None, log_id: str | None = None,
-                          admission: Admission | None = None) -> RequestStream:
-        """Queue a request and return its stream once the engine accepted it.
+                          admission: Admission | None = None, stream: bool = True) -> RequestStream:
+        """Queue a request and return its stream once the engine accepted it. stream=False: the
+        caller wants the finished output only, which is all the stream then yields (the engine
+        builds no output per step for it: RequestOutputKind.FINAL_ONLY).
 
         With ``admission`` the request takes its ``params.n`` places from it (already counted against
         --max-queue); without, it is admitted here. Raises RequestRefusedError (the request cannot be
@@ -321,6 +324,8 @@ class AsyncEngine:
         """
         if request_id in self._streams:
             raise RequestRefusedError(f"request id {request_id!r} is already in use")
+        if not stream:
+            params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
         if admission is None:
             admission = self.admit(params.n)
         elif not self._accepting or not self.is_running:

@@ -23,9 +23,9 @@ from jaxserve.detokenizer import IncrementalDetokenizer, add_tokens, find_stop
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.profiling import PROCESS_OUTPUTS, SCHEDULE, Profiler, annotate
 from jaxserve.request import Request, RequestStatus
-from jaxserve.runner import BANNED_WIDTH, ModelRunner, StepResult
+from jaxserve.runner import BANNED_WIDTH, ModelRunner, StepResult, step_memory_bytes
 from jaxserve.sampler import DEFAULT_SAMPLER, SamplingRow, row_values
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,9 @@ class _Group:
     prompt_token_ids: list[int]
     children: list[Request]
     detokenizers: list[IncrementalDetokenizer]
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # DELTA: per completion, the text, tokens and logprobs its outputs carried so far.
+    sent: list[list[int]] = field(default_factory=list)
 
 
 def enable_persistent_compilation_cache(path: str) -> None:
@@ -92,19 +95,31 @@ def kv_page_bytes(model_config, block_size: int, dtype_bytes: int) -> int:
     return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * model_config.head_dim * dtype_bytes
 
 
+def accelerator_memory_limit() -> int | None:
+    """Bytes the first device's allocator may hold, or None on a CPU (no such limit)."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    return stats.get("bytes_limit") if stats else None
+
+
 def kv_pages_for(model_config, cache: CacheConfig, dtype_bytes: int, max_model_len: int, max_num_seqs: int,
-                 param_bytes: int) -> int:
-    """Pages from kv_cache_memory, else from accelerator memory, else sized to fit on CPU."""
+                 param_bytes: int, memory_limit: int | None = None, step_bytes: int = 0) -> int:
+    """Pages from kv_cache_memory, else from accelerator memory (memory_limit x
+    gpu_memory_utilization, less the weights and the largest step's own memory), else sized to
+    fit on CPU."""
     page_bytes = kv_page_bytes(model_config, cache.block_size, dtype_bytes)
     budget = cache.kv_cache_memory
-    if budget is None:
-        device = jax.devices()[0]
-        stats = device.memory_stats() if device.platform != "cpu" else None
-        if stats and "bytes_limit" in stats:
-            budget = int(stats["bytes_limit"] * cache.gpu_memory_utilization) - param_bytes
-        else:
-            enough = max_num_seqs * -(-max_model_len // cache.block_size) * page_bytes
-            budget = min(enough, CPU_DEFAULT_KV_BYTES)
+    if budget is None and memory_limit is not None:
+        budget = int(memory_limit * cache.gpu_memory_utilization) - param_bytes - step_bytes
+        if budget < page_bytes:
+            raise ValueError(f"no device memory left for the KV cache: {memory_limit / 2**30:.2f} GiB x "
+                             f"gpu_memory_utilization {cache.gpu_memory_utilization} leaves "
+                             f"{budget / 2**30:.2f} GiB after {param_bytes / 2**30:.2f} GiB of weights and "
+                             f"{step_bytes / 2**30:.2f} GiB for a step's own buffers; lower max_num_seqs or "
+                             f"max_num_batched_tokens, or raise gpu_memory_utilization")
+    elif budget is None:
+        enough = max_num_seqs * -(-max_model_len // cache.block_size) * page_bytes
+        budget = min(enough, CPU_DEFAULT_KV_BYTES)
     return max(2, budget // page_bytes + 1)  # + page 0, the padding page
 
 
@@ -115,15 +130,22 @@ class LLMEngine:
         self.max_model_len = scheduler.max_model_len
         self.vocab_size = loaded.config.vocab_size
         leaves = jax.tree_util.tree_leaves(loaded.params)
+        shape = dict(block_size=cache.block_size, max_model_len=scheduler.max_model_len,
+                     max_num_seqs=scheduler.max_num_seqs, max_num_batched_tokens=scheduler.max_num_batched_tokens,
+                     attention_fn=attention_fn, mesh=mesh)
+        memory_limit = accelerator_memory_limit() if cache.kv_cache_memory is None else None
+        # On an accelerator the cache gets what the weights and the largest step leave, the
+        # step's share measured by XLA on its compiled graphs, not guessed.
+        step_bytes = step_memory_bytes(loaded.model, loaded.params, **shape) if memory_limit is not None else 0
         num_pages = kv_pages_for(loaded.config, cache, leaves[0].dtype.itemsize, scheduler.max_model_len,
-                                 scheduler.max_num_seqs, sum(x.nbytes for x in leaves))
+                                 scheduler.max_num_seqs, sum(x.nbytes for x in leaves), memory_limit, step_bytes)
         self.pool = BlockPool(num_pages, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler, self.pool)
-        self.runner = ModelRunner(loaded.model, loaded.params, num_pages=num_pages, block_size=cache.block_size,
-                                  max_model_len=scheduler.max_model_len, max_num_seqs=scheduler.max_num_seqs,
-                                  max_num_batched_tokens=scheduler.max_num_batched_tokens,
-                                  attention_fn=attention_fn, mesh=mesh,
+        self.runner = ModelRunner(loaded.model, loaded.params, num_pages=num_pages, **shape,
                                   exported_graphs_dir=os.path.join(compile.resolved_cache_dir(), "jaxserve-exported"))
+        logger.info("KV cache: %d pages of %d tokens (%.2f GiB)%s", num_pages, cache.block_size,
+                    num_pages * kv_page_bytes(loaded.config, cache.block_size, leaves[0].dtype.itemsize) / 2**30,
+                    f", a step's own buffers {step_bytes / 2**30:.2f} GiB" if step_bytes else "")
         self.groups: dict[str, _Group] = {}
         self.stats = EngineStats()
         self.step_log: deque[StepRecord] = deque(maxlen=10_000)
@@ -165,7 +187,8 @@ class LLMEngine:
         detoks = [IncrementalDetokenizer(self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens,
                                          spaces_between_special_tokens=params.spaces_between_special_tokens)
                   for _ in children]
-        self.groups[request_id] = _Group(request_id, prompt_text, token_ids, children, detoks)
+        self.groups[request_id] = _Group(request_id, prompt_text, token_ids, children, detoks, params.output_kind,
+                                         [[0, 0, 0] for _ in children])
         for child in children:
             self.scheduler.add(child)
 
@@ -233,7 +256,7 @@ class LLMEngine:
                 self._store_prompt_logprobs(sched, result)
             touched = self._process_samples(sched, result)
             record = self._record(sched, result)
-            outputs = [self._group_output(g) for g in touched]
+            outputs = [out for out in map(self._group_output, touched) if out is not None]
         record.schedule_seconds = scheduled - started
         record.prepare_seconds = result.prepare_seconds
         record.device_seconds = executed - scheduled - result.prepare_seconds
@@ -356,18 +379,29 @@ class LLMEngine:
 
     # ---- outputs -------------------------------------------------------------------------------
 
-    def _group_output(self, group: _Group) -> RequestOutput:
-        outputs = [self._completion(req, detok) for req, detok in zip(group.children, group.detokenizers)]
-        finished = all(c.finish_reason is not None for c in outputs)
+    def _group_output(self, group: _Group) -> RequestOutput | None:
+        """The group's output after a step it advanced in (None: its kind wants none yet)."""
+        finished = all(req.is_finished for req in group.children)
         if finished:
             self.groups.pop(group.request_id, None)
+        elif group.output_kind is RequestOutputKind.FINAL_ONLY:
+            return None
+        outputs = [self._completion(req, detok) for req, detok in zip(group.children, group.detokenizers)]
         first = group.children[0]
+        prompt_logprobs = first.prompt_logprobs
+        if group.output_kind is RequestOutputKind.DELTA:
+            prompt_logprobs = prompt_logprobs if group.sent[0][1] == 0 else None
+            outputs = [_delta(c, sent) for c, sent in zip(outputs, group.sent)]
         return RequestOutput(request_id=group.request_id, prompt=group.prompt,
                              prompt_token_ids=group.prompt_token_ids, outputs=outputs, finished=finished,
-                             prompt_logprobs=first.prompt_logprobs, num_cached_tokens=first.num_cached_tokens)
+                             prompt_logprobs=prompt_logprobs, num_cached_tokens=first.num_cached_tokens,
+                             metrics=dict(arrival_time=first.arrival_time,
+                                          first_token_time=min((r.first_token_time for r in group.children
+                                                                if r.first_token_time is not None), default=None)))
 
     @staticmethod
     def _completion(req: Request, detok: IncrementalDetokenizer) -> CompletionOutput:
+        """One completion as CUMULATIVE outputs carry it."""
         finish_reason = req.finish_reason
         if finish_reason is not None:
             text = detok.text if req.final_text is None else req.final_text
@@ -383,3 +417,11 @@ class LLMEngine:
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
             finish_reason=finish_reason, stop_reason=req.stop_reason)
 
+
+def _delta(c: CompletionOutput, sent: list[int]) -> CompletionOutput:
+    """What of a cumulative completion is new since `sent` ([text chars, tokens, logprobs]),
+    which moves on to it."""
+    text, tokens = c.text[sent[0]:], c.token_ids[sent[1]:]
+    logprobs = c.logprobs[sent[2]:] if c.logprobs is not None else None
+    sent[0], sent[1], sent[2] = len(c.text), len(c.token_ids), len(c.logprobs or ())
+    return CompletionOutput(c.index, text, tokens, c.cumulative_logprob, logprobs, c.finish_reason, c.stop_reason)

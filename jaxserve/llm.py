@@ -1,6 +1,7 @@
 """The offline API, as vLLM's: ``LLM(model).generate(prompts, SamplingParams(...))`` and ``chat``."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from typing import Sequence
@@ -13,7 +14,7 @@ from jaxserve.engine_args import ENGINE_OPTIONS, EngineArgs, signature
 from jaxserve.outputs import RequestOutput
 from jaxserve.parallel import build_mesh, check_divisible, initialize_distributed, replica_meshes
 from jaxserve.profiling import enable_compile_logging
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
 PromptType = str | Sequence[int]
 
@@ -97,6 +98,10 @@ class LLM:
             params_list = list(sampling_params)
         else:
             params_list = [sampling_params or SamplingParams()] * len(prompts)
+        # Only the final outputs are returned: the engine need not build one per step (as vLLM's LLM).
+        final_only = {}
+        params_list = [final_only.setdefault(id(p), dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY))
+                       if isinstance(p, SamplingParams) else p for p in params_list]  # others: the engine refuses
         engine = self.engine
         ids = []
         try:

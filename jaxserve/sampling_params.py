@@ -6,6 +6,7 @@ client sends can reach the jitted sampler as an out-of-range value.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import numbers
 
 # The most top logprobs a request may ask for (per sampled or prompt token); the sampler's
@@ -32,6 +33,13 @@ def _is_real(value) -> bool:
 
 def _bad(name: str, value, allowed: str) -> ValueError:
     return ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+class RequestOutputKind(enum.Enum):
+    """Which RequestOutputs a request produces while it runs (vLLM's names)."""
+    CUMULATIVE = 0   # one every step it advances: all its text, tokens and logprobs so far
+    DELTA = 1        # one every step it advances: only what is new since the last one
+    FINAL_ONLY = 2   # one, when it finishes (LLM.generate; non-streaming server requests)
 
 
 @dataclasses.dataclass
@@ -117,6 +125,9 @@ class SamplingParams:
     Ollama's repeat_last_n: -1 all of them (vLLM's behaviour, and Ollama's num_ctx here, since
     the context is the whole history), 0 turns the penalties off. >= -1."""
 
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    """Which outputs `LLMEngine.step` returns for the request (RequestOutputKind)."""
+
     def __post_init__(self) -> None:
         self._check_types()
         if isinstance(self.stop, str):
@@ -144,6 +155,8 @@ class SamplingParams:
                      "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "a bool")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise _bad("output_kind", self.output_kind, "a RequestOutputKind")
         if self.stop is not None and not isinstance(self.stop, str):
             if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
                 raise _bad("stop", self.stop, "a string or a list of strings")

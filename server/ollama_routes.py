@@ -50,7 +50,7 @@ async def _run(request: Request, body: dict, model: str, ids: list[int], text: s
                                  logprobs=num_top)
     streaming = get(body, "stream", "bool", True)
     stream = await engine.add_request(f"ollama-{uuid.uuid4().hex}", ids, params, prompt_text=text,
-                                      log_id=request.ctx.request_id, admission=admission)
+                                      log_id=request.ctx.request_id, admission=admission, stream=streaming)
     start = request.ctx.start
 
     def closing(out_ids, reason, metrics):

@@ -40,7 +40,7 @@ def _tokenize(tokenizer, prompts) -> list[tuple[list[int], str | None]]:
 
 
 async def _add_all(request: Request, prompts: list[tuple[list[int], str | None]], params, kind: str,
-                   admission) -> list:
+                   admission, stream: bool) -> list:
     """One engine request per prompt, each taking its places from ``admission``; if any is refused,
     the ones already queued are aborted."""
     engine = request.app.ctx.engine
@@ -50,7 +50,7 @@ async def _add_all(request: Request, prompts: list[tuple[list[int], str | None]]
         for i, (ids, text) in enumerate(prompts):
             streams.append(await engine.add_request(base if len(prompts) == 1 else f"{base}-{i}", ids, params,
                                                     prompt_text=text, log_id=request.ctx.request_id,
-                                                    admission=admission))
+                                                    admission=admission, stream=stream))
     except BaseException:
         for s in streams:
             s.close()
@@ -119,7 +119,7 @@ async def completions(request: Request):
             if not ids:
                 raise RequestError("'prompt' must not be empty", param="prompt", code="invalid_value")
             proto.check_context(len(ids), req.params.max_tokens, engine.max_model_len, prompt_param="prompt")
-        streams = await _add_all(request, prompts, req.params, "cmpl", admission)
+        streams = await _add_all(request, prompts, req.params, "cmpl", admission, req.stream)
     rid, created = streams[0].request_id, int(time.time())
     choices = proto.CompletionChoices(engine.tokenizer, prompts, req.params.n, req.echo, req.params.logprobs)
     num_prompt = sum(len(ids) for ids, _ in prompts)
@@ -164,7 +164,7 @@ async def chat_completions(request: Request):
             tokenizer, req.messages, config.chat_template, add_generation_prompt=req.add_generation_prompt))
         proto.check_context(len(ids), req.params.max_tokens, engine.max_model_len, prompt_param="messages",
                             max_tokens_param="max_completion_tokens")
-        (stream,) = await _add_all(request, [(ids, text)], req.params, "chatcmpl", admission)
+        (stream,) = await _add_all(request, [(ids, text)], req.params, "chatcmpl", admission, req.stream)
     rid, created, n, role = stream.request_id, int(time.time()), req.params.n, config.response_role
     num_top = req.params.logprobs or 0
 

@@ -176,6 +176,47 @@ BAD_REQUESTS = [
 ]
 
 
+def test_output_kinds_cumulative_delta_and_final_only(smollm2_llm):
+    from jaxserve import RequestOutputKind
+
+    engine = smollm2_llm.engine
+    base = dict(n=2, temperature=0.9, seed=11, max_tokens=12, logprobs=2, stop=["\n\n", " the"])
+    outputs = {kind: [] for kind in RequestOutputKind}
+    for kind in RequestOutputKind:
+        engine.add_request(f"kind-{kind.name}", "Write a short poem about the sea:",
+                           SamplingParams(**base, output_kind=kind))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[RequestOutputKind[out.request_id.removeprefix("kind-")]].append(out)
+    cumulative, delta, final = (outputs[k] for k in RequestOutputKind)
+    assert len(cumulative) > 2 and len(final) == 1 and final[0].finished
+    assert [o.finished for o in delta] == [o.finished for o in cumulative]  # one per step it advanced
+    for i in range(2):
+        want = cumulative[-1].outputs[i]
+        got = final[0].outputs[i]
+        assert (got.text, got.token_ids, got.finish_reason, got.logprobs) == (
+            want.text, want.token_ids, want.finish_reason, want.logprobs)
+        pieces = [o.outputs[i] for o in delta]
+        # Deltas concatenate to the cumulative output, step by step, stop-string hold-back included.
+        for k in range(len(pieces)):
+            assert "".join(p.text for p in pieces[:k + 1]) == cumulative[k].outputs[i].text
+            assert sum((p.token_ids for p in pieces[:k + 1]), []) == cumulative[k].outputs[i].token_ids
+        assert sum((p.logprobs for p in pieces), []) == want.logprobs
+        assert pieces[-1].finish_reason == want.finish_reason
+    assert final[0].metrics["first_token_time"] >= final[0].metrics["arrival_time"]
+
+
+def test_generate_returns_final_outputs_without_changing_the_callers_params(smollm2_llm):
+    from jaxserve import RequestOutputKind
+
+    params = SamplingParams(temperature=0, max_tokens=6)
+    outs = smollm2_llm.generate(["The capital of France is", "Water boils at"], params, use_tqdm=False)
+    assert params.output_kind is RequestOutputKind.CUMULATIVE
+    assert all(o.finished and len(o.outputs[0].token_ids) == 6 for o in outs)
+    with pytest.raises(ValueError, match="output_kind must be a RequestOutputKind"):
+        SamplingParams(output_kind=2)
+
+
 def test_bad_requests_are_refused_and_others_carry_on(smollm2_llm):
     llm, engine = smollm2_llm, smollm2_llm.engine
     expected = run_alone(llm, "Name a planet.").token_ids
