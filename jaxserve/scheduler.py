@@ -16,15 +16,17 @@ from jaxserve.config import SchedulerConfig
 from jaxserve.request import Request, RequestStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     request: Request
     start: int        # num_computed_tokens before this step
     num_tokens: int   # tokens computed this step
-    samples: bool = field(init=False)  # the step reaches the last known token, so its logits make a new one
+    # The step reaches the last known token, so its logits make a new one (None: work it out).
+    samples: bool | None = None
 
     def __post_init__(self):
-        self.samples = self.start + self.num_tokens == self.request.num_tokens
+        if self.samples is None:
+            self.samples = self.start + self.num_tokens == self.request.num_tokens
 
 
 @dataclass
@@ -60,17 +62,23 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        # Runs for every running request every step: the common case (a decode whose page has
+        # room) takes no call beyond the ScheduledSeq.
+        S, running, seqs = self.block_size, self.running, out.seqs
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self._reserve_pages(req, n):
-                victim = self.running.pop()  # the newest request gives way
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is req:
-                    return budget
-            out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, n))
+        while i < len(running) and budget > 0:
+            req = running[i]
+            computed = req.num_computed_tokens
+            remaining = len(req.prompt_token_ids) + len(req.output_token_ids) - computed
+            n = remaining if remaining <= budget else budget
+            if computed + n > len(req.block_ids) * S:  # it needs another page
+                while not self._reserve_pages(req, n):
+                    victim = running.pop()  # the newest request gives way
+                    self._preempt(victim)
+                    out.preempted.append(victim)
+                    if victim is req:
+                        return budget
+            seqs.append(ScheduledSeq(req, computed, n, n == remaining))
             budget -= n
             i += 1
         return budget
