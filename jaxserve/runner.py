@@ -140,6 +140,25 @@ def _timed_compile(lowered: jax.stages.Lowered, options: dict | None):
     return lowered.compile(compiler_options=options), time.perf_counter() - start
 
 
+# Pages of the probe cache step_memory_bytes compiles with: a step's own buffers do not depend
+# on the page count (the cache is donated and updated in place; attention reads pages by index).
+_PROBE_PAGES = 64
+
+
+def step_memory_bytes(model, params, **runner_args) -> int:
+    """Device bytes the most demanding step graph needs beyond its inputs (weights, cache):
+    XLA's memory analysis of the compiled largest-bucket graphs (temporaries, and outputs not
+    aliased to inputs), prompt_logprobs' forward ([T, V] logits) included. Compiles them
+    against a small probe cache; the sampling graphs, which do not see the cache, land in the
+    persistent compilation cache for warm-up to reuse."""
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    probe = ModelRunner(model, shapes, num_pages=_PROBE_PAGES, abstract=True, **runner_args)
+    largest, batch = probe.buckets[-1], probe.batch_sizes[-1]
+    keys = [forward_key(largest), forward_key(largest, with_prompt_logprobs=True), penalties_key(batch),
+            sampler_key(batch)]
+    return max(probe.memory_of(key) for key in keys)
+
+
 class GraphKey(NamedTuple):
     """One compiled executable: ("forward", (T, B), with prompt_logprobs), ("penalties", B, None)
     or ("sampler", B, sampler registry version or None for the default-only sampler)."""
@@ -306,6 +325,12 @@ class ModelRunner:
         static = ((),) if key.kind == "sampler" else ()  # the sampler's `samplers`: none
         return jax.export.export(self._jitted[key.kind], platforms=platforms, disabled_checks=_UNCHECKED_CALLS)(
             *self._example_args(key), *static)
+
+    def memory_of(self, key: GraphKey) -> int:
+        """Bytes `key`'s compiled graph allocates beyond its arguments (XLA's memory analysis)."""
+        stats = self._lower(key, self._example_args(key)).compile(
+            compiler_options=self._compiler_options(key)).memory_analysis()
+        return stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
 
     def _exported_store(self, folder: str | None) -> ExportedGraphStore | None:
         """The store of the warm-up graphs, or None where a graph could not be keyed safely
