@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve generate bench bench-peers clean
+.PHONY: install install-cuda test serve generate bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -15,6 +15,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# jax's CUDA plugin for NVIDIA GPUs (a few GB of CUDA libraries from PyPI): CUDA=12 (default) or
+# CUDA=13. Wheels exist for CPython 3.11-3.14 on x86-64 and aarch64 Linux only; on other Pythons
+# pip finds none. Ends by printing the devices JAX sees (a CPU only: the plugin found no GPU).
+CUDA ?= 12
+install-cuda: $(STAMP)
+	@$(BIN)/python -c "import sys; v = sys.version_info[:2]; ok = (3, 11) <= v <= (3, 14); \
+	print(f'Python {v[0]}.{v[1]}: ' + ('jax CUDA wheels exist' if ok else 'no jax CUDA wheels (3.11-3.14 only)')); \
+	sys.exit(0 if ok else 1)"
+	$(BIN)/pip install -q -e '.[$(if $(filter 13,$(CUDA)),cuda13,cuda)]'
+	$(BIN)/python -c "import jax; print('JAX', jax.__version__, 'devices:', jax.devices())"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
