@@ -41,6 +41,7 @@ class IncrementalDetokenizer:
         self.output_ids: list[int] = []
         self._pieces: list[str] = []
         self._text: str | None = ""
+        self._deferred: list[int] = []  # tokens taken by defer(), not decoded yet
 
     def _decode(self, ids: list[int]) -> str:
         return self._decoding.decode_batch([ids])[0] if ids else ""
@@ -48,7 +49,20 @@ class IncrementalDetokenizer:
     def add_token(self, token_id: int) -> str:
         """Append one token; return the text it completes ("" while a character is incomplete,
         or for a skipped special token)."""
+        self._catch_up()
         return add_tokens([self], [token_id])[0]
+
+    def defer(self, token_id: int) -> None:
+        """Take a token whose text nobody reads yet (a final-only output without stop strings):
+        it is decoded, as add_token would, when `text` or `flush` is next asked for. A step then
+        costs a list append for such a stream, and the decoding runs once, at the end."""
+        self._deferred.append(token_id)
+
+    def _catch_up(self) -> None:
+        if self._deferred:
+            deferred, self._deferred = self._deferred, []
+            for token_id in deferred:
+                add_tokens([self], [token_id])
 
     def _step_in_rust(self, token_id: int) -> str:
         self._ids.append(token_id)
@@ -86,6 +100,7 @@ class IncrementalDetokenizer:
 
         Call once when the sequence finishes, so the total text equals decode(output_ids).
         """
+        self._catch_up()
         if self._read_offset == len(self._ids):
             return ""  # nothing held back
         if self._prefix_text is None:
@@ -102,7 +117,8 @@ class IncrementalDetokenizer:
 
     @property
     def text(self) -> str:
-        """All output text returned so far."""
+        """All output text returned so far (deferred tokens decoded first)."""
+        self._catch_up()
         if self._text is None:
             self._text = "".join(self._pieces)
             self._pieces = [self._text]

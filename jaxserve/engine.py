@@ -182,7 +182,7 @@ class LLMEngine:
                 eos_token_ids=self._eos, prompt=prompt_text, group_id=request_id, sample_index=i,
                 leader=children[0] if i > 0 else None,
                 logprobs=[] if params.logprobs is not None else None,
-                sampling_values=row_values(params), sampler_name=params.selected_sampler,
+                sampler_name=params.selected_sampler,
                 prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None))
         detoks = [IncrementalDetokenizer(self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens,
                                          spaces_between_special_tokens=params.spaces_between_special_tokens)
@@ -264,13 +264,20 @@ class LLMEngine:
         return outputs
 
     def _sampling_row(self, req: Request) -> SamplingRow:
-        p = req.params
+        """The request's row for this step: one object per request, its per-step fields updated
+        (the output ids are the request's own list)."""
+        p, num_out, row = req.params, len(req.output_token_ids), req.sampling_row
         banned = ()
-        if len(req.output_token_ids) < p.min_tokens:
+        if num_out < p.min_tokens:
             banned = tuple(p.stop_token_ids or ()) + (() if p.ignore_eos else req.eos_token_ids)
-        return SamplingRow(params=p, seed=req.seed, step=len(req.output_token_ids),
-                           prompt_ids=req.prompt_token_ids, output_ids=req.output_token_ids, banned_ids=banned,
-                           sampler_state=req.sampler_state, values=req.sampling_values, sampler=req.sampler_name)
+        if row is None:
+            row = req.sampling_row = SamplingRow(
+                params=p, seed=req.seed, step=num_out, prompt_ids=req.prompt_token_ids,
+                output_ids=req.output_token_ids, banned_ids=banned, sampler_state=req.sampler_state,
+                values=row_values(p), sampler=req.sampler_name)
+        else:
+            row.step, row.banned_ids, row.sampler_state = num_out, banned, req.sampler_state
+        return row
 
     def _process_samples(self, sched: SchedulerOutput, result: StepResult) -> list[_Group]:
         touched: dict[str, _Group] = {}
@@ -280,7 +287,16 @@ class LLMEngine:
         sampled = [(i, seq.request) for i, seq in enumerate(sched.seqs) if seq.samples]
         groups = [self.groups[req.group_id] for _, req in sampled]
         detoks = [group.detokenizers[req.sample_index] for group, (_, req) in zip(groups, sampled)]
-        new_texts = add_tokens(detoks, [tokens[i] for i, _ in sampled])  # the streams' text, in one batch
+        # Text is decoded now only where someone reads it before the end: outputs every step, or
+        # stop strings to look for; final-only outputs without stop strings decode once, at the end.
+        live = [k for k, (group, (_, req)) in enumerate(zip(groups, sampled))
+                if group.output_kind is not RequestOutputKind.FINAL_ONLY or req.params.stop]
+        new_texts = [""] * len(sampled)
+        for k, text in zip(live, add_tokens([detoks[k] for k in live], [tokens[sampled[k][0]] for k in live])):
+            new_texts[k] = text
+        if len(live) < len(sampled):
+            for k in set(range(len(sampled))).difference(live):
+                detoks[k].defer(tokens[sampled[k][0]])
         for (i, req), group, detok, new_text in zip(sampled, groups, detoks, new_texts):
             token = tokens[i]
             req.output_token_ids.append(token)
@@ -381,47 +397,50 @@ class LLMEngine:
 
     def _group_output(self, group: _Group) -> RequestOutput | None:
         """The group's output after a step it advanced in (None: its kind wants none yet)."""
-        finished = all(req.is_finished for req in group.children)
+        children = group.children
+        finished = all(req.is_finished for req in children)
         if finished:
             self.groups.pop(group.request_id, None)
         elif group.output_kind is RequestOutputKind.FINAL_ONLY:
             return None
-        outputs = [self._completion(req, detok) for req, detok in zip(group.children, group.detokenizers)]
-        first = group.children[0]
+        first = children[0]
         prompt_logprobs = first.prompt_logprobs
         if group.output_kind is RequestOutputKind.DELTA:
-            prompt_logprobs = prompt_logprobs if group.sent[0][1] == 0 else None
-            outputs = [_delta(c, sent) for c, sent in zip(outputs, group.sent)]
+            prompt_logprobs = prompt_logprobs if not group.sent[0][1] else None
+            outputs = [_completion(req, detok, sent) for req, detok, sent in
+                       zip(children, group.detokenizers, group.sent)]
+        else:
+            outputs = [_completion(req, detok) for req, detok in zip(children, group.detokenizers)]
+        first_token = (first.first_token_time if len(children) == 1 else
+                       min((r.first_token_time for r in children if r.first_token_time is not None), default=None))
         return RequestOutput(request_id=group.request_id, prompt=group.prompt,
                              prompt_token_ids=group.prompt_token_ids, outputs=outputs, finished=finished,
                              prompt_logprobs=prompt_logprobs, num_cached_tokens=first.num_cached_tokens,
-                             metrics=dict(arrival_time=first.arrival_time,
-                                          first_token_time=min((r.first_token_time for r in group.children
-                                                                if r.first_token_time is not None), default=None)))
-
-    @staticmethod
-    def _completion(req: Request, detok: IncrementalDetokenizer) -> CompletionOutput:
-        """One completion as CUMULATIVE outputs carry it."""
-        finish_reason = req.finish_reason
-        if finish_reason is not None:
-            text = detok.text if req.final_text is None else req.final_text
-        elif req.params.stop:
-            # While running, hold back a tail that could still turn out to be a stop string.
-            hold = req.params.max_stop_len - 1
-            text = detok.text[:max(0, len(detok.text) - hold)] if hold else detok.text
-        else:
-            text = detok.text
-        return CompletionOutput(
-            index=req.sample_index, text=text, token_ids=list(req.output_token_ids),
-            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
-            logprobs=list(req.logprobs) if req.logprobs is not None else None,
-            finish_reason=finish_reason, stop_reason=req.stop_reason)
+                             metrics={"arrival_time": first.arrival_time, "first_token_time": first_token})
 
 
-def _delta(c: CompletionOutput, sent: list[int]) -> CompletionOutput:
-    """What of a cumulative completion is new since `sent` ([text chars, tokens, logprobs]),
-    which moves on to it."""
-    text, tokens = c.text[sent[0]:], c.token_ids[sent[1]:]
-    logprobs = c.logprobs[sent[2]:] if c.logprobs is not None else None
-    sent[0], sent[1], sent[2] = len(c.text), len(c.token_ids), len(c.logprobs or ())
-    return CompletionOutput(c.index, text, tokens, c.cumulative_logprob, logprobs, c.finish_reason, c.stop_reason)
+def _completion(req: Request, detok: IncrementalDetokenizer, sent: list[int] | None = None) -> CompletionOutput:
+    """One completion: all of it so far (CUMULATIVE), or with `sent` (DELTA: [text chars, tokens,
+    logprobs] already carried, moved on here) only what is new."""
+    finish_reason = req.finish_reason
+    text = detok.text
+    if finish_reason is not None:
+        text = text if req.final_text is None else req.final_text
+    elif req.params.stop:
+        # While running, hold back a tail that could still turn out to be a stop string.
+        hold = req.params.max_stop_len - 1
+        text = text[:max(0, len(text) - hold)] if hold else text
+    tokens, logprobs = req.output_token_ids, req.logprobs
+    if sent is None:
+        tokens, logprobs = list(tokens), list(logprobs) if logprobs is not None else None
+    else:
+        num_chars, num_tokens = len(text), len(tokens)
+        text, tokens = text[sent[0]:], tokens[sent[1]:]
+        if logprobs is not None:
+            num_logprobs, logprobs = len(logprobs), logprobs[sent[2]:]
+            sent[2] = num_logprobs
+        sent[0], sent[1] = num_chars, num_tokens
+    return CompletionOutput(
+        index=req.sample_index, text=text, token_ids=tokens,
+        cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+        logprobs=logprobs, finish_reason=finish_reason, stop_reason=req.stop_reason)

@@ -43,9 +43,8 @@ class Request:
     leader: "Request | None" = None  # n > 1: siblings wait until the leader's prompt pages are cached
     sample_index: int = 0            # which of the n completions this is
     arrival_time: float = field(default_factory=time.monotonic)
-    # What the sampler packs for this request every step, read from params once (sampler.SamplingRow).
-    sampling_values: tuple | None = None
-    sampler_name: str | None = None
+    sampler_name: str | None = None  # params.selected_sampler, read once
+    sampling_row: object = None      # the sampler's view of it (sampler.SamplingRow), kept by the engine
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -426,8 +426,9 @@ class ModelRunner:
         counts = np.fromiter((seq.num_tokens for seq in seqs), np.int32, n)
         num_tokens = int(counts.sum())
         tokens = np.zeros(T, np.int32)
-        if num_tokens == n:  # every sequence computes one token: a decode step
-            tokens[:n] = [req.token_at(seq.start) for req, seq in zip(reqs, seqs)]
+        if num_tokens == n:  # every sequence computes one token: a decode step, mostly of last tokens
+            tokens[:n] = [(req.output_token_ids or req.prompt_token_ids)[-1] if seq.samples else req.token_at(seq.start)
+                          for req, seq in zip(reqs, seqs)]
         elif n:
             tokens[:num_tokens] = list(itertools.chain.from_iterable(
                 (req.token_at(seq.start),) if seq.num_tokens == 1

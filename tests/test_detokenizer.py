@@ -156,6 +156,21 @@ def test_batched_streams_match_one_stream_at_a_time(tokenizer, chat_prompt):
     assert [d.text for d in together] == ["".join(p) for p in alone]
 
 
+def test_deferred_tokens_decode_as_if_added_one_by_one(tokenizer, chat_prompt):
+    ids = tokenizer.encode(TEXTS["emoji"] + TEXTS["korean"])
+    det = IncrementalDetokenizer(tokenizer, chat_prompt)
+    for t in ids[:7]:
+        det.defer(t)
+    pieces = [det.add_token(t) for t in ids[7:12]]  # catches up first
+    for t in ids[12:-1]:
+        det.defer(t)
+    assert "".join(pieces) and det.text.startswith("Party")
+    det.defer(ids[-1])
+    det.flush()
+    alone = IncrementalDetokenizer(tokenizer, chat_prompt)
+    assert det.text == "".join(alone.add_token(t) for t in ids) + alone.flush() == TEXTS["emoji"] + TEXTS["korean"]
+
+
 def test_batch_decoder_matches_decode_with_and_without_cleanup(tokenizer):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
