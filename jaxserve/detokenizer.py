@@ -8,7 +8,7 @@ step's host time); other tokenizers run it here, with the streams of a step deco
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 # Prompt tokens decoded ahead of the output, so the first output token's text comes out as
 # it would inside the whole sequence (e.g. SentencePiece's leading space); vLLM uses 5.
@@ -205,11 +205,6 @@ def decoding_for(tokenizer, skip_special_tokens: bool = True, spaces_between_spe
     decoding = _DECODINGS[key] = _Decoding(tokenizer, skip_special_tokens, spaces_between_special_tokens)
     return decoding
 
-
-def batch_decoder(tokenizer, skip_special_tokens: bool = True,
-                  spaces_between_special_tokens: bool = True) -> Callable[[list[list[int]]], list[str]]:
-    """A function decoding a list of id lists exactly as tokenizer.decode decodes each."""
-    return decoding_for(tokenizer, skip_special_tokens, spaces_between_special_tokens).decode_batch
 
 
 def find_stop(text: str, num_new_chars: int, stops: list[str]) -> tuple[int, str] | None:

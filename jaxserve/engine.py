@@ -289,14 +289,15 @@ class LLMEngine:
         detoks = [group.detokenizers[req.sample_index] for group, (_, req) in zip(groups, sampled)]
         # Text is decoded now only where someone reads it before the end: outputs every step, or
         # stop strings to look for; final-only outputs without stop strings decode once, at the end.
-        live = [k for k, (group, (_, req)) in enumerate(zip(groups, sampled))
-                if group.output_kind is not RequestOutputKind.FINAL_ONLY or req.params.stop]
+        live = []
+        for k, (group, (i, req)) in enumerate(zip(groups, sampled)):
+            if group.output_kind is RequestOutputKind.FINAL_ONLY and not req.params.stop:
+                detoks[k].defer(tokens[i])
+            else:
+                live.append(k)
         new_texts = [""] * len(sampled)
         for k, text in zip(live, add_tokens([detoks[k] for k in live], [tokens[sampled[k][0]] for k in live])):
             new_texts[k] = text
-        if len(live) < len(sampled):
-            for k in set(range(len(sampled))).difference(live):
-                detoks[k].defer(tokens[sampled[k][0]])
         for (i, req), group, detok, new_text in zip(sampled, groups, detoks, new_texts):
             token = tokens[i]
             req.output_token_ids.append(token)

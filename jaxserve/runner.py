@@ -319,12 +319,15 @@ class ModelRunner:
             return self._jitted[key.kind].lower(*args)
         return self._jitted["sampler"].lower(*args, samplers.pluggable if samplers is not None else ())
 
-    def export(self, key: GraphKey, platforms: tuple[str, ...] | None = None) -> jax.export.Exported:
+    def export(self, key: GraphKey, platforms: tuple[str, ...] | None = None,
+               args: tuple | None = None) -> jax.export.Exported:
         """`key`'s graph lowered (not compiled) for `platforms` (default: the mesh's), e.g. for
-        CUDA on a CPU: jax.export runs the whole lowering, Pallas kernels included, with no device."""
+        CUDA on a CPU: jax.export runs the whole lowering, Pallas kernels included, with no device.
+        args: the example arguments (default: `_example_args(key)`)."""
         static = ((),) if key.kind == "sampler" else ()  # the sampler's `samplers`: none
+        args = self._example_args(key) if args is None else args
         return jax.export.export(self._jitted[key.kind], platforms=platforms, disabled_checks=_UNCHECKED_CALLS)(
-            *self._example_args(key), *static)
+            *args, *static)
 
     def memory_of(self, key: GraphKey) -> int:
         """Bytes `key`'s compiled graph allocates beyond its arguments (XLA's memory analysis)."""
@@ -352,10 +355,8 @@ class ModelRunner:
         if exported is not None:
             self.num_graphs_from_store += 1
         else:
-            static = ((),) if key.kind == "sampler" else ()  # the sampler's `samplers`: none
             try:
-                exported = jax.export.export(self._jitted[key.kind], disabled_checks=_UNCHECKED_CALLS)(
-                    *args, *static)
+                exported = self.export(key, args=args)
             except Exception as error:  # e.g. a kernel's custom call that export does not vouch for
                 logger.info("step graphs are not exported (%s); each start traces them", error)
                 self._exported = None
@@ -394,12 +395,10 @@ class ModelRunner:
 
     # ---- host side ---------------------------------------------------------------------------
 
-    def _empty_inputs(self, bucket: tuple[int, int], rows: list[SamplingRow] = (),
-                      samplers: sampling.Snapshot | None = None) -> StepInputs:
-        """All-padding inputs of a bucket, with the sampling rows of the real sequences."""
+    def _empty_inputs(self, bucket: tuple[int, int]) -> StepInputs:
+        """All-padding inputs of a bucket (example arguments for lowering its graphs)."""
         T, B = bucket
-        tensors = build_sampling_tensors(list(rows), B, self.max_model_len, BANNED_WIDTH,
-                                         samplers.samplers if samplers is not None else None)
+        tensors = build_sampling_tensors([], B, self.max_model_len, BANNED_WIDTH)
         attn = AttentionMetadata(
             positions=np.zeros(T, np.int32), slot_mapping=np.zeros(T, np.int32),
             cu_q_lens=np.zeros(B + 1, np.int32), kv_lens=np.zeros(B, np.int32),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxserve import detokenizer
-from jaxserve.detokenizer import IncrementalDetokenizer, add_tokens, batch_decoder, find_stop, find_stop_string
+from jaxserve.detokenizer import IncrementalDetokenizer, add_tokens, decoding_for, find_stop, find_stop_string
 
 TEXTS = {
     "korean": "안녕하세요, 세계! 오늘 날씨가 정말 좋네요.",
@@ -171,7 +171,7 @@ def test_deferred_tokens_decode_as_if_added_one_by_one(tokenizer, chat_prompt):
     assert det.text == "".join(alone.add_token(t) for t in ids) + alone.flush() == TEXTS["emoji"] + TEXTS["korean"]
 
 
-def test_batch_decoder_matches_decode_with_and_without_cleanup(tokenizer):
+def test_batch_decode_matches_decode_with_and_without_cleanup(tokenizer):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -186,8 +186,8 @@ def test_batch_decoder_matches_decode_with_and_without_cleanup(tokenizer):
     for tok in (cleaned, tokenizer):
         for skip in (True, False):
             want = [tok.decode(w, skip_special_tokens=skip) if w else "" for w in windows]
-            assert batch_decoder(tok, skip)(windows) == want
-    assert batch_decoder(cleaned)(windows)[0] == "hello, world!"
+            assert decoding_for(tok, skip).decode_batch(windows) == want
+    assert decoding_for(cleaned).decode_batch(windows)[0] == "hello, world!"
 
 
 def test_stop_strings_found_while_streaming(tokenizer, chat_prompt):
