@@ -1,8 +1,8 @@
 """The engine loop: requests in, one scheduled and executed step at a time, outputs out.
 
 ``LLMEngine.step()`` is schedule -> run -> process outputs. Everything host-side and per-token
-(stop conditions, detokenisation, logprobs) happens in ``OutputProcessor``-style helpers here;
-the device sees one jitted call per step. Bad requests are refused in ``add_request`` before they
+(stop conditions, detokenisation, logprobs, the outputs' shapes) is the ``OutputProcessor``'s
+(output_processor.py); the device sees one step's graphs per step. Bad requests are refused in ``add_request`` before they
 touch any state, so they cannot disturb the requests already running.
 """
 from __future__ import annotations
@@ -19,13 +19,13 @@ import jax
 from jaxserve import sampling
 from jaxserve.block_pool import BlockPool
 from jaxserve.config import CacheConfig, CompileConfig, SchedulerConfig
-from jaxserve.detokenizer import IncrementalDetokenizer, add_tokens, find_stop
-from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxserve.output_processor import OutputProcessor, RequestState
+from jaxserve.outputs import RequestOutput
 from jaxserve.profiling import PROCESS_OUTPUTS, SCHEDULE, Profiler, annotate
 from jaxserve.request import Request, RequestStatus
 from jaxserve.runner import BANNED_WIDTH, ModelRunner, StepResult, step_memory_bytes
-from jaxserve.sampler import DEFAULT_SAMPLER, SamplingRow, row_values
-from jaxserve.sampling_params import RequestOutputKind, SamplingParams
+from jaxserve.sampler import SamplingRow, row_values
+from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -69,19 +69,6 @@ class EngineStats:
     step_seconds_total: float = 0.0
     last_step_seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)  # recent steps, for histograms
-
-
-@dataclass
-class _Group:
-    """One user request: its n completions share the prompt."""
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    children: list[Request]
-    detokenizers: list[IncrementalDetokenizer]
-    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
-    # DELTA: per completion, the text, tokens and logprobs its outputs carried so far.
-    sent: list[list[int]] = field(default_factory=list)
 
 
 def enable_persistent_compilation_cache(path: str) -> None:
@@ -146,7 +133,6 @@ class LLMEngine:
         logger.info("KV cache: %d pages of %d tokens (%.2f GiB)%s", num_pages, cache.block_size,
                     num_pages * kv_page_bytes(loaded.config, cache.block_size, leaves[0].dtype.itemsize) / 2**30,
                     f", a step's own buffers {step_bytes / 2**30:.2f} GiB" if step_bytes else "")
-        self.groups: dict[str, _Group] = {}
         self.stats = EngineStats()
         self.step_log: deque[StepRecord] = deque(maxlen=10_000)
         self._rng = random.Random(seed)
@@ -155,6 +141,12 @@ class LLMEngine:
         if compile.warmup:
             self.runner.warmup()
         self.tokenizer = loaded.tokenizer  # last: a GGUF's loads in the background until here (models/loader.py)
+        self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len, self.scheduler.finish)
+
+    @property
+    def groups(self) -> dict[str, RequestState]:
+        """The requests not finished yet, by the user's request id."""
+        return self.output_processor.states
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -184,11 +176,7 @@ class LLMEngine:
                 logprobs=[] if params.logprobs is not None else None,
                 sampler_name=params.selected_sampler,
                 prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None))
-        detoks = [IncrementalDetokenizer(self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens,
-                                         spaces_between_special_tokens=params.spaces_between_special_tokens)
-                  for _ in children]
-        self.groups[request_id] = _Group(request_id, prompt_text, token_ids, children, detoks, params.output_kind,
-                                         [[0, 0, 0] for _ in children])
+        self.output_processor.add(request_id, prompt_text, token_ids, children)
         for child in children:
             self.scheduler.add(child)
 
@@ -222,10 +210,7 @@ class LLMEngine:
         return max_tokens
 
     def abort_request(self, request_id: str) -> None:
-        group = self.groups.pop(request_id, None)
-        if group is None:
-            return
-        for req in group.children:
+        for req in self.output_processor.abort(request_id):
             if not req.is_finished:
                 self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
 
@@ -252,11 +237,8 @@ class LLMEngine:
         executed = time.perf_counter()
         with annotate(PROCESS_OUTPUTS):
             self.scheduler.update_after_step(sched)
-            if result.prompt_logprobs is not None:
-                self._store_prompt_logprobs(sched, result)
-            touched = self._process_samples(sched, result)
+            outputs = self.output_processor.process(sched, result)
             record = self._record(sched, result)
-            outputs = [out for out in map(self._group_output, touched) if out is not None]
         record.schedule_seconds = scheduled - started
         record.prepare_seconds = result.prepare_seconds
         record.device_seconds = executed - scheduled - result.prepare_seconds
@@ -278,89 +260,6 @@ class LLMEngine:
         else:
             row.step, row.banned_ids, row.sampler_state = num_out, banned, req.sampler_state
         return row
-
-    def _process_samples(self, sched: SchedulerOutput, result: StepResult) -> list[_Group]:
-        touched: dict[str, _Group] = {}
-        now = time.monotonic()
-        # Python lists once, not a numpy scalar per row.
-        tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()
-        sampled = [(i, seq.request) for i, seq in enumerate(sched.seqs) if seq.samples]
-        groups = [self.groups[req.group_id] for _, req in sampled]
-        detoks = [group.detokenizers[req.sample_index] for group, (_, req) in zip(groups, sampled)]
-        # Text is decoded now only where someone reads it before the end: outputs every step, or
-        # stop strings to look for; final-only outputs without stop strings decode once, at the end.
-        live = []
-        for k, (group, (i, req)) in enumerate(zip(groups, sampled)):
-            if group.output_kind is RequestOutputKind.FINAL_ONLY and not req.params.stop:
-                detoks[k].defer(tokens[i])
-            else:
-                live.append(k)
-        new_texts = [""] * len(sampled)
-        for k, text in zip(live, add_tokens([detoks[k] for k in live], [tokens[sampled[k][0]] for k in live])):
-            new_texts[k] = text
-        for (i, req), group, detok, new_text in zip(sampled, groups, detoks, new_texts):
-            token = tokens[i]
-            req.output_token_ids.append(token)
-            if req.sampler_name != DEFAULT_SAMPLER:  # e.g. mirostat's mu, for the next step
-                req.sampler_state = result.sampler_state[i].copy()
-            req.cumulative_logprob += logprobs[i]
-            if req.first_token_time is None:
-                req.first_token_time = now
-            if req.logprobs is not None:
-                req.logprobs.append(self._logprob_entry(req.params.logprobs, token, logprobs[i],
-                                                        result.top_ids[i], result.top_logprobs[i]))
-            status = self._stop_status(req, token, detok, len(new_text))
-            if status is not None:
-                detok.flush()  # an unfinished multi-byte character at the very end
-                req.finish_time = now
-                self.scheduler.finish(req, status)
-            touched[group.request_id] = group
-        return list(touched.values())
-
-    def _logprob_entry(self, num_top: int, token: int, logprob: float, top_ids, top_logprobs) -> dict[int, Logprob]:
-        """vLLM's per-position logprobs: the chosen token, then the top ``num_top`` by rank."""
-        top_ids = top_ids[:num_top].tolist()
-        entry = {token: Logprob(float(logprob), top_ids.index(token) + 1 if token in top_ids else None,
-                                self.tokenizer.decode([token]))}
-        for rank, (tid, lp) in enumerate(zip(top_ids, top_logprobs[:num_top].tolist()), start=1):
-            if tid not in entry:
-                entry[tid] = Logprob(float(lp), rank, self.tokenizer.decode([tid]))
-        return entry
-
-    def _store_prompt_logprobs(self, sched: SchedulerOutput, result: StepResult) -> None:
-        lps, top_ids, top_lps = result.prompt_logprobs
-        offset = 0
-        for seq in sched.seqs:
-            req = seq.request
-            if req.prompt_logprobs is not None:
-                # Flat row offset + i scores prompt token start + i + 1 (recomputation overwrites alike).
-                for i in range(max(0, min(seq.num_tokens, req.num_prompt_tokens - 1 - seq.start))):
-                    pos = seq.start + i + 1
-                    req.prompt_logprobs[pos] = self._logprob_entry(
-                        req.params.prompt_logprobs, req.prompt_token_ids[pos], lps[offset + i],
-                        top_ids[offset + i], top_lps[offset + i])
-            offset += seq.num_tokens
-
-    def _stop_status(self, req: Request, token: int, detok: IncrementalDetokenizer,
-                     num_new_chars: int) -> RequestStatus | None:
-        p = req.params
-        num_out = len(req.output_token_ids)
-        if num_out >= p.min_tokens:
-            if not p.ignore_eos and token in req.eos_token_ids:
-                return RequestStatus.FINISHED_STOPPED
-            if p.stop_token_ids and token in p.stop_token_ids:
-                req.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
-            if p.stop and num_new_chars:
-                found = find_stop(detok.text, num_new_chars, p.stop)
-                if found is not None:
-                    at, stop = found
-                    req.stop_reason = stop
-                    req.final_text = detok.text[:at + len(stop) if p.include_stop_str_in_output else at]
-                    return RequestStatus.FINISHED_STOPPED
-        if num_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
 
     def _record(self, sched: SchedulerOutput, result: StepResult) -> StepRecord:
         s = self.stats
@@ -393,55 +292,3 @@ class LLMEngine:
         s.compile_seconds = self.runner.compile_seconds
         s.compile_times = list(self.runner.compile_times)
         return s
-
-    # ---- outputs -------------------------------------------------------------------------------
-
-    def _group_output(self, group: _Group) -> RequestOutput | None:
-        """The group's output after a step it advanced in (None: its kind wants none yet)."""
-        children = group.children
-        finished = all(req.is_finished for req in children)
-        if finished:
-            self.groups.pop(group.request_id, None)
-        elif group.output_kind is RequestOutputKind.FINAL_ONLY:
-            return None
-        first = children[0]
-        prompt_logprobs = first.prompt_logprobs
-        if group.output_kind is RequestOutputKind.DELTA:
-            prompt_logprobs = prompt_logprobs if not group.sent[0][1] else None
-            outputs = [_completion(req, detok, sent) for req, detok, sent in
-                       zip(children, group.detokenizers, group.sent)]
-        else:
-            outputs = [_completion(req, detok) for req, detok in zip(children, group.detokenizers)]
-        first_token = (first.first_token_time if len(children) == 1 else
-                       min((r.first_token_time for r in children if r.first_token_time is not None), default=None))
-        return RequestOutput(request_id=group.request_id, prompt=group.prompt,
-                             prompt_token_ids=group.prompt_token_ids, outputs=outputs, finished=finished,
-                             prompt_logprobs=prompt_logprobs, num_cached_tokens=first.num_cached_tokens,
-                             metrics={"arrival_time": first.arrival_time, "first_token_time": first_token})
-
-
-def _completion(req: Request, detok: IncrementalDetokenizer, sent: list[int] | None = None) -> CompletionOutput:
-    """One completion: all of it so far (CUMULATIVE), or with `sent` (DELTA: [text chars, tokens,
-    logprobs] already carried, moved on here) only what is new."""
-    finish_reason = req.finish_reason
-    text = detok.text
-    if finish_reason is not None:
-        text = text if req.final_text is None else req.final_text
-    elif req.params.stop:
-        # While running, hold back a tail that could still turn out to be a stop string.
-        hold = req.params.max_stop_len - 1
-        text = text[:max(0, len(text) - hold)] if hold else text
-    tokens, logprobs = req.output_token_ids, req.logprobs
-    if sent is None:
-        tokens, logprobs = list(tokens), list(logprobs) if logprobs is not None else None
-    else:
-        num_chars, num_tokens = len(text), len(tokens)
-        text, tokens = text[sent[0]:], tokens[sent[1]:]
-        if logprobs is not None:
-            num_logprobs, logprobs = len(logprobs), logprobs[sent[2]:]
-            sent[2] = num_logprobs
-        sent[0], sent[1] = num_chars, num_tokens
-    return CompletionOutput(
-        index=req.sample_index, text=text, token_ids=tokens,
-        cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
-        logprobs=logprobs, finish_reason=finish_reason, stop_reason=req.stop_reason)

@@ -1,0 +1,196 @@
+"""Output processing: a step's sampled tokens -> the requests' outputs (vLLM v1's OutputProcessor).
+
+Owns each user request's state on the way out: its n completions, their detokenizers and what
+DELTA outputs have carried so far; applies the stop rules (EOS, stop token ids, stop strings with
+the hold-back of a tail that could still become one, max_tokens, the context length); builds the
+logprob entries; and makes one RequestOutput per request per step in the shape its
+RequestOutputKind asks for. The engine hands it each step's scheduler output and sampler result;
+finishing a request (its pages back to the pool) is the scheduler's, through ``finish``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from jaxserve.detokenizer import IncrementalDetokenizer, add_tokens, find_stop
+from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxserve.request import Request, RequestStatus
+from jaxserve.runner import StepResult
+from jaxserve.sampler import DEFAULT_SAMPLER
+from jaxserve.sampling_params import RequestOutputKind
+from jaxserve.scheduler import SchedulerOutput
+
+
+@dataclass
+class RequestState:
+    """One user request on the way out: its n completions share the prompt."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # DELTA: per completion, the text, tokens and logprobs its outputs carried so far.
+    sent: list[list[int]] = field(default_factory=list)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, max_model_len: int, finish: Callable[[Request, RequestStatus], None]):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self._finish = finish
+        self.states: dict[str, RequestState] = {}
+
+    def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], children: list[Request]) -> None:
+        params = children[0].params
+        detoks = [IncrementalDetokenizer(self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
+                                         spaces_between_special_tokens=params.spaces_between_special_tokens)
+                  for _ in children]
+        self.states[request_id] = RequestState(request_id, prompt, prompt_token_ids, children, detoks,
+                                               params.output_kind, [[0, 0, 0] for _ in children])
+
+    def abort(self, request_id: str) -> list[Request]:
+        """Forget a request; its completions, for the scheduler to finish ([] if unknown)."""
+        state = self.states.pop(request_id, None)
+        return state.children if state is not None else []
+
+    def process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        """Take a step's results; the outputs of the requests that advanced (finished ones last time)."""
+        if result.prompt_logprobs is not None:
+            self._store_prompt_logprobs(sched, result)
+        touched = self._process_samples(sched, result)
+        return [out for out in map(self._output, touched) if out is not None]
+
+    def _process_samples(self, sched: SchedulerOutput, result: StepResult) -> list[RequestState]:
+        touched: dict[str, RequestState] = {}
+        now = time.monotonic()
+        # Python lists once, not a numpy scalar per row.
+        tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()
+        sampled = [(i, seq.request) for i, seq in enumerate(sched.seqs) if seq.samples]
+        states = [self.states[req.group_id] for _, req in sampled]
+        detoks = [state.detokenizers[req.sample_index] for state, (_, req) in zip(states, sampled)]
+        # Text is decoded now only where someone reads it before the end: outputs every step, or
+        # stop strings to look for; final-only outputs without stop strings decode once, at the end.
+        live = []
+        for k, (state, (i, req)) in enumerate(zip(states, sampled)):
+            if state.output_kind is RequestOutputKind.FINAL_ONLY and not req.params.stop:
+                detoks[k].defer(tokens[i])
+            else:
+                live.append(k)
+        new_texts = [""] * len(sampled)
+        for k, text in zip(live, add_tokens([detoks[k] for k in live], [tokens[sampled[k][0]] for k in live])):
+            new_texts[k] = text
+        for (i, req), state, detok, new_text in zip(sampled, states, detoks, new_texts):
+            token = tokens[i]
+            req.output_token_ids.append(token)
+            if req.sampler_name != DEFAULT_SAMPLER:  # e.g. mirostat's mu, for the next step
+                req.sampler_state = result.sampler_state[i].copy()
+            req.cumulative_logprob += logprobs[i]
+            if req.first_token_time is None:
+                req.first_token_time = now
+            if req.logprobs is not None:
+                req.logprobs.append(self._logprob_entry(req.params.logprobs, token, logprobs[i],
+                                                        result.top_ids[i], result.top_logprobs[i]))
+            status = self._stop_status(req, token, detok, len(new_text))
+            if status is not None:
+                detok.flush()  # an unfinished multi-byte character at the very end
+                req.finish_time = now
+                self._finish(req, status)
+            touched[state.request_id] = state
+        return list(touched.values())
+
+    def _logprob_entry(self, num_top: int, token: int, logprob: float, top_ids, top_logprobs) -> dict[int, Logprob]:
+        """vLLM's per-position logprobs: the chosen token, then the top ``num_top`` by rank."""
+        top_ids = top_ids[:num_top].tolist()
+        entry = {token: Logprob(float(logprob), top_ids.index(token) + 1 if token in top_ids else None,
+                                self.tokenizer.decode([token]))}
+        for rank, (tid, lp) in enumerate(zip(top_ids, top_logprobs[:num_top].tolist()), start=1):
+            if tid not in entry:
+                entry[tid] = Logprob(float(lp), rank, self.tokenizer.decode([tid]))
+        return entry
+
+    def _store_prompt_logprobs(self, sched: SchedulerOutput, result: StepResult) -> None:
+        lps, top_ids, top_lps = result.prompt_logprobs
+        offset = 0
+        for seq in sched.seqs:
+            req = seq.request
+            if req.prompt_logprobs is not None:
+                # Flat row offset + i scores prompt token start + i + 1 (recomputation overwrites alike).
+                for i in range(max(0, min(seq.num_tokens, req.num_prompt_tokens - 1 - seq.start))):
+                    pos = seq.start + i + 1
+                    req.prompt_logprobs[pos] = self._logprob_entry(
+                        req.params.prompt_logprobs, req.prompt_token_ids[pos], lps[offset + i],
+                        top_ids[offset + i], top_lps[offset + i])
+            offset += seq.num_tokens
+
+    def _stop_status(self, req: Request, token: int, detok: IncrementalDetokenizer,
+                     num_new_chars: int) -> RequestStatus | None:
+        p = req.params
+        num_out = len(req.output_token_ids)
+        if num_out >= p.min_tokens:
+            if not p.ignore_eos and token in req.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if p.stop_token_ids and token in p.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            if p.stop and num_new_chars:
+                found = find_stop(detok.text, num_new_chars, p.stop)
+                if found is not None:
+                    at, stop = found
+                    req.stop_reason = stop
+                    req.final_text = detok.text[:at + len(stop) if p.include_stop_str_in_output else at]
+                    return RequestStatus.FINISHED_STOPPED
+        if num_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _output(self, state: RequestState) -> RequestOutput | None:
+        """The request's output after a step it advanced in (None: its kind wants none yet)."""
+        children = state.children
+        finished = all(req.is_finished for req in children)
+        if finished:
+            self.states.pop(state.request_id, None)
+        elif state.output_kind is RequestOutputKind.FINAL_ONLY:
+            return None
+        first = children[0]
+        prompt_logprobs = first.prompt_logprobs
+        if state.output_kind is RequestOutputKind.DELTA:
+            prompt_logprobs = prompt_logprobs if not state.sent[0][1] else None
+            outputs = [_completion(req, detok, sent) for req, detok, sent in
+                       zip(children, state.detokenizers, state.sent)]
+        else:
+            outputs = [_completion(req, detok) for req, detok in zip(children, state.detokenizers)]
+        first_token = (first.first_token_time if len(children) == 1 else
+                       min((r.first_token_time for r in children if r.first_token_time is not None), default=None))
+        return RequestOutput(request_id=state.request_id, prompt=state.prompt,
+                             prompt_token_ids=state.prompt_token_ids, outputs=outputs, finished=finished,
+                             prompt_logprobs=prompt_logprobs, num_cached_tokens=first.num_cached_tokens,
+                             metrics={"arrival_time": first.arrival_time, "first_token_time": first_token})
+
+
+def _completion(req: Request, detok: IncrementalDetokenizer, sent: list[int] | None = None) -> CompletionOutput:
+    """One completion: all of it so far (CUMULATIVE), or with `sent` (DELTA: [text chars, tokens,
+    logprobs] already carried, moved on here) only what is new."""
+    finish_reason = req.finish_reason
+    text = detok.text
+    if finish_reason is not None:
+        text = text if req.final_text is None else req.final_text
+    elif req.params.stop:
+        # While running, hold back a tail that could still turn out to be a stop string.
+        hold = req.params.max_stop_len - 1
+        text = text[:max(0, len(text) - hold)] if hold else text
+    tokens, logprobs = req.output_token_ids, req.logprobs
+    if sent is None:
+        tokens, logprobs = list(tokens), list(logprobs) if logprobs is not None else None
+    else:
+        num_chars, num_tokens = len(text), len(tokens)
+        text, tokens = text[sent[0]:], tokens[sent[1]:]
+        if logprobs is not None:
+            num_logprobs, logprobs = len(logprobs), logprobs[sent[2]:]
+            sent[2] = num_logprobs
+        sent[0], sent[1] = num_chars, num_tokens
+    return CompletionOutput(
+        index=req.sample_index, text=text, token_ids=tokens,
+        cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+        logprobs=logprobs, finish_reason=finish_reason, stop_reason=req.stop_reason)
