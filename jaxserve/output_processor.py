@@ -33,6 +33,9 @@ class RequestState:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # DELTA: per completion, the text, tokens and logprobs its outputs carried so far.
     sent: list[list[int]] = field(default_factory=list)
+    decodes_live: bool = True     # text is read before the end (outputs each step, or stop strings)
+    streams_pieces: bool = False  # DELTA, one completion, no stop strings: OutputProcessor._piece_output
+    sent_any: bool = False        # streams_pieces: an output went out (prompt_logprobs ride the first)
 
 
 class OutputProcessor:
@@ -47,8 +50,11 @@ class OutputProcessor:
         detoks = [IncrementalDetokenizer(self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
                                          spaces_between_special_tokens=params.spaces_between_special_tokens)
                   for _ in children]
-        self.states[request_id] = RequestState(request_id, prompt, prompt_token_ids, children, detoks,
-                                               params.output_kind, [[0, 0, 0] for _ in children])
+        kind = params.output_kind
+        self.states[request_id] = RequestState(
+            request_id, prompt, prompt_token_ids, children, detoks, kind, [[0, 0, 0] for _ in children],
+            decodes_live=kind is not RequestOutputKind.FINAL_ONLY or bool(params.stop),
+            streams_pieces=kind is RequestOutputKind.DELTA and len(children) == 1 and not params.stop)
 
     def abort(self, request_id: str) -> list[Request]:
         """Forget a request; its completions, for the scheduler to finish ([] if unknown)."""
@@ -56,32 +62,39 @@ class OutputProcessor:
         return state.children if state is not None else []
 
     def process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
-        """Take a step's results; the outputs of the requests that advanced (finished ones last time)."""
+        """Take a step's results; the outputs of the requests that advanced (finished ones last time).
+
+        One pass over the sampled rows, after one batched detokenising call. A single completion
+        streamed as DELTA without stop strings (what the server streams) gets its output in that
+        pass, built from this step's token and text piece alone; the other shapes are built
+        after it, from the request's whole state."""
         if result.prompt_logprobs is not None:
             self._store_prompt_logprobs(sched, result)
-        touched = self._process_samples(sched, result)
-        return [out for out in map(self._output, touched) if out is not None]
-
-    def _process_samples(self, sched: SchedulerOutput, result: StepResult) -> list[RequestState]:
-        touched: dict[str, RequestState] = {}
         now = time.monotonic()
         # Python lists once, not a numpy scalar per row.
         tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()
-        sampled = [(i, seq.request) for i, seq in enumerate(sched.seqs) if seq.samples]
-        states = [self.states[req.group_id] for _, req in sampled]
-        detoks = [state.detokenizers[req.sample_index] for state, (_, req) in zip(states, sampled)]
-        # Text is decoded now only where someone reads it before the end: outputs every step, or
-        # stop strings to look for; final-only outputs without stop strings decode once, at the end.
-        live = []
-        for k, (state, (i, req)) in enumerate(zip(states, sampled)):
-            if state.output_kind is RequestOutputKind.FINAL_ONLY and not req.params.stop:
-                detoks[k].defer(tokens[i])
-            else:
-                live.append(k)
-        new_texts = [""] * len(sampled)
-        for k, text in zip(live, add_tokens([detoks[k] for k in live], [tokens[sampled[k][0]] for k in live])):
-            new_texts[k] = text
-        for (i, req), state, detok, new_text in zip(sampled, states, detoks, new_texts):
+        states = self.states
+        sampled: list[tuple[int, Request, RequestState]] = []
+        live_detoks, live_tokens, live_rows = [], [], []
+        for i, seq in enumerate(sched.seqs):
+            if seq.samples:
+                req = seq.request
+                state = states[req.group_id]
+                sampled.append((i, req, state))
+                # Text is decoded now only where someone reads it before the end: outputs every
+                # step, or stop strings to look for; the others decode once, at the end.
+                if state.decodes_live:
+                    live_detoks.append(state.detokenizers[req.sample_index])
+                    live_tokens.append(tokens[i])
+                    live_rows.append(len(sampled) - 1)
+                else:
+                    state.detokenizers[req.sample_index].defer(tokens[i])
+        pieces = [""] * len(sampled)
+        for k, piece in zip(live_rows, add_tokens(live_detoks, live_tokens)):
+            pieces[k] = piece
+        outputs: list[RequestOutput] = []
+        touched: dict[str, RequestState] = {}
+        for (i, req, state), piece in zip(sampled, pieces):
             token = tokens[i]
             req.output_token_ids.append(token)
             if req.sampler_name != DEFAULT_SAMPLER:  # e.g. mirostat's mu, for the next step
@@ -89,16 +102,39 @@ class OutputProcessor:
             req.cumulative_logprob += logprobs[i]
             if req.first_token_time is None:
                 req.first_token_time = now
+            entry = None
             if req.logprobs is not None:
-                req.logprobs.append(self._logprob_entry(req.params.logprobs, token, logprobs[i],
-                                                        result.top_ids[i], result.top_logprobs[i]))
-            status = self._stop_status(req, token, detok, len(new_text))
+                entry = self._logprob_entry(req.params.logprobs, token, logprobs[i],
+                                            result.top_ids[i], result.top_logprobs[i])
+                req.logprobs.append(entry)
+            status = self._stop_status(req, token, state.detokenizers[req.sample_index], len(piece))
             if status is not None:
-                detok.flush()  # an unfinished multi-byte character at the very end
+                piece += state.detokenizers[req.sample_index].flush()  # an unfinished character at the very end
                 req.finish_time = now
                 self._finish(req, status)
-            touched[state.request_id] = state
-        return list(touched.values())
+            if state.streams_pieces:
+                outputs.append(self._piece_output(state, req, token, piece, entry, status is not None))
+            else:
+                touched[state.request_id] = state
+        outputs.extend(out for out in map(self._output, touched.values()) if out is not None)
+        return outputs
+
+    def _piece_output(self, state: RequestState, req: Request, token: int, piece: str,
+                      entry: dict | None, finished: bool) -> RequestOutput:
+        """The DELTA output of a single completion without stop strings: this step's token and
+        text piece (a stop string's hold-back and cut need the whole text: `_output`)."""
+        first = not state.sent_any
+        state.sent_any = True
+        if finished:
+            self.states.pop(state.request_id, None)
+        logprobs = req.logprobs is not None
+        return RequestOutput(
+            request_id=state.request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
+            outputs=[CompletionOutput(0, piece, [token], req.cumulative_logprob if logprobs else None,
+                                      [entry] if logprobs else None, req.finish_reason, req.stop_reason)],
+            finished=finished, prompt_logprobs=req.prompt_logprobs if first else None,
+            num_cached_tokens=req.num_cached_tokens,
+            metrics={"arrival_time": req.arrival_time, "first_token_time": req.first_token_time})
 
     def _logprob_entry(self, num_top: int, token: int, logprob: float, top_ids, top_logprobs) -> dict[int, Logprob]:
         """vLLM's per-position logprobs: the chosen token, then the top ``num_top`` by rank."""

@@ -176,11 +176,15 @@ BAD_REQUESTS = [
 ]
 
 
-def test_output_kinds_cumulative_delta_and_final_only(smollm2_llm):
+@pytest.mark.parametrize("base", [
+    dict(n=2, temperature=0.9, seed=11, max_tokens=12, logprobs=2, stop=["\n\n", " the"]),
+    # One completion without stop strings: DELTA outputs are built from each step's piece alone.
+    dict(n=1, temperature=0.9, seed=5, max_tokens=12, logprobs=1, prompt_logprobs=1),
+], ids=["n2-stop-strings", "n1-pieces"])
+def test_output_kinds_cumulative_delta_and_final_only(smollm2_llm, base):
     from jaxserve import RequestOutputKind
 
     engine = smollm2_llm.engine
-    base = dict(n=2, temperature=0.9, seed=11, max_tokens=12, logprobs=2, stop=["\n\n", " the"])
     outputs = {kind: [] for kind in RequestOutputKind}
     for kind in RequestOutputKind:
         engine.add_request(f"kind-{kind.name}", "Write a short poem about the sea:",
@@ -191,7 +195,10 @@ def test_output_kinds_cumulative_delta_and_final_only(smollm2_llm):
     cumulative, delta, final = (outputs[k] for k in RequestOutputKind)
     assert len(cumulative) > 2 and len(final) == 1 and final[0].finished
     assert [o.finished for o in delta] == [o.finished for o in cumulative]  # one per step it advanced
-    for i in range(2):
+    if base.get("prompt_logprobs"):  # on the first delta only, as the cumulative outputs carry them
+        assert delta[0].prompt_logprobs == cumulative[0].prompt_logprobs and delta[0].prompt_logprobs[1]
+        assert all(o.prompt_logprobs is None for o in delta[1:])
+    for i in range(base["n"]):
         want = cumulative[-1].outputs[i]
         got = final[0].outputs[i]
         assert (got.text, got.token_ids, got.finish_reason, got.logprobs) == (
