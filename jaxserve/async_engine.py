@@ -76,46 +76,37 @@ class RequestRecord:
 
 
 class _Progress:
-    """Engine-thread bookkeeping of what one request has already sent, to cut deltas."""
+    """Engine-thread bookkeeping of one request's stream: the engine's outputs are already deltas
+    (RequestOutputKind.DELTA, or the one FINAL_ONLY output); this drops the pieces that carry
+    nothing new and stamps the stream's own times on the rest."""
 
     def __init__(self, request_id: str, n: int, arrival: float):
         self.request_id = request_id
         self.arrival = arrival
         self.first_token_time: float | None = None
-        self.text_len = [0] * n
-        self.num_tokens = [0] * n
-        self.num_logprobs = [0] * n
         self.done = [False] * n
-        self.sent_prompt = False
 
     def delta(self, out: RequestOutput, now: float) -> RequestOutput | None:
-        pieces = []
-        for c in out.outputs:
-            i = c.index
-            if self.done[i]:
-                continue
-            text, tokens = c.text[self.text_len[i]:], c.token_ids[self.num_tokens[i]:]
-            if not text and not tokens and c.finish_reason is None:
-                continue
-            logprobs = c.logprobs[self.num_logprobs[i]:] if c.logprobs is not None else None
-            self.text_len[i], self.num_tokens[i] = len(c.text), len(c.token_ids)
-            self.num_logprobs[i] = len(c.logprobs or ())
-            self.done[i] = c.finish_reason is not None
-            pieces.append(CompletionOutput(i, text, tokens, c.cumulative_logprob, logprobs,
-                                           c.finish_reason, c.stop_reason))
-        if self.first_token_time is None and any(p.token_ids for p in pieces):
+        """The engine's output as this stream's next delta (None: nothing new in it); `out` is
+        the engine's own object, made for this step, so it is taken over rather than copied."""
+        done = self.done
+        pieces = out.outputs
+        if len(pieces) != 1 or done[pieces[0].index] or not (pieces[0].token_ids or pieces[0].finish_reason):
+            # n > 1 outputs carry every completion, finished and idle ones too.
+            pieces = [c for c in pieces if not done[c.index] and (c.text or c.token_ids or c.finish_reason)]
+        for c in pieces:
+            if c.finish_reason is not None:
+                done[c.index] = True
+        if self.first_token_time is None and any(c.token_ids for c in pieces):
             # The engine's own time of the first token: a FINAL_ONLY output comes at the end.
             self.first_token_time = out.metrics.get("first_token_time") or now
         if not pieces and not out.finished:
             return None
-        first = not self.sent_prompt
-        self.sent_prompt = True
-        metrics = dict(arrival_time=self.arrival, first_token_time=self.first_token_time)
+        out.outputs = pieces
+        out.metrics = dict(arrival_time=self.arrival, first_token_time=self.first_token_time)
         if out.finished:
-            metrics["finish_time"] = now
-        return RequestOutput(self.request_id, out.prompt, out.prompt_token_ids, pieces, out.finished,
-                             prompt_logprobs=out.prompt_logprobs if first else None,
-                             num_cached_tokens=out.num_cached_tokens, metrics=metrics)
+            out.metrics["finish_time"] = now
+        return out
 
     def aborted(self, now: float) -> RequestOutput:
         """The closing delta of a request the engine dropped (shutdown or an engine fault)."""
@@ -324,8 +315,9 @@ class AsyncEngine:
         """
         if request_id in self._streams:
             raise RequestRefusedError(f"request id {request_id!r} is already in use")
-        if not stream:
-            params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+        # The engine cuts the deltas (the stream yields nothing else) or builds only the last output.
+        params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA if stream
+                                     else RequestOutputKind.FINAL_ONLY)
         if admission is None:
             admission = self.admit(params.n)
         elif not self._accepting or not self.is_running:
@@ -397,6 +389,13 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         if stream is not None:
             stream._queue.put_nowait(item)
+
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        streams = self._streams
+        for out in outputs:
+            stream = streams.get(out.request_id)
+            if stream is not None:
+                stream._queue.put_nowait(out)
 
     # ---- engine thread -------------------------------------------------------------------------
 
@@ -484,13 +483,16 @@ class AsyncEngine:
             if self.on_step is not None:
                 self._report_step(engine.stats)
             now = time.monotonic()
+            deltas = []
             for out in outputs:
                 progress = self._progress.get(out.request_id)
                 if progress is None:
                     continue
-                delta = progress.delta(out, now)
-                if delta is not None:
-                    self._send(out.request_id, delta)
                 if out.finished:
                     del self._progress[out.request_id]
+                delta = progress.delta(out, now)
+                if delta is not None:
+                    deltas.append(delta)
+            if deltas:  # one wake-up of the event loop per step, not one per request
+                self._loop.call_soon_threadsafe(self._deliver_all, deltas)
             self._publish_stats()

@@ -16,11 +16,12 @@ from jaxserve.async_engine import (AsyncEngine, EngineClosedError, EngineStepErr
                                    RequestRefusedError)
 from jaxserve.engine import EngineStats
 from jaxserve.outputs import CompletionOutput, RequestOutput
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
 
 class FakeEngine:
-    """One token per request per step; token i of a request reads "w{i} ". Step count observable."""
+    """One token per request per step; token i of a request reads "w{i} ". Step count observable.
+    Outputs as the params' output_kind asks (the AsyncEngine asks for DELTA or FINAL_ONLY)."""
 
     def __init__(self, max_num_seqs=2, step_seconds=0.0):
         self.tokenizer = SimpleNamespace(name="fake")
@@ -68,12 +69,14 @@ class FakeEngine:
             for i, toks in enumerate(children):
                 toks.append(len(toks))
                 done = len(toks) >= params.max_tokens
-                completions.append(CompletionOutput(i, "".join(f"w{t} " for t in toks), list(toks), None, None,
+                new = toks[-1:] if params.output_kind is RequestOutputKind.DELTA else toks
+                completions.append(CompletionOutput(i, "".join(f"w{t} " for t in new), list(new), None, None,
                                                     "length" if done else None))
             finished = all(c.finish_reason for c in completions)
             if finished:
                 del self.requests[rid]
-            outs.append(RequestOutput(rid, None, prompt, completions, finished))
+            if finished or params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                outs.append(RequestOutput(rid, None, prompt, completions, finished))
         return outs
 
 
