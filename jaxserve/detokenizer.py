@@ -19,7 +19,7 @@ _REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
 class IncrementalDetokenizer:
     """Turns output token ids into text one token at a time.
 
-    The pieces returned by `add_token` concatenate to `tokenizer.decode(output_ids)` (with the
+    The pieces returned by `add_token` concatenate to `tokenizer.decode(output ids)` (with the
     same special-token options); a token that ends inside a multi-byte character returns ""
     and its text comes out with the token that completes the character.
     """
@@ -38,7 +38,7 @@ class IncrementalDetokenizer:
         self._read_offset = len(context)  # end of the text already returned
         self._prefix_text = self._decode(context)
         self._stream = self._decoding.stream(context)  # None: the window logic runs in Python
-        self.output_ids: list[int] = []
+        self._backend = self._decoding.backend
         self._pieces: list[str] = []
         self._text: str | None = ""
         self._deferred: list[int] = []  # tokens taken by defer(), not decoded yet
@@ -66,8 +66,7 @@ class IncrementalDetokenizer:
 
     def _step_in_rust(self, token_id: int) -> str:
         self._ids.append(token_id)
-        self.output_ids.append(token_id)
-        delta = self._stream.step(self._decoding.backend, token_id)
+        delta = self._stream.step(self._backend, token_id)
         if delta is None:
             return ""
         # Mirror the stream's offsets, for flush().
@@ -80,7 +79,6 @@ class IncrementalDetokenizer:
     def _window(self, token_id: int) -> list[int]:
         """Take the token; the ids whose decode tells what text it completes."""
         self._ids.append(token_id)
-        self.output_ids.append(token_id)
         return self._ids[self._prefix_offset:]
 
     def _advance(self, new_text: str) -> str | None:
@@ -98,7 +96,7 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """Text still held back (an unfinished character at the end, decoded with U+FFFD).
 
-        Call once when the sequence finishes, so the total text equals decode(output_ids).
+        Call once when the sequence finishes, so the total text equals the decode of the output ids.
         """
         self._catch_up()
         if self._read_offset == len(self._ids):

@@ -269,9 +269,11 @@ class LLMEngine:
         s.step_seconds.append(result.seconds)
         del s.step_seconds[:-1000]
         for seq in sched.seqs:
-            p = seq.request.num_prompt_tokens
-            s.prompt_tokens += max(0, min(seq.start + seq.num_tokens, p) - seq.start)
-            s.generation_tokens += int(seq.samples)
+            num_prompt = len(seq.request.prompt_token_ids)
+            if seq.start < num_prompt:  # prompt tokens computed (a decode computes none)
+                s.prompt_tokens += min(seq.start + seq.num_tokens, num_prompt) - seq.start
+            if seq.samples:
+                s.generation_tokens += 1
         self.refresh_stats()
         record = StepRecord(
             index=s.steps, scheduled={seq.request.request_id: seq.num_tokens for seq in sched.seqs},

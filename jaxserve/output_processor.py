@@ -128,13 +128,13 @@ class OutputProcessor:
         if finished:
             self.states.pop(state.request_id, None)
         logprobs = req.logprobs is not None
+        # Positional arguments: keywords cost a dataclass __init__ about three times as much.
         return RequestOutput(
-            request_id=state.request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
-            outputs=[CompletionOutput(0, piece, [token], req.cumulative_logprob if logprobs else None,
-                                      [entry] if logprobs else None, req.finish_reason, req.stop_reason)],
-            finished=finished, prompt_logprobs=req.prompt_logprobs if first else None,
-            num_cached_tokens=req.num_cached_tokens,
-            metrics={"arrival_time": req.arrival_time, "first_token_time": req.first_token_time})
+            state.request_id, state.prompt, state.prompt_token_ids,
+            [CompletionOutput(0, piece, [token], req.cumulative_logprob if logprobs else None,
+                              [entry] if logprobs else None, req.finish_reason, req.stop_reason)],
+            finished, req.prompt_logprobs if first else None, req.num_cached_tokens,
+            {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time})
 
     def _logprob_entry(self, num_top: int, token: int, logprob: float, top_ids, top_logprobs) -> dict[int, Logprob]:
         """vLLM's per-position logprobs: the chosen token, then the top ``num_top`` by rank."""
@@ -199,10 +199,9 @@ class OutputProcessor:
             outputs = [_completion(req, detok) for req, detok in zip(children, state.detokenizers)]
         first_token = (first.first_token_time if len(children) == 1 else
                        min((r.first_token_time for r in children if r.first_token_time is not None), default=None))
-        return RequestOutput(request_id=state.request_id, prompt=state.prompt,
-                             prompt_token_ids=state.prompt_token_ids, outputs=outputs, finished=finished,
-                             prompt_logprobs=prompt_logprobs, num_cached_tokens=first.num_cached_tokens,
-                             metrics={"arrival_time": first.arrival_time, "first_token_time": first_token})
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs, finished,
+                             prompt_logprobs, first.num_cached_tokens,
+                             {"arrival_time": first.arrival_time, "first_token_time": first_token})
 
 
 def _completion(req: Request, detok: IncrementalDetokenizer, sent: list[int] | None = None) -> CompletionOutput:
@@ -226,7 +225,6 @@ def _completion(req: Request, detok: IncrementalDetokenizer, sent: list[int] | N
             num_logprobs, logprobs = len(logprobs), logprobs[sent[2]:]
             sent[2] = num_logprobs
         sent[0], sent[1] = num_chars, num_tokens
-    return CompletionOutput(
-        index=req.sample_index, text=text, token_ids=tokens,
-        cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
-        logprobs=logprobs, finish_reason=finish_reason, stop_reason=req.stop_reason)
+    return CompletionOutput(req.sample_index, text, tokens,
+                            req.cumulative_logprob if req.logprobs is not None else None,
+                            logprobs, finish_reason, req.stop_reason)

@@ -431,7 +431,7 @@ class ModelRunner:
         elif n:
             tokens[:num_tokens] = list(itertools.chain.from_iterable(
                 (req.token_at(seq.start),) if seq.num_tokens == 1
-                else req.all_token_ids()[seq.start:seq.start + seq.num_tokens] for req, seq in zip(reqs, seqs)))
+                else req.token_ids_between(seq.start, seq.start + seq.num_tokens) for req, seq in zip(reqs, seqs)))
         cu_q_lens = np.zeros(B + 1, np.int32)
         np.cumsum(counts, out=cu_q_lens[1:n + 1])
         cu_q_lens[n + 1:] = num_tokens

@@ -94,6 +94,10 @@ class SamplingRow:
     # (they cost a few attribute reads each, every step, for every row).
     values: tuple | None = None
     sampler: str | None = None
+    device_seed: int = dataclasses.field(init=False, default=0)  # fold_seed(seed), packed every step
+
+    def __post_init__(self):
+        self.device_seed = fold_seed(self.seed)
 
 
 # A padding row's temperature, top_p, top_k, min_p, presence, frequency and repetition penalty
@@ -137,7 +141,7 @@ def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_wid
     if n:
         values[:n] = [row.values if row.values is not None else row_values(row.params) for row in rows]
     seeds = np.zeros(B, np.uint32)
-    seeds[:n] = [fold_seed(row.seed) for row in rows]
+    seeds[:n] = [row.device_seed for row in rows]
     steps = np.zeros(B, np.int32)
     steps[:n] = [row.step for row in rows]
     prompt_lens = np.zeros(B, np.int32)

@@ -152,9 +152,8 @@ class Scheduler:
             start = len(req.block_hashes)
             if num_full > start and self.pool.enable_prefix_caching:
                 parent = req.block_hashes[-1] if req.block_hashes else None
-                tokens = req.all_token_ids()
-                req.block_hashes.extend(chain_hashes(tokens[start * self.block_size:num_full * self.block_size],
-                                                     self.block_size, parent))
+                tokens = req.token_ids_between(start * self.block_size, num_full * self.block_size)
+                req.block_hashes.extend(chain_hashes(tokens, self.block_size, parent))
                 self.pool.register_full_pages(req.block_ids, req.block_hashes, start)
 
     def finish(self, req: Request, status: RequestStatus) -> None:

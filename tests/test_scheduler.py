@@ -65,3 +65,12 @@ def test_max_num_seqs_caps_running_requests():
         s.add(r)
     out = run_step(s)
     assert len(out.seqs) == 2 and reqs[2].status == RequestStatus.WAITING
+
+
+def test_token_ids_between_is_a_slice_of_all_tokens():
+    req = make_request("r", 5, start=10)
+    req.output_token_ids.extend([90, 91, 92])
+    everything = req.all_token_ids()
+    for start in range(len(everything) + 1):
+        for end in range(start, len(everything) + 1):
+            assert req.token_ids_between(start, end) == everything[start:end], (start, end)
