@@ -1,4 +1,5 @@
-"""The KV page allocator: reference counts, an LRU free list, and automatic prefix caching.
+"""The KV page allocator: reference counts, an LRU free list, and automatic prefix caching; and
+the block table, each running request's pages as a row of a numpy array kept between steps.
 
 Pages are ``block_size`` tokens. Page 0 is never handed out: padded tokens write there. A full
 page is registered under the chained hash of its tokens (parent hash + its own token ids), so a
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Hashable, Sequence
+
+import numpy as np
 
 NULL_PAGE = 0  # reserved: the write target of padded tokens
 
@@ -112,3 +115,31 @@ class BlockPool:
     def reset_prefix_cache(self) -> None:
         self.cached.clear()
         self.page_hash.clear()
+
+
+class BlockTable:
+    """The page ids of every request holding pages, one row each, kept between steps (vLLM's
+    block table): a step's page table is then one gather of its rows, not a pass over every page
+    of every request, which at 256 sequences of 8k tokens took 1.7 ms a step. The scheduler
+    writes a request's pages here as it takes them and releases its row when it drops them."""
+
+    def __init__(self, num_rows: int, width: int):
+        self.pages = np.full((num_rows, width), NULL_PAGE, np.int32)
+        self._free_rows = list(range(num_rows - 1, -1, -1))
+
+    def write(self, req, start: int, pages: Sequence[int]) -> None:
+        """The request's pages from index `start` on are `pages` (a row is taken on the first write)."""
+        if req.block_row is None:
+            if not self._free_rows:
+                raise RuntimeError(f"all {len(self.pages)} block table rows are taken: more requests hold "
+                                   "pages than max_num_seqs")
+            req.block_row = self._free_rows.pop()
+        self.pages[req.block_row, start:start + len(pages)] = pages
+
+    def release(self, req) -> None:
+        """The request holds no pages any more; its row goes back, reset to the null page (a row's
+        next owner must not see stale page ids past its own)."""
+        if req.block_row is not None:
+            self.pages[req.block_row] = NULL_PAGE
+            self._free_rows.append(req.block_row)
+            req.block_row = None

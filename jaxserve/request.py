@@ -51,6 +51,7 @@ class Request:
     num_computed_tokens: int = 0     # tokens whose K/V are in the cache
     num_cached_tokens: int = 0       # of those, how many came from the prefix cache at admission
     block_ids: list[int] = field(default_factory=list)
+    block_row: int | None = None     # its row of the scheduler's BlockTable while it holds pages
     block_hashes: list = field(default_factory=list)  # chained hashes of the full pages computed so far
     num_preemptions: int = 0
     logprobs: list[dict] | None = None

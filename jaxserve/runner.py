@@ -438,10 +438,11 @@ class ModelRunner:
         seq_of_token = np.repeat(np.arange(n, dtype=np.int32), counts)  # [num_tokens]
         positions = np.zeros(T, np.int32)
         positions[:num_tokens] = starts[seq_of_token] + np.arange(num_tokens, dtype=np.int32) - cu_q_lens[seq_of_token]
-        # Each sequence's pages into its row: flattened, then scattered to (row, column).
-        num_pages = np.fromiter((len(req.block_ids) for req in reqs), np.int32, n)
         page_table = np.full((B, W), NULL_PAGE, np.int32)
-        if n:
+        if n and sched.block_table is not None:  # the scheduler's rows, gathered
+            page_table[:n] = sched.block_table[np.fromiter((req.block_row for req in reqs), np.intp, n)]
+        elif n:  # a schedule made by hand: each sequence's pages flattened, then scattered to (row, column)
+            num_pages = np.fromiter((len(req.block_ids) for req in reqs), np.int32, n)
             pages = np.fromiter(itertools.chain.from_iterable(req.block_ids for req in reqs), np.int32,
                                 int(num_pages.sum()))
             row_of_page = np.repeat(np.arange(n, dtype=np.int32), num_pages)

@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from jaxserve.block_pool import BlockPool, chain_hashes
+import numpy as np
+
+from jaxserve.block_pool import BlockPool, BlockTable, chain_hashes
 from jaxserve.config import SchedulerConfig
 from jaxserve.request import Request, RequestStatus
 
@@ -33,6 +35,9 @@ class ScheduledSeq:
 class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # The scheduler's BlockTable.pages, rows indexed by Request.block_row (None: a schedule made by
+    # hand, whose requests' block_ids are read instead).
+    block_table: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -47,6 +52,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Requests holding pages are the running ones, and one waiting request being admitted
+        # while fewer than max_num_seqs run: max_num_seqs rows suffice.
+        self.block_table = BlockTable(config.max_num_seqs, -(-config.max_model_len // self.block_size))
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -55,7 +63,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(block_table=self.block_table.pages)
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
@@ -115,6 +123,8 @@ class Scheduler:
         pages, hashes = self.pool.lookup_prefix(req.all_token_ids())
         self.pool.take(pages)
         req.block_ids = list(pages)
+        if pages:
+            self.block_table.write(req, 0, pages)
         req.block_hashes = list(hashes)
         req.num_computed_tokens = len(pages) * self.block_size
         req.num_cached_tokens = req.num_computed_tokens
@@ -126,11 +136,13 @@ class Scheduler:
         pages = self.pool.allocate(needed)
         if pages is None:
             return False
+        self.block_table.write(req, len(req.block_ids), pages)
         req.block_ids.extend(pages)
         return True
 
     def _drop_pages(self, req: Request) -> None:
         self.pool.release(req.block_ids)
+        self.block_table.release(req)
         req.block_ids = []
         req.block_hashes = []
         req.num_computed_tokens = 0

@@ -74,3 +74,37 @@ def test_token_ids_between_is_a_slice_of_all_tokens():
     for start in range(len(everything) + 1):
         for end in range(start, len(everything) + 1):
             assert req.token_ids_between(start, end) == everything[start:end], (start, end)
+
+
+def _check_block_table(s, reqs):
+    rows = [r.block_row for r in reqs if r.block_row is not None]
+    assert len(rows) == len(set(rows)), "two requests share a block table row"
+    for r in reqs:
+        if r.block_row is None:
+            assert r.block_ids == []
+        else:
+            row = s.block_table.pages[r.block_row]
+            assert row[:len(r.block_ids)].tolist() == r.block_ids
+            assert (row[len(r.block_ids):] == 0).all(), "stale page ids past the request's own"
+    free = sorted(set(range(len(s.block_table.pages))) - set(rows))
+    assert (s.block_table.pages[free] == 0).all()
+
+
+def test_block_table_rows_mirror_the_page_lists_through_preemption_and_prefix_hits():
+    import random
+
+    rng = random.Random(0)
+    pool = BlockPool(num_pages=12, block_size=4)  # tight: preemptions happen
+    s = Scheduler(SchedulerConfig(max_model_len=64, max_num_seqs=3, max_num_batched_tokens=16), pool)
+    reqs = [make_request(str(i), rng.randint(2, 14), start=100 * (i % 3)) for i in range(9)]  # shared prefixes
+    for r in reqs:
+        s.add(r)
+    preempted = 0
+    for _ in range(60):
+        out = run_step(s)
+        preempted += len(out.preempted)
+        for seq in out.seqs:
+            if seq.samples and len(seq.request.output_token_ids) >= 6:
+                s.finish(seq.request, RequestStatus.FINISHED_LENGTH)
+        _check_block_table(s, reqs)
+    assert preempted and all(r.is_finished for r in reqs) and pool.num_free_pages == 11
