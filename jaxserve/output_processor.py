@@ -64,10 +64,10 @@ class OutputProcessor:
     def process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         """Take a step's results; the outputs of the requests that advanced (finished ones last time).
 
-        One pass over the sampled rows, after one batched detokenising call. A single completion
-        streamed as DELTA without stop strings (what the server streams) gets its output in that
-        pass, built from this step's token and text piece alone; the other shapes are built
-        after it, from the request's whole state."""
+        One pass over the sampled rows, after one batched detokenising call. A request with one
+        completion gets its output in that pass: streamed as DELTA without stop strings (what the
+        server streams), from this step's token and text piece alone. Requests with n > 1 get
+        theirs after it, once all their completions took their tokens."""
         if result.prompt_logprobs is not None:
             self._store_prompt_logprobs(sched, result)
         now = time.monotonic()
@@ -114,6 +114,10 @@ class OutputProcessor:
                 self._finish(req, status)
             if state.streams_pieces:
                 outputs.append(self._piece_output(state, req, token, piece, entry, status is not None))
+            elif len(state.children) == 1:
+                out = self._single_output(state, req, status is not None)
+                if out is not None:
+                    outputs.append(out)
             else:
                 touched[state.request_id] = state
         outputs.extend(out for out in map(self._output, touched.values()) if out is not None)
@@ -180,6 +184,22 @@ class OutputProcessor:
         if num_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+    def _single_output(self, state: RequestState, req: Request, finished: bool) -> RequestOutput | None:
+        """`_output` of a request with one completion, without its passes over the completions."""
+        if finished:
+            self.states.pop(state.request_id, None)
+        elif state.output_kind is RequestOutputKind.FINAL_ONLY:
+            return None
+        detok = state.detokenizers[0]
+        if state.output_kind is RequestOutputKind.DELTA:
+            prompt_logprobs = req.prompt_logprobs if not state.sent[0][1] else None
+            completion = _completion(req, detok, state.sent[0])
+        else:
+            prompt_logprobs, completion = req.prompt_logprobs, _completion(req, detok)
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [completion], finished,
+                             prompt_logprobs, req.num_cached_tokens,
+                             {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time})
 
     def _output(self, state: RequestState) -> RequestOutput | None:
         """The request's output after a step it advanced in (None: its kind wants none yet)."""

@@ -180,7 +180,9 @@ BAD_REQUESTS = [
     dict(n=2, temperature=0.9, seed=11, max_tokens=12, logprobs=2, stop=["\n\n", " the"]),
     # One completion without stop strings: DELTA outputs are built from each step's piece alone.
     dict(n=1, temperature=0.9, seed=5, max_tokens=12, logprobs=1, prompt_logprobs=1),
-], ids=["n2-stop-strings", "n1-pieces"])
+    # Ends on " a" after 7 tokens: the hold-back and the cut at a stop string, for one completion.
+    dict(n=1, temperature=0.9, seed=2, max_tokens=12, logprobs=2, prompt_logprobs=1, stop=["\n\n", " the", " a"]),
+], ids=["n2-stop-strings", "n1-pieces", "n1-stop-strings"])
 def test_output_kinds_cumulative_delta_and_final_only(smollm2_llm, base):
     from jaxserve import RequestOutputKind
 
@@ -210,6 +212,8 @@ def test_output_kinds_cumulative_delta_and_final_only(smollm2_llm, base):
             assert sum((p.token_ids for p in pieces[:k + 1]), []) == cumulative[k].outputs[i].token_ids
         assert sum((p.logprobs for p in pieces), []) == want.logprobs
         assert pieces[-1].finish_reason == want.finish_reason
+    if base["n"] == 1 and base.get("stop"):
+        assert cumulative[-1].outputs[0].stop_reason == " a"
     assert final[0].metrics["first_token_time"] >= final[0].metrics["arrival_time"]
 
 
