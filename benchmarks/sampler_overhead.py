@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 
 from jaxserve import sampling
-from jaxserve.sampler import SamplingRow, build_sampling_tensors, sample
+from jaxserve.sampling.core import SamplingRow, build_sampling_tensors, sample
 from jaxserve.sampling_params import SamplingParams
 
 B, V = 64, 49152
@@ -124,9 +124,15 @@ def bench_steps(args) -> None:
 # ---------------------------------------------------------------------------- sampler alone
 
 def load_baseline_sampler(rev: str):
-    """jaxserve/sampler.py as of `rev`, imported as a separate module."""
-    source = subprocess.run(["git", "show", f"{rev}:jaxserve/sampler.py"], capture_output=True, text=True,
-                            check=True).stdout
+    """The core sampler as of `rev` (jaxserve/sampling/core.py, before that jaxserve/sampler.py),
+    imported as a separate module."""
+    for where in ("jaxserve/sampling/core.py", "jaxserve/sampler.py"):
+        shown = subprocess.run(["git", "show", f"{rev}:{where}"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            source = shown.stdout
+            break
+    else:
+        raise SystemExit(f"no core sampler at {rev}")
     path = tempfile.NamedTemporaryFile("w", suffix="_baseline_sampler.py", delete=False)
     path.write(source)
     path.close()

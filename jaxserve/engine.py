@@ -24,7 +24,7 @@ from jaxserve.outputs import RequestOutput
 from jaxserve.profiling import PROCESS_OUTPUTS, SCHEDULE, Profiler, annotate
 from jaxserve.request import Request, RequestStatus
 from jaxserve.runner import BANNED_WIDTH, ModelRunner, StepResult, step_memory_bytes
-from jaxserve.sampler import SamplingRow, row_values
+from jaxserve.sampling.core import SamplingRow, row_values
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerOutput
 

@@ -17,7 +17,7 @@ from jaxserve.detokenizer import IncrementalDetokenizer, add_tokens, find_stop
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.request import Request, RequestStatus
 from jaxserve.runner import StepResult
-from jaxserve.sampler import DEFAULT_SAMPLER
+from jaxserve.sampling.registry import DEFAULT_SAMPLER
 from jaxserve.sampling_params import RequestOutputKind
 from jaxserve.scheduler import SchedulerOutput
 

@@ -44,7 +44,7 @@ from jaxserve.parallel import (ParallelConfig, build_mesh, kv_cache_sharding, pa
                                replicated, shard_attention)
 from jaxserve.precision import storage_dtype
 from jaxserve.profiling import DEVICE_STEP, PREPARE, annotate
-from jaxserve.sampler import (DEFAULT_SAMPLER, SamplingRow, SamplingTensors, build_sampling_tensors,
+from jaxserve.sampling.core import (DEFAULT_SAMPLER, SamplingRow, SamplingTensors, build_sampling_tensors,
                               compute_logprobs, needs_penalties, penalise, sample_penalised)
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
 from jaxserve.scheduler import SchedulerOutput

@@ -9,6 +9,8 @@ import dataclasses
 import enum
 import numbers
 
+from jaxserve.sampling import registry  # names only: imports no JAX
+
 # The most top logprobs a request may ask for (per sampled or prompt token); the sampler's
 # static `num_top_logprobs` is sized to this.
 MAX_LOGPROBS = 20
@@ -127,6 +129,9 @@ class SamplingParams:
 
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     """Which outputs `LLMEngine.step` returns for the request (RequestOutputKind)."""
+    extra_args: dict | None = None
+    """Arbitrary values for custom samplers (vLLM's extra_args): a registered sampler's `params`
+    callable may read them, e.g. `params=lambda p: (p.extra_args["alpha"],)`."""
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -209,14 +214,14 @@ class SamplingParams:
     def _check_sampler(self) -> None:
         if self.sampler is not None and not isinstance(self.sampler, str):
             raise _bad("sampler", self.sampler, "a string or None")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise _bad("extra_args", self.extra_args, "a dict or None")
         if self.mirostat == 0 and self.typical_p < 1.0 and self.tfs_z < 1.0:
             raise ValueError(f"typical_p ({self.typical_p}) and tfs_z ({self.tfs_z}) select different "
                              "samplers: set at most one of them below 1")
         implied = self._implied_sampler()
         if self.sampler is not None:
-            from jaxserve import sampling  # lazy: the registry imports JAX, this module must not
-
-            names = sampling.names()
+            names = registry.names()
             if self.sampler not in names:
                 raise _bad("sampler", self.sampler, f"one of the registered samplers {names}")
             if implied != "default" and implied != self.sampler:

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve import sampler, sampling
-from jaxserve.sampler import SamplingRow, build_sampling_tensors, sample
+from jaxserve import sampling
+from jaxserve.sampling import core as sampler
+from jaxserve.sampling.core import SamplingRow, build_sampling_tensors, sample
 from jaxserve.sampling_params import SamplingParams
 
 V = 64

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve import sampler
-from jaxserve.sampler import SamplingRow, build_sampling_tensors, sample
+from jaxserve.sampling import core as sampler
+from jaxserve.sampling.core import SamplingRow, build_sampling_tensors, sample
 from jaxserve.sampling_params import SamplingParams
 
 V, W, E = 64, 32, 4  # vocab, history width, banned width of most tests
@@ -186,7 +186,7 @@ def test_filter_thresholds_match_reference(monkeypatch, cap):
     for i in (11, 15):
         assert ref_kept(x[i], top_k[i], top_p[i]).sum() < ref_kept(x[i], 0, top_p[i]).sum() < top_k[i]
     # A new function object, so jit traces again with the patched cap.
-    cutoff_fn = jax.jit(lambda *args: sampler._top_k_top_p_cutoff(*args))
+    cutoff_fn = jax.jit(lambda *args: sampler.top_k_top_p_cutoff(*args))
     row_max = x.max(-1)
     cutoff = np.asarray(cutoff_fn(x, np.exp(x - row_max[:, None]), row_max, top_k, top_p))
     for i in range(16):
@@ -204,7 +204,7 @@ def test_inverse_cdf_matches_reference():
     x[-1, 17] = 0.0  # a single survivor
     u = rng.uniform(size=rows).astype(np.float32)
     u[-2] = np.nextafter(np.float32(1), np.float32(0))
-    got = np.asarray(jax.jit(sampler._inverse_cdf)(np.exp(x - x.max(-1, keepdims=True)), u))
+    got = np.asarray(jax.jit(sampler.inverse_cdf)(np.exp(x - x.max(-1, keepdims=True)), u))
     for i in range(rows):
         cum = np.cumsum(softmax(x[i].astype(np.float64)))
         expected = min(int(np.sum(cum <= u[i])), int(np.flatnonzero(np.isfinite(x[i]))[-1]))

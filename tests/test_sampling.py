@@ -13,7 +13,7 @@ from jax import lax
 from test_sampler import ref_penalised
 from testlib import compile_counter
 from jaxserve import LLM, SamplingParams, sampling
-from jaxserve.sampler import SamplingRow, build_sampling_tensors, sample
+from jaxserve.sampling.core import SamplingRow, build_sampling_tensors, sample
 from jaxserve.runner import sampler_key
 
 
@@ -97,6 +97,31 @@ def test_ollama_options_select_builtins():
 
 
 # ---------------------------------------------------------------- sampler level, fixed logits
+
+def token_from_own_param(logits, params, state, keys):
+    """The token its request names in extra_args["token"] (its own parameter, column 0)."""
+    return params.sampler_params[:, 0].astype(jnp.int32)
+
+
+def test_a_sampler_reads_its_own_parameters(registered):
+    registered("test_own_token", token_from_own_param, params=lambda p: (p.extra_args["token"],), neutral=(1.0,))
+    registered("test_own_token_too", token_from_own_param)  # no params: its rows get zeros
+    snap = sampling.snapshot()
+    rows = [SamplingRow(p, seed=i, step=0, prompt_ids=[1], output_ids=[], banned_ids=(), sampler=p.selected_sampler)
+            for i, p in enumerate([SamplingParams(sampler="test_own_token", extra_args={"token": 7}),
+                                   SamplingParams(temperature=0.0),
+                                   SamplingParams(sampler="test_own_token", extra_args={"token": 11}),
+                                   SamplingParams(sampler="test_own_token_too")])]
+    t = build_sampling_tensors(rows, 8, history_width=1, samplers=snap.samplers)
+    assert t.sampler_params[:4, 0].tolist() == [7.0, 0.0, 11.0, 0.0]
+    logits = np.zeros((8, 32), np.float32)
+    logits[:, 5] = 1.0  # the default path's greedy choice
+    out = jax.jit(sample, static_argnames=("num_top_logprobs", "samplers"))(
+        jnp.asarray(logits), t, num_top_logprobs=0, samplers=snap.pluggable)
+    assert np.asarray(out.tokens)[:4].tolist() == [7, 5, 11, 0]
+    with pytest.raises(ValueError, match="extra_args"):
+        SamplingParams(extra_args=[1])
+
 
 def test_custom_sampler_rows_beside_default_rows(registered):
     registered("test_second_best", second_best)

@@ -87,3 +87,22 @@ def test_ollama_option_defaults_leave_the_default_sampler():
     assert (p.sampler, p.typical_p, p.tfs_z, p.mirostat, p.mirostat_tau, p.mirostat_eta, p.repeat_last_n) == (
         None, 1.0, 1.0, 0, 5.0, 0.1, -1)
     assert p.selected_sampler == "default"
+
+
+def test_sampling_params_and_sampler_names_import_no_jax():
+    """SamplingParams is plain data: building one, sampler name checks included, imports no JAX
+    (the registry knows its names without the samplers themselves)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from jaxserve.sampling_params import SamplingParams\n"
+            "from jaxserve import sampling\n"
+            "SamplingParams(sampler='mirostat', mirostat=1)\n"
+            "try:\n"
+            "    SamplingParams(sampler='nope')\n"
+            "except ValueError as e:\n"
+            "    assert 'mirostat2' in str(e), e\n"
+            "assert sampling.names()[:2] == ['default', 'typical']\n"
+            "assert 'jax' not in sys.modules, 'jax was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

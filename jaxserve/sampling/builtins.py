@@ -1,5 +1,7 @@
 """Ollama's extra samplers as pluggable JAX samplers: locally typical (typical_p), tail-free (tfs_z)
-and Mirostat 1 and 2 (mu kept as per-row state). `jaxserve.sampling` registers them.
+and Mirostat 1 and 2 (mu kept as per-row state), built on the core sampler's public primitives;
+`BUILTINS` is what the registry lists first. Each reads its own parameters from
+`t.sampler_params` (`Sampler.params` packs them: typical_p; tfs_z; mirostat_tau, mirostat_eta).
 
 Each follows llama.cpp's rules on the temperature-scaled penalised logits (temperature first, as
 on the default path) and draws with the default path's per-row uniform, so a seed gives one
@@ -16,8 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxserve import sampler as core
-from jaxserve.sampler import SamplingTensors
+from jaxserve.sampling import core
+from jaxserve.sampling.core import SamplingTensors
+from jaxserve.sampling.registry import DEFAULT_SAMPLER, Sampler
 
 # llama.cpp's m: how many of the most likely tokens Mirostat 1 fits its Zipf exponent on.
 MIROSTAT_M = 100
@@ -28,26 +31,27 @@ def typical(logits: jax.Array, t: SamplingTensors, state: jax.Array, keys: jax.A
     in that order, up to and including the one whose cumulative mass first exceeds typical_p."""
     x, greedy, best, row_max, weights = _scaled(logits, t)
     B, V = x.shape
+    typical_p = t.sampler_params[:, 0]
     logp = x - (row_max + jnp.log(jnp.sum(weights, -1)))[:, None]  # [B, V]
     p = jnp.exp(logp)
     entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), -1)  # [B]
     score = jnp.abs(-logp - entropy[:, None])  # [B, V]; inf for impossible tokens
-    off = greedy | (t.typical_p >= 1.0)
+    off = greedy | (typical_p >= 1.0)
 
     cap = min(core.TOP_K_CAP, V)
     neg_score, ids = lax.top_k(-score, cap)  # [B, cap], most typical first
     cum = jnp.cumsum(jnp.take_along_axis(p, ids, -1), -1)
-    num_kept = _num_kept(cum, t.typical_p)
+    num_kept = _num_kept(cum, typical_p)
     theta = -jnp.take_along_axis(neg_score, (num_kept - 1)[:, None], -1)[:, 0]
     settled = off | (num_kept < cap) | (cap == V)
 
     # Rows whose typical set is wider than the prefix: the threshold is the largest score key t
     # with mass(score < t) <= typical_p, found for all of them at once by bisection (32 passes
     # over [B, V]; sorting them one by one cost ~6 ms a row, and real steps have dozens).
-    score_keys = core._ordered_key(score)  # [B, V]
-    below_reaches = lambda k: jnp.sum(jnp.where(score_keys < k[:, None], p, 0.0), -1) <= t.typical_p
-    theta = lax.cond(jnp.all(settled), lambda: theta, lambda: jnp.where(settled, theta, core._from_key(
-        core._bisect(below_reaches, jnp.where(settled, 0, jnp.min(score_keys, -1)),
+    score_keys = core.ordered_key(score)  # [B, V]
+    below_reaches = lambda k: jnp.sum(jnp.where(score_keys < k[:, None], p, 0.0), -1) <= typical_p
+    theta = lax.cond(jnp.all(settled), lambda: theta, lambda: jnp.where(settled, theta, core.from_ordered_key(
+        core.bisect(below_reaches, jnp.where(settled, 0, jnp.min(score_keys, -1)),
                      jnp.where(settled, 0, jnp.max(score_keys, -1))))))
     keep = off[:, None] | (score <= theta[:, None])
     return _draw(weights, keep, greedy, best, keys), state
@@ -59,7 +63,8 @@ def tail_free(logits: jax.Array, t: SamplingTensors, state: jax.Array, keys: jax
     x, greedy, best, row_max, weights = _scaled(logits, t)
     B, V = x.shape
     lse = row_max + jnp.log(jnp.sum(weights, -1))
-    off = greedy | (t.tfs_z >= 1.0) | (V <= 2)
+    tfs_z = t.sampler_params[:, 0]
+    off = greedy | (tfs_z >= 1.0) | (V <= 2)
 
     cap = min(core.TOP_K_CAP, V)
     top = lax.top_k(x, cap)[0]  # [B, cap], descending
@@ -69,8 +74,8 @@ def tail_free(logits: jax.Array, t: SamplingTensors, state: jax.Array, keys: jax
     # The second differences past the prefix sum to at most 2 * p[cap - 2] (the sorted first
     # differences are >= 0 and telescope), so the cut is exact when both ends agree on it.
     tail_bound = 2.0 * p(cap - 2, cap - 1)[:, 0] if cap < V else jnp.zeros(B)
-    cut_low = _tail_free_cut(d2, head, t.tfs_z)
-    cut_high = _tail_free_cut(d2, head + tail_bound, t.tfs_z)
+    cut_low = _tail_free_cut(d2, head, tfs_z)
+    cut_high = _tail_free_cut(d2, head + tail_bound, tfs_z)
     settled = off | ((cut_low == cut_high) & (cut_low < cap - 2) & (head > 1e-6)) | (cap == V)
     num_kept = jnp.where(cut_low < d2.shape[1], jnp.maximum(cut_low, 1), V)
     theta = jnp.take_along_axis(top, (jnp.minimum(num_kept, cap) - 1)[:, None], -1)[:, 0]
@@ -79,7 +84,7 @@ def tail_free(logits: jax.Array, t: SamplingTensors, state: jax.Array, keys: jax
         desc = jnp.sort(x[r])[::-1]
         q = jnp.exp(desc - lse[r])
         row_d2 = jnp.abs(q[:-2] - 2.0 * q[1:-1] + q[2:])[None]
-        cut = _tail_free_cut(row_d2, jnp.sum(row_d2, -1), t.tfs_z[r][None])[0]
+        cut = _tail_free_cut(row_d2, jnp.sum(row_d2, -1), tfs_z[r][None])[0]
         kept = jnp.where(cut < V - 2, jnp.maximum(cut, 1), V)
         return desc[kept - 1]
 
@@ -107,7 +112,7 @@ def mirostat(logits: jax.Array, t: SamplingTensors, state: jax.Array, keys: jax.
     k = (eps * jnp.exp2(mu) / (1.0 - jnp.power(float(V), -eps))) ** (1.0 / s_hat)
     k = jnp.clip(jnp.nan_to_num(k, nan=V, posinf=V), 1, V).astype(jnp.int32)  # int(k), at least 1
     top_k = jnp.where(greedy | (k >= V), 0, k)
-    cutoff = core._top_k_top_p_cutoff(x, weights, row_max, top_k, jnp.ones(B), prefix=top)
+    cutoff = core.top_k_top_p_cutoff(x, weights, row_max, top_k, jnp.ones(B), prefix=top)
     keep = x >= cutoff[:, None]
     tokens = _draw(weights, keep, greedy, best, keys)
     return tokens, _update_mu(state, weights, keep, tokens, greedy, t)
@@ -129,6 +134,28 @@ def mirostat_init_state(params) -> list[float]:
     return [2.0 * params.mirostat_tau]  # mu starts at twice the target surprise, as in the paper
 
 
+def _typical_params(params) -> tuple[float]:
+    return (params.typical_p,)
+
+
+def _tail_free_params(params) -> tuple[float]:
+    return (params.tfs_z,)
+
+
+def _mirostat_params(params) -> tuple[float, float]:
+    return (params.mirostat_tau, params.mirostat_eta)
+
+
+# In registry.BUILTIN_NAMES order. Neutral parameters: filters off, mu left alone.
+BUILTINS = (
+    Sampler(DEFAULT_SAMPLER, core.default_sampler, builtin=True),
+    Sampler("typical", typical, params=_typical_params, neutral=(1.0,), builtin=True),
+    Sampler("tfs", tail_free, params=_tail_free_params, neutral=(1.0,), builtin=True),
+    Sampler("mirostat", mirostat, 1, mirostat_init_state, _mirostat_params, (1.0, 0.0), builtin=True),
+    Sampler("mirostat2", mirostat2, 1, mirostat_init_state, _mirostat_params, (1.0, 0.0), builtin=True),
+)
+
+
 # ---------------------------------------------------------------------------------- helpers
 
 def _columns(a, start, stop):
@@ -141,7 +168,7 @@ def _scaled(logits, t):
     """Temperature-scaled logits and what every sampler here needs from them."""
     greedy = t.temperature <= 0.0
     x = logits / jnp.where(greedy, 1.0, t.temperature)[:, None]  # [B, V]
-    best = core._argmax(x)
+    best = core.argmax(x)
     row_max = jnp.take_along_axis(x, best[:, None], -1)[:, 0]
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     return x, greedy, best, row_max, jnp.exp(x - row_max[:, None])
@@ -149,14 +176,15 @@ def _scaled(logits, t):
 
 def _draw(weights, keep, greedy, best, keys):
     V = weights.shape[1]
-    drawn = core._inverse_cdf(jnp.where(keep, weights, 0.0), core.uniforms(keys))
+    drawn = core.inverse_cdf(jnp.where(keep, weights, 0.0), core.uniforms(keys))
     return jnp.minimum(jnp.where(greedy, best, drawn), V - 1).astype(jnp.int32)
 
 
 def _update_mu(state, weights, keep, tokens, greedy, t):
     kept_mass = jnp.sum(jnp.where(keep, weights, 0.0), -1)
     p = jnp.take_along_axis(weights, tokens[:, None], -1)[:, 0] / kept_mass  # renormalised
-    mu = state[:, 0] - t.mirostat_eta * (-jnp.log2(p) - t.mirostat_tau)
+    tau, eta = t.sampler_params[:, 0], t.sampler_params[:, 1]
+    mu = state[:, 0] - eta * (-jnp.log2(p) - tau)
     return state.at[:, 0].set(jnp.where(greedy, state[:, 0], mu))  # greedy rows do not run mirostat
 
 

@@ -4,9 +4,10 @@ Vectorised over the batch with per-row parameters, so requests with different sa
 share one compiled graph; traceable with no host sync. Order as in vLLM: penalties, banned ids
 (`penalise`), then temperature, top-k / top-p / min-p and one draw (`sample_penalised`); the
 engine compiles the two stages as graphs of their own and runs the first only on steps where
-some row has a penalty. Rows may instead name a pluggable sampler (`jaxserve.sampling`): the
-second stage then also runs each such sampler on the penalised logits, only when some row uses
-it, and takes its tokens there.
+some row has a penalty. Rows may instead name a pluggable sampler (`registry.py`): the second
+stage then also runs each such sampler on the penalised logits, only when some row uses it, and
+takes its tokens there. The public primitives here (`argmax`, `inverse_cdf`, `top_k_top_p_cutoff`,
+`ordered_key` / `from_ordered_key`, `bisect`, `uniforms`) are what the built-in samplers build on.
 
 Cost notes (2-core CPU, B=64, V=49152): a full `lax.sort` of the logits takes ~0.9 s, so top-k
 and top-p share one `lax.top_k` prefix of TOP_K_CAP values instead, and fall back to an exact
@@ -16,6 +17,7 @@ uniform per row and inverts the CDF (two-level, by chunks) instead of drawing V 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxserve.sampling.registry import DEFAULT_SAMPLER, SAMPLER_PARAMS_WIDTH, SAMPLER_STATE_WIDTH, Sampler
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 _INT32_MAX = np.iinfo(np.int32).max
@@ -32,10 +35,6 @@ _INT32_MAX = np.iinfo(np.int32).max
 TOP_K_CAP = 256
 # Chunk width of the inverse-CDF search: one pass finds the chunk, one small cumsum the token.
 _CHUNK = 128
-# Floats of per-row state a pluggable sampler may keep between steps (mirostat uses one: mu).
-# Fixed, so that registering a sampler never changes the default step's input shapes.
-SAMPLER_STATE_WIDTH = 4
-DEFAULT_SAMPLER = "default"
 
 
 @jax.tree_util.register_dataclass
@@ -60,10 +59,9 @@ class SamplingTensors:
     banned_token_ids: jax.Array    # [B, E] i32, ids forced to -inf this step (min_tokens), -1 padded
     # Pluggable samplers (read only when some row names one; 0 = the default path).
     sampler_ids: jax.Array         # [B] i32, index of the row's sampler in the registry snapshot
-    typical_p: jax.Array           # [B] f32, 1 = off
-    tfs_z: jax.Array               # [B] f32, 1 = off
-    mirostat_tau: jax.Array        # [B] f32, target surprise (bits)
-    mirostat_eta: jax.Array        # [B] f32, learning rate
+    # [B, SAMPLER_PARAMS_WIDTH] f32, the row's sampler's own parameters (Sampler.params); each
+    # sampler sees its `neutral` values in the rows of the others.
+    sampler_params: jax.Array
     sampler_state: jax.Array       # [B, SAMPLER_STATE_WIDTH] f32, the row's state after its last token
 
 
@@ -188,12 +186,9 @@ def _write_history(history: np.ndarray, i: int, row: SamplingRow) -> int:
 
 
 def _pack_pluggable_samplers(rows: list[SamplingRow], B: int, samplers: Sequence | None) -> dict[str, np.ndarray]:
-    """The pluggable samplers' fields of SamplingTensors: registry index, their parameters, state."""
+    """The pluggable samplers' fields of SamplingTensors: registry index, their own parameters, state."""
     sampler_ids = np.zeros(B, np.int32)
-    typical_p = np.ones(B, np.float32)
-    tfs_z = np.ones(B, np.float32)
-    mirostat_tau = np.ones(B, np.float32)
-    mirostat_eta = np.zeros(B, np.float32)
+    params = np.zeros((B, SAMPLER_PARAMS_WIDTH), np.float32)
     state = np.zeros((B, SAMPLER_STATE_WIDTH), np.float32)
     index = {s.name: i for i, s in enumerate(samplers or ())}
     for i, row in enumerate(rows):
@@ -204,15 +199,18 @@ def _pack_pluggable_samplers(rows: list[SamplingRow], B: int, samplers: Sequence
             raise ValueError(f"sampler {name!r} is not registered (registered: {sorted(index)})")
         p, sampler = row.params, samplers[index[name]]
         sampler_ids[i] = index[name]
-        typical_p[i], tfs_z[i] = p.typical_p, p.tfs_z
-        mirostat_tau[i], mirostat_eta[i] = p.mirostat_tau, p.mirostat_eta
+        if sampler.params is not None:
+            values = tuple(sampler.params(p))
+            if len(values) > SAMPLER_PARAMS_WIDTH:
+                raise ValueError(f"sampler {name!r} gave {len(values)} parameters, more than "
+                                 f"SAMPLER_PARAMS_WIDTH ({SAMPLER_PARAMS_WIDTH})")
+            params[i, :len(values)] = values
         row_state = row.sampler_state
         if row_state is None and sampler.init_state is not None:
             row_state = sampler.init_state(p)
         if row_state is not None:
             state[i, :len(row_state)] = row_state
-    return dict(sampler_ids=sampler_ids, typical_p=typical_p, tfs_z=tfs_z, mirostat_tau=mirostat_tau,
-                mirostat_eta=mirostat_eta, sampler_state=state)
+    return dict(sampler_ids=sampler_ids, sampler_params=params, sampler_state=state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,14 +260,17 @@ def sample_penalised(raw: jax.Array, penalised: jax.Array, t: SamplingTensors, *
     greedy = default_t.temperature <= 0.0
     # No sort or RNG when all rows are greedy. Only [B] tokens leave the branch: on XLA:CPU a cond
     # that hands [B, V] logits on to the next stage cost 15-25 ms per step at B=64, V=49152.
-    tokens = lax.cond(jnp.all(greedy), lambda: _argmax(x), lambda: _sample_rows(x, default_t, greedy))
+    tokens = lax.cond(jnp.all(greedy), lambda: argmax(x), lambda: _sample_rows(x, default_t, greedy))
     state = t.sampler_state
     if samplers:
         keys = row_keys(t.seeds, t.steps)
         for index, sampler in enumerate(samplers, start=1):
             uses = t.sampler_ids == index  # [B]
+            # Its own parameters in its rows, its neutral ones elsewhere (it runs over every row).
+            own = dataclasses.replace(t, sampler_params=jnp.where(uses[:, None], t.sampler_params,
+                                                                  neutral_params(sampler)))
             # Skipped entirely unless some row names it; only [B] tokens and [B, S] state leave the branch.
-            sampled, new_state = lax.cond(jnp.any(uses), lambda fn=sampler.fn: _call_sampler(fn, x, t, state, keys),
+            sampled, new_state = lax.cond(jnp.any(uses), lambda fn=sampler.fn, own=own: call_sampler(fn, x, own, state, keys),
                                           lambda: (tokens, state))
             tokens = jnp.where(uses, sampled, tokens)
             state = jnp.where(uses[:, None], new_state, state)
@@ -281,7 +282,29 @@ def sample_penalised(raw: jax.Array, penalised: jax.Array, t: SamplingTensors, *
                          top_logprobs=top_logprobs, sampler_state=state)
 
 
-def _call_sampler(fn, logits, t, state, keys):
+def neutral_params(sampler: Sampler) -> np.ndarray:
+    """[SAMPLER_PARAMS_WIDTH] f32: the sampler's parameters in rows that do not use it."""
+    values = np.zeros(SAMPLER_PARAMS_WIDTH, np.float32)
+    values[:len(sampler.neutral)] = sampler.neutral
+    return values
+
+
+def check_sampler(name: str, fn) -> None:
+    """Trace a sampler once on a tiny batch: a wrong signature fails at registration, not mid-serving."""
+    B, V = 2, 8
+    t = build_sampling_tensors([], B, history_width=1, banned_width=1)
+    state = np.zeros((B, SAMPLER_STATE_WIDTH), np.float32)
+    try:
+        tokens, new_state = jax.eval_shape(functools.partial(call_sampler, fn), np.zeros((B, V), np.float32),
+                                           t, state, row_keys(t.seeds, t.steps))
+    except Exception as err:
+        raise ValueError(f"sampler {name!r} failed on a [{B}, {V}] batch: {type(err).__name__}: {err}") from err
+    if tokens.shape != (B,) or new_state.shape != (B, SAMPLER_STATE_WIDTH):
+        raise ValueError(f"sampler {name!r} must return tokens [B] (and state [B, {SAMPLER_STATE_WIDTH}]); "
+                         f"on a batch of {B} it returned {tokens.shape} and {new_state.shape}")
+
+
+def call_sampler(fn, logits, t, state, keys):
     out = fn(logits, t, state, keys)
     tokens, new_state = out if isinstance(out, tuple) else (out, state)  # stateless samplers may return tokens only
     # A buggy sampler's out-of-range id would reach the detokenizer and stop the engine loop.
@@ -322,7 +345,7 @@ def compute_logprobs(logits: jax.Array, token_ids: jax.Array, *, num_top_logprob
     return logprobs, top_ids.astype(jnp.int32), top_vals - lse[:, None]
 
 
-def _argmax(x: jax.Array) -> jax.Array:
+def argmax(x: jax.Array) -> jax.Array:
     """First index of the row maximum, by chunks: XLA's CPU argmax over V is ~3x slower."""
     B, V = x.shape
     chunks = _chunked(x, -jnp.inf)  # [B, C, CHUNK]
@@ -374,23 +397,23 @@ def _sample_rows(logits: jax.Array, t: SamplingTensors, greedy: jax.Array, u: ja
     top_k = jnp.where(greedy | (t.top_k >= V), 0, t.top_k)
     top_p = jnp.where(greedy, 1.0, t.top_p)
 
-    best = _argmax(x)  # [B]; also the greedy rows' answer (their x is the logits)
+    best = argmax(x)  # [B]; also the greedy rows' answer (their x is the logits)
     row_max = jnp.take_along_axis(x, best[:, None], axis=-1)[:, 0]
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # a row of -inf must not give NaN
     weights = jnp.exp(x - row_max[:, None])  # [B, V], unnormalised probabilities; one exp pass
     # All three filters become one threshold per row: keep x >= cutoff (ties kept, as vLLM's
     # top-k). min_p: p >= min_p * p_max  <=>  x >= max + log(min_p).
-    cutoff = lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), _top_k_top_p_cutoff,
+    cutoff = lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), top_k_top_p_cutoff,
                       lambda *_: jnp.full((B,), -jnp.inf), x, weights, row_max, top_k, top_p)
     cutoff = jnp.maximum(cutoff, row_max + jnp.log(jnp.where(greedy, 0.0, t.min_p)))
 
     u = uniforms(row_keys(t.seeds, t.steps)) if u is None else u  # [B]
-    drawn = _inverse_cdf(jnp.where(x >= cutoff[:, None], weights, 0.0), u)
+    drawn = inverse_cdf(jnp.where(x >= cutoff[:, None], weights, 0.0), u)
     # The clamp only matters for rows with no finite logit at all (NaN model output).
     return jnp.minimum(jnp.where(greedy, best, drawn), V - 1).astype(jnp.int32)
 
 
-def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
+def inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
     """Token whose cumulative weight first exceeds u * total, searched by chunks.
 
     Filtered tokens (weight 0) can never be chosen: each search step is clamped to the last
@@ -415,7 +438,7 @@ def _first_above(cum: jax.Array, target: jax.Array, positive: jax.Array) -> jax.
     return jnp.minimum(idx, last_positive).astype(jnp.int32)
 
 
-def _top_k_top_p_cutoff(x: jax.Array, weights: jax.Array, row_max: jax.Array, top_k: jax.Array,
+def top_k_top_p_cutoff(x: jax.Array, weights: jax.Array, row_max: jax.Array, top_k: jax.Array,
                         top_p: jax.Array, prefix: jax.Array | None = None) -> jax.Array:
     """Per-row value threshold implementing top-k then top-p (on the top-k renormalised probs).
 
@@ -458,18 +481,18 @@ def _cutoff_from_prefix(s, lse, top_k, top_p, V):
     return cutoff, kth, k_settled, k_settled & p_settled
 
 
-def _ordered_key(x: jax.Array) -> jax.Array:
+def ordered_key(x: jax.Array) -> jax.Array:
     """float32 -> uint32 with the same order, so bisection over keys is exact in 32 steps."""
     bits = lax.bitcast_convert_type(x, jnp.uint32)
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x8000_0000))
 
 
-def _from_key(key: jax.Array) -> jax.Array:
+def from_ordered_key(key: jax.Array) -> jax.Array:
     bits = jnp.where(key >> 31 == 1, key & jnp.uint32(0x7FFF_FFFF), ~key)
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _bisect(pred, lo: jax.Array, hi: jax.Array) -> jax.Array:
+def bisect(pred, lo: jax.Array, hi: jax.Array) -> jax.Array:
     """Largest key t in [lo, hi] (per row) with pred(t), for pred monotone non-increasing; lo if none."""
     def body(carry):
         lo, hi = carry
@@ -499,12 +522,12 @@ def _cutoffs_by_bisection(x, prefix, kth, k_settled, top_k, top_p, settled):
 
 def _row_cutoff(x, row_max, kth_prefix, k_settled, top_k, top_p):
     """Top-k then top-p threshold of one row x [V], by bisection over the ordered keys."""
-    keys = _ordered_key(x)  # [V]
-    lo, hi = jnp.min(keys), _ordered_key(row_max)
+    keys = ordered_key(x)  # [V]
+    lo, hi = jnp.min(keys), ordered_key(row_max)
 
     def kth_by_count():
         # The k-th largest value is the largest t with count(x >= t) >= k.
-        return _from_key(_bisect(lambda m: jnp.sum(keys >= m) >= top_k, lo, hi))
+        return from_ordered_key(bisect(lambda m: jnp.sum(keys >= m) >= top_k, lo, hi))
 
     kth = lax.cond(k_settled, lambda: kth_prefix, kth_by_count)
     kth = jnp.where(top_k > 0, kth, -jnp.inf)
@@ -515,7 +538,7 @@ def _row_cutoff(x, row_max, kth_prefix, k_settled, top_k, top_p):
         in_k = x >= kth
         probs = jnp.where(in_k, jnp.exp(x - jax.nn.logsumexp(jnp.where(in_k, x, -jnp.inf))), 0.0)
         mass_reaches_p = lambda m: jnp.sum(jnp.where(keys >= m, probs, 0.0)) >= top_p
-        return _from_key(_bisect(mass_reaches_p, jnp.maximum(lo, _ordered_key(kth)), hi))
+        return from_ordered_key(bisect(mass_reaches_p, jnp.maximum(lo, ordered_key(kth)), hi))
 
     pth = lax.cond(top_p < 1.0, pth_by_mass, lambda: jnp.float32(-jnp.inf))
     return jnp.maximum(kth, pth)
