@@ -41,14 +41,17 @@ _CONFIG_NOT_IN_GRAPH = ("cache", "log", "profil", "explain")
 
 @functools.lru_cache(maxsize=1)
 def source_fingerprint() -> str:
-    """sha256 over every .py file of the packages traced into a step (a few ms)."""
+    """sha256 over every .py file of the packages traced into a step, their subpackages included
+    (jaxserve/sampling/ holds the sampler), a few ms."""
     digest = hashlib.sha256()
     for package in _TRACED_PACKAGES:
-        folder = os.path.dirname(importlib.import_module(package).__file__)
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".py"):
-                with open(os.path.join(folder, name), "rb") as f:
-                    digest.update(f"{package}/{name}\0".encode() + f.read() + b"\0")
+        root = os.path.dirname(importlib.import_module(package).__file__)
+        for folder, _, names in sorted(os.walk(root)):
+            for name in sorted(names):
+                if name.endswith(".py"):
+                    with open(os.path.join(folder, name), "rb") as f:
+                        relative = os.path.relpath(os.path.join(folder, name), root)
+                        digest.update(f"{package}/{relative}\0".encode() + f.read() + b"\0")
     return digest.hexdigest()
 
 

@@ -106,3 +106,25 @@ def test_damaged_graph_is_exported_again(tiny_folder, cache, traced_tokens, dama
     assert greedy(llm) == traced_tokens
     again = LLM(tiny_folder, compilation_cache_dir=cache, **ARGS)  # the re-exported file is whole
     assert again.engine.runner.num_graphs_from_store == len(runner.warmup_keys)
+
+
+def test_the_source_fingerprint_covers_subpackages(tmp_path, monkeypatch):
+    """An edit anywhere under a traced package, its subpackages too (jaxserve/sampling/ holds the
+    sampler), changes the fingerprint, so graphs exported before it are not read back."""
+    import sys
+
+    (tmp_path / "traced_pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "traced_pkg" / "__init__.py").write_text("")
+    (tmp_path / "traced_pkg" / "sub" / "__init__.py").write_text("")
+    core = tmp_path / "traced_pkg" / "sub" / "core.py"
+    core.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(graph_cache, "_TRACED_PACKAGES", ("traced_pkg",))
+    fingerprints = []
+    for text in ("X = 1\n", "X = 2\n", "X = 1\n"):
+        core.write_text(text)
+        graph_cache.source_fingerprint.cache_clear()
+        fingerprints.append(graph_cache.source_fingerprint())
+    graph_cache.source_fingerprint.cache_clear()
+    sys.modules.pop("traced_pkg", None)
+    assert fingerprints[0] != fingerprints[1] and fingerprints[0] == fingerprints[2]
