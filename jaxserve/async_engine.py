@@ -27,11 +27,21 @@ T = TypeVar("T")
 
 class RequestRefusedError(ValueError):
     """The engine cannot serve this request as asked (LLMEngine.add_request's ValueError); nothing
-    changed. The client's mistake: a 400; ``param`` names the field when one is known."""
+    changed. The client's mistake: a 400; ``param`` names the field when one is known, ``code``
+    says what was wrong with it (OpenAI's codes: invalid_value, context_length_exceeded)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
         super().__init__(message)
         self.param = param
+        self.code = code
+
+    def renamed(self, names: dict[str, str]) -> "RequestRefusedError":
+        """The same refusal with its field named as the caller's API names it."""
+        param = names.get(self.param, self.param)
+        message = str(self)
+        if param != self.param and message.startswith(f"{self.param} "):
+            message = f"{param} {message[len(self.param) + 1:]}"
+        return RequestRefusedError(message, param, self.code)
 
 
 class QueueFullError(RuntimeError):
@@ -426,8 +436,8 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(request_id, prompt, params, prompt_text=prompt_text)
                     self._progress[request_id] = _Progress(request_id, params.n, arrival)
-                except ValueError as e:
-                    error = RequestRefusedError(str(e))
+                except ValueError as e:  # the InputProcessor's RequestValidationError names the field
+                    error = RequestRefusedError(str(e), getattr(e, "param", None), getattr(e, "code", "invalid_value"))
                 except Exception as e:  # a bug, not the client's mistake: keep the loop alive
                     logger.exception("add_request failed for %s", request_id)
                     error = EngineStepError(f"the engine could not take the request: {e}")

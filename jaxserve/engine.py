@@ -1,9 +1,10 @@
 """The engine loop: requests in, one scheduled and executed step at a time, outputs out.
 
-``LLMEngine.step()`` is schedule -> run -> process outputs. Everything host-side and per-token
-(stop conditions, detokenisation, logprobs, the outputs' shapes) is the ``OutputProcessor``'s
-(output_processor.py); the device sees one step's graphs per step. Bad requests are refused in ``add_request`` before they
-touch any state, so they cannot disturb the requests already running.
+``LLMEngine.add_request()`` runs the InputProcessor's checks (input_processor.py) and queues the
+request; a bad one is refused there, before it touches any state, so it cannot disturb the
+requests already running. ``LLMEngine.step()`` is schedule -> run -> process outputs: everything
+host-side and per-token (stop conditions, detokenisation, logprobs, the outputs' shapes) is the
+OutputProcessor's (output_processor.py); the device sees one step's graphs per step.
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from dataclasses import dataclass, field
 
 import jax
 
-from jaxserve import sampling
 from jaxserve.block_pool import BlockPool
 from jaxserve.config import CacheConfig, CompileConfig, SchedulerConfig
+from jaxserve.input_processor import InputProcessor, RequestValidationError
 from jaxserve.output_processor import OutputProcessor, RequestState
 from jaxserve.outputs import RequestOutput
 from jaxserve.profiling import PROCESS_OUTPUTS, SCHEDULE, Profiler, annotate
@@ -141,6 +142,10 @@ class LLMEngine:
         if compile.warmup:
             self.runner.warmup()
         self.tokenizer = loaded.tokenizer  # last: a GGUF's loads in the background until here (models/loader.py)
+        self.input_processor = InputProcessor(self.tokenizer, vocab_size=self.vocab_size,
+                                              max_model_len=self.max_model_len, eos_token_ids=self._eos,
+                                              banned_width=BANNED_WIDTH, num_pages=num_pages,
+                                              block_size=cache.block_size)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len, self.scheduler.finish)
 
     @property
@@ -152,18 +157,12 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     *, prompt_text: str | None = None) -> None:
-        """Queue a request; raises ValueError (touching nothing) when it cannot be served."""
+        """Queue a request; raises RequestValidationError (a ValueError naming the field, touching
+        nothing) when it cannot be served."""
         params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         if request_id in self.groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        if isinstance(prompt, str):
-            prompt_text = prompt
-            token_ids = self.tokenizer(prompt).input_ids
-        else:
-            token_ids = [int(t) for t in prompt]
-        max_tokens = self._validate(token_ids, params)
+            raise RequestValidationError(f"request id {request_id!r} is already in use", param="request_id")
+        token_ids, prompt_text, max_tokens = self.input_processor.process(prompt, params, prompt_text)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
         children = []
         for i in range(params.n):
@@ -179,35 +178,6 @@ class LLMEngine:
         self.output_processor.add(request_id, prompt_text, token_ids, children)
         for child in children:
             self.scheduler.add(child)
-
-    def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
-        if params.selected_sampler not in sampling.names():  # unregistered since the params were made
-            raise ValueError(f"sampler {params.selected_sampler!r} is not registered "
-                             f"(registered: {sampling.names()})")
-        if not token_ids:
-            raise ValueError("prompt must not be empty: it needs at least one token")
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        bad = [t for t in params.stop_token_ids or () if not 0 <= t < self.vocab_size]
-        if bad:  # never generated, and past int32 it would break the step's packed arrays
-            raise ValueError(f"stop_token_ids holds {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
-        room = self.max_model_len - len(token_ids)
-        if room < 1:
-            raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len ({self.max_model_len})"
-                             " leaves room for")
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if max_tokens > room:
-            raise ValueError(f"prompt ({len(token_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
-                             f"max_model_len ({self.max_model_len}): max_tokens must be <= {room}")
-        if params.min_tokens and len(params.stop_token_ids or ()) + len(self._eos) > BANNED_WIDTH:
-            raise ValueError(f"stop_token_ids may hold at most {BANNED_WIDTH - len(self._eos)} ids when "
-                             f"min_tokens is set, got {len(params.stop_token_ids)}")
-        pages = -(-(len(token_ids) + max_tokens) // self.pool.block_size)
-        if pages > self.pool.num_pages - 1:
-            raise ValueError(f"prompt plus max_tokens needs {pages} KV pages but the cache has "
-                             f"{self.pool.num_pages - 1}: raise kv_cache_memory or lower max_tokens")
-        return max_tokens
 
     def abort_request(self, request_id: str) -> None:
         for req in self.output_processor.abort(request_id):

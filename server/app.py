@@ -145,7 +145,7 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
         if isinstance(error, EngineClosedError):
             return error_response(request, 503, str(error), code="shutting_down")
         if isinstance(error, RequestRefusedError):  # the engine validates last (token ids, KV pages...)
-            return error_response(request, 400, str(error), param=error.param, code="invalid_value")
+            return error_response(request, 400, str(error), param=error.param, code=error.code)
         if isinstance(error, ServiceUnavailable) and not getattr(request.ctx, "body_received", False):
             # Sanic's response timeout struck while the body was still arriving: the client stalled.
             # Sanic would wait for the rest of the body before closing; there is nothing to wait for.

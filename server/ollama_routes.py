@@ -12,6 +12,7 @@ from sanic.response import json as json_response
 
 import jaxserve
 from jaxserve.async_engine import EngineStepError
+from jaxserve.input_processor import RequestValidationError, check_token_ids
 from jaxserve.server import ollama_protocol as proto
 from jaxserve.server.chat import normalize_messages, render_chat
 from jaxserve.server.validation import RequestError, get, parse_json_body
@@ -114,9 +115,10 @@ async def generate(request: Request):
     if not prompt and not context:
         return json_response(_loaded(model, "response", ""))
     raw = get(body, "raw", "bool", False)
-    bad = [t for t in context if not 0 <= t < engine.vocab_size]
-    if bad:
-        raise RequestError(f"context token id {bad[0]} is outside the vocabulary", param="context")
+    try:
+        check_token_ids(context, engine.vocab_size, "context")
+    except RequestValidationError as e:
+        raise RequestError(str(e), param=e.param) from None
 
     def encode(tokenizer) -> tuple[str, list[int]]:
         if raw:

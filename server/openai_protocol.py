@@ -54,6 +54,7 @@ class ChatRequest:
     include_usage: bool
     logprobs: bool
     add_generation_prompt: bool
+    max_tokens_field: str = "max_tokens"  # the client's name for it: max_completion_tokens or max_tokens
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -165,22 +166,8 @@ def parse_chat(body: dict) -> ChatRequest:
         raise RequestError("continue_final_message is not supported", param="continue_final_message",
                            code="unsupported_parameter")
     return ChatRequest(model, messages, params, stream, include_usage, logprobs,
-                       get(body, "add_generation_prompt", "bool", True))
-
-
-def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, *, prompt_param: str,
-                  max_tokens_param: str = "max_tokens") -> None:
-    """Refuse, naming the field, a request that cannot fit the context (the engine would too)."""
-    if num_prompt_tokens >= max_model_len:
-        raise RequestError(f"This model's maximum context length is {max_model_len} tokens. However, your "
-                           f"{prompt_param} has {num_prompt_tokens} tokens, leaving no room to generate.",
-                           param=prompt_param, code="context_length_exceeded")
-    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
-        raise RequestError(f"This model's maximum context length is {max_model_len} tokens. However, you "
-                           f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
-                           f"{prompt_param}, {max_tokens} for the completion). Please reduce the length of the "
-                           f"{prompt_param} or of {max_tokens_param}.", param=max_tokens_param,
-                           code="context_length_exceeded")
+                       get(body, "add_generation_prompt", "bool", True),
+                       "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens")
 
 
 # ---- logprobs ------------------------------------------------------------------------------------

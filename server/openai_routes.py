@@ -12,7 +12,8 @@ from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
 
 import jaxserve
-from jaxserve.async_engine import EngineStepError
+from jaxserve.async_engine import EngineStepError, RequestRefusedError
+from jaxserve.input_processor import RequestValidationError, check_token_ids
 from jaxserve.server import openai_protocol as proto
 from jaxserve.server.chat import normalize_messages, render_chat
 from jaxserve.server.validation import RequestError, get, parse_json_body
@@ -40,9 +41,10 @@ def _tokenize(tokenizer, prompts) -> list[tuple[list[int], str | None]]:
 
 
 async def _add_all(request: Request, prompts: list[tuple[list[int], str | None]], params, kind: str,
-                   admission, stream: bool) -> list:
+                   admission, stream: bool, field_names: dict[str, str] | None = None) -> list:
     """One engine request per prompt, each taking its places from ``admission``; if any is refused,
-    the ones already queued are aborted."""
+    the ones already queued are aborted, and the refusal names its field as this API does
+    (``field_names``: the engine's name -> this API's)."""
     engine = request.app.ctx.engine
     base = f"{kind}-{uuid.uuid4().hex}"
     streams = []
@@ -51,6 +53,10 @@ async def _add_all(request: Request, prompts: list[tuple[list[int], str | None]]
             streams.append(await engine.add_request(base if len(prompts) == 1 else f"{base}-{i}", ids, params,
                                                     prompt_text=text, log_id=request.ctx.request_id,
                                                     admission=admission, stream=stream))
+    except RequestRefusedError as e:
+        for s in streams:
+            s.close()
+        raise e.renamed(field_names or {}) from None
     except BaseException:
         for s in streams:
             s.close()
@@ -115,10 +121,6 @@ async def completions(request: Request):
     with engine.admit(len(req.prompts) * req.params.n,
                       what="n" if len(req.prompts) == 1 else "n times the number of prompts") as admission:
         prompts = await engine.with_tokenizer(lambda tokenizer: _tokenize(tokenizer, req.prompts))
-        for ids, _ in prompts:
-            if not ids:
-                raise RequestError("'prompt' must not be empty", param="prompt", code="invalid_value")
-            proto.check_context(len(ids), req.params.max_tokens, engine.max_model_len, prompt_param="prompt")
         streams = await _add_all(request, prompts, req.params, "cmpl", admission, req.stream)
     rid, created = streams[0].request_id, int(time.time())
     choices = proto.CompletionChoices(engine.tokenizer, prompts, req.params.n, req.echo, req.params.logprobs)
@@ -162,9 +164,8 @@ async def chat_completions(request: Request):
     with engine.admit(req.params.n) as admission:  # before the template waits for the tokenizer thread
         text, ids = await engine.with_tokenizer(lambda tokenizer: render_chat(
             tokenizer, req.messages, config.chat_template, add_generation_prompt=req.add_generation_prompt))
-        proto.check_context(len(ids), req.params.max_tokens, engine.max_model_len, prompt_param="messages",
-                            max_tokens_param="max_completion_tokens")
-        (stream,) = await _add_all(request, [(ids, text)], req.params, "chatcmpl", admission, req.stream)
+        (stream,) = await _add_all(request, [(ids, text)], req.params, "chatcmpl", admission, req.stream,
+                                   {"prompt": "messages", "max_tokens": req.max_tokens_field})
     rid, created, n, role = stream.request_id, int(time.time()), req.params.n, config.response_role
     num_top = req.params.logprobs or 0
 
@@ -262,11 +263,10 @@ async def detokenize(request: Request):
     body = parse_json_body(request.body)
     _model(request, get(body, "model", "str"))
     ids = get(body, "tokens", "int_list", required=True)
-    vocab = request.app.ctx.engine.vocab_size
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens",
-                           code="invalid_value")
+    try:
+        check_token_ids(ids, request.app.ctx.engine.vocab_size, "tokens")
+    except RequestValidationError as e:
+        raise RequestError(str(e), param=e.param, code=e.code) from None
     text = await request.app.ctx.engine.with_tokenizer(lambda tokenizer: tokenizer.decode(ids))
     return json_response({"prompt": text})
 

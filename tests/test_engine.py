@@ -172,7 +172,7 @@ BAD_REQUESTS = [
     ([-1], GREEDY, "outside the vocabulary"),
     ([5] * 500, SamplingParams(max_tokens=20), "max_model_len"),
     ([5] * 600, GREEDY, "max_model_len"),
-    ([5], SamplingParams(stop_token_ids=[2**40]), "stop_token_ids holds 1099511627776, outside the vocabulary"),
+    ([5], SamplingParams(stop_token_ids=[2**40]), "stop_token_ids holds token id 1099511627776, outside the vocabulary"),
 ]
 
 

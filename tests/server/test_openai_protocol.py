@@ -98,16 +98,6 @@ def test_json_body_errors():
     assert parse_json_body(b'{"a": 1}') == {"a": 1}
 
 
-def test_context_check_names_prompt_or_max_tokens():
-    proto.check_context(10, 5, 16, prompt_param="prompt")
-    with pytest.raises(RequestError) as e:
-        proto.check_context(16, None, 16, prompt_param="prompt")
-    assert e.value.param == "prompt" and e.value.code == "context_length_exceeded"
-    with pytest.raises(RequestError) as e:
-        proto.check_context(10, 7, 16, prompt_param="messages", max_tokens_param="max_completion_tokens")
-    assert e.value.param == "max_completion_tokens" and "17" in e.value.message
-
-
 def test_error_body_shape():
     assert proto.error_body("bad", param="n", code="invalid_value") == {
         "error": {"message": "bad", "type": "invalid_request_error", "param": "n", "code": "invalid_value"}}
