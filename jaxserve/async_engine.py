@@ -44,6 +44,11 @@ class RequestRefusedError(ValueError):
         return RequestRefusedError(message, param, self.code)
 
 
+def _refusal(error: ValueError) -> RequestRefusedError:
+    """The engine's ValueError as a refusal (the InputProcessor's RequestValidationError names the field)."""
+    return RequestRefusedError(str(error), getattr(error, "param", None), getattr(error, "code", "invalid_value"))
+
+
 class QueueFullError(RuntimeError):
     """More requests are waiting than --max-queue allows; the client should retry later."""
 
@@ -349,6 +354,15 @@ class AsyncEngine:
             raise
         return stream
 
+    def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
+        """The engine's own checks of a tokenised request (its InputProcessor, which reads only
+        settings), without queueing it: a caller adding several requests checks them all first,
+        so that none runs when one would be refused. Raises RequestRefusedError."""
+        try:
+            self.engine.input_processor.check(token_ids, params)
+        except ValueError as e:
+            raise _refusal(e) from None
+
     def stats(self):
         """The latest EngineStats snapshot published by the engine thread (gauges and counters)."""
         return self._stats
@@ -436,8 +450,8 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(request_id, prompt, params, prompt_text=prompt_text)
                     self._progress[request_id] = _Progress(request_id, params.n, arrival)
-                except ValueError as e:  # the InputProcessor's RequestValidationError names the field
-                    error = RequestRefusedError(str(e), getattr(e, "param", None), getattr(e, "code", "invalid_value"))
+                except ValueError as e:
+                    error = _refusal(e)
                 except Exception as e:  # a bug, not the client's mistake: keep the loop alive
                     logger.exception("add_request failed for %s", request_id)
                     error = EngineStepError(f"the engine could not take the request: {e}")

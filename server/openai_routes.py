@@ -49,6 +49,9 @@ async def _add_all(request: Request, prompts: list[tuple[list[int], str | None]]
     base = f"{kind}-{uuid.uuid4().hex}"
     streams = []
     try:
+        if len(prompts) > 1:  # all or none: no prompt starts when another would be refused
+            for ids, _ in prompts:
+                engine.check_request(ids, params)
         for i, (ids, text) in enumerate(prompts):
             streams.append(await engine.add_request(base if len(prompts) == 1 else f"{base}-{i}", ids, params,
                                                     prompt_text=text, log_id=request.ctx.request_id,
