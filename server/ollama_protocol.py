@@ -125,18 +125,6 @@ def logprobs_request(body: dict) -> int | None:
     return get(body, "top_logprobs", "int", 0)
 
 
-def logprob_items(entries, token_ids, num_top: int) -> list[dict]:
-    items = []
-    for entry, tid in zip(entries or [], token_ids):
-        chosen = entry[tid]
-        top = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= num_top),
-                     key=lambda lp: lp.rank)
-        items.append({"token": chosen.decoded_token or "", "logprob": max(chosen.logprob, -9999.0),
-                      "top_logprobs": [{"token": lp.decoded_token or "", "logprob": max(lp.logprob, -9999.0)}
-                                       for lp in top]})
-    return items
-
-
 def final_stats(*, start: float, arrival: float, first_token: float | None, finish: float, num_prompt: int,
                 num_generated: int) -> dict:
     """The closing object's counts and durations (ns). Times are time.monotonic() seconds."""

@@ -3,7 +3,6 @@
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -11,17 +10,14 @@ from sanic import Blueprint, Request
 from sanic.response import json as json_response
 
 import jaxserve
-from jaxserve.async_engine import EngineStepError
 from jaxserve.input_processor import RequestValidationError, check_token_ids
+from jaxserve.server import logprobs
 from jaxserve.server import ollama_protocol as proto
 from jaxserve.server.chat import normalize_messages, render_chat
+from jaxserve.server.streaming import NDJSON, Shape, respond
 from jaxserve.server.validation import RequestError, get, parse_json_body
 
 bp = Blueprint("ollama")
-
-
-def _dumps(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
 def _model(request: Request, body: dict) -> str:
@@ -38,13 +34,68 @@ def _loaded(model: str, key: str, empty) -> dict:
     return {"model": model, "created_at": proto.now_rfc3339(), key: empty, "done": True, "done_reason": "load"}
 
 
+class _OllamaShape(Shape):
+    """/api/generate and /api/chat: one completion; text pieces as `piece(text)`, then a closing
+    object with done, done_reason, the route's `final_extra(output_ids)` fields and the timings."""
+
+    def __init__(self, model: str, num_prompt: int, start: float, num_top: int | None, piece, final_extra):
+        self.model, self.num_prompt, self.start, self.num_top = model, num_prompt, start, num_top
+        self.piece, self.final_extra = piece, final_extra
+        self.out_ids: list[int] = []
+        self.pieces: list[str] = []
+        self.logprobs: list[dict] = []
+        self.reason, self.metrics = None, {}
+
+    def _logprobs(self, c) -> list[dict]:
+        return logprobs.ollama(logprobs.token_logprobs(c.logprobs, c.token_ids, self.num_top))
+
+    def _closing(self) -> dict:
+        obj = {"model": self.model, "created_at": proto.now_rfc3339(), **self.piece(""), "done": True,
+               "done_reason": proto.done_reason(self.reason)}
+        obj.update(self.final_extra(self.out_ids))
+        m = self.metrics
+        obj.update(proto.final_stats(start=self.start, arrival=m.get("arrival_time", self.start),
+                                     first_token=m.get("first_token_time"),
+                                     finish=m.get("finish_time", time.monotonic()),
+                                     num_prompt=self.num_prompt, num_generated=len(self.out_ids)))
+        return obj
+
+    def chunks(self, prompt_index, out, c):
+        self.out_ids += c.token_ids
+        objs = []
+        if c.text or (self.num_top is not None and c.token_ids):
+            chunk = {"model": self.model, "created_at": proto.now_rfc3339(), **self.piece(c.text), "done": False}
+            if self.num_top is not None:
+                chunk["logprobs"] = self._logprobs(c)
+            objs.append(chunk)
+        if c.finish_reason is not None:  # the closing object carries no text, only stats
+            self.reason, self.metrics = c.finish_reason, out.metrics
+            objs.append(self._closing())
+        return objs
+
+    def add(self, prompt_index, out, c):
+        self.out_ids += c.token_ids
+        self.pieces.append(c.text)
+        if self.num_top is not None:
+            self.logprobs += self._logprobs(c)
+        self.reason, self.metrics = c.finish_reason or self.reason, out.metrics
+
+    def body(self):
+        obj = self._closing()
+        obj.update(self.piece("".join(self.pieces)))
+        if self.num_top is not None:
+            obj["logprobs"] = self.logprobs
+        return obj
+
+    def error(self, error):
+        return proto.error_body(error.message if isinstance(error, RequestError) else str(error))
+
+
 async def _run(request: Request, body: dict, model: str, ids: list[int], text: str, piece, final_extra,
                admission):
     """Submit one request (its place held by ``admission``) and answer as NDJSON (default) or one
-    JSON object (stream false).
-
-    ``piece(text) -> dict`` is the per-chunk payload; ``final_extra(output_ids)`` adds the
-    closing object's route-specific fields."""
+    JSON object (stream false). ``piece(text) -> dict`` is the per-chunk payload;
+    ``final_extra(output_ids)`` adds the closing object's route-specific fields."""
     engine = request.app.ctx.engine
     num_top = proto.logprobs_request(body)
     params = proto.parse_options(body, num_prompt_tokens=len(ids), max_model_len=engine.max_model_len,
@@ -52,53 +103,8 @@ async def _run(request: Request, body: dict, model: str, ids: list[int], text: s
     streaming = get(body, "stream", "bool", True)
     stream = await engine.add_request(f"ollama-{uuid.uuid4().hex}", ids, params, prompt_text=text,
                                       log_id=request.ctx.request_id, admission=admission, stream=streaming)
-    start = request.ctx.start
-
-    def closing(out_ids, reason, metrics):
-        obj = {"model": model, "created_at": proto.now_rfc3339(), **piece(""), "done": True,
-               "done_reason": proto.done_reason(reason)}
-        obj.update(final_extra(out_ids))
-        obj.update(proto.final_stats(start=start, arrival=metrics.get("arrival_time", start),
-                                     first_token=metrics.get("first_token_time"),
-                                     finish=metrics.get("finish_time", time.monotonic()),
-                                     num_prompt=len(ids), num_generated=len(out_ids)))
-        return obj
-
-    if streaming:
-        out_ids = []
-        async with stream:
-            response = await request.respond(content_type="application/x-ndjson")
-            try:
-                async for out in stream:
-                    c = out.outputs[0]
-                    out_ids += c.token_ids
-                    if c.text or (num_top is not None and c.token_ids):
-                        chunk = {"model": model, "created_at": proto.now_rfc3339(), **piece(c.text),
-                                 "done": False}
-                        if num_top is not None:
-                            chunk["logprobs"] = proto.logprob_items(c.logprobs, c.token_ids, num_top)
-                        await response.send(_dumps(chunk) + "\n")
-                    if c.finish_reason is not None:  # the closing object carries no text, only stats
-                        await response.send(_dumps(closing(out_ids, c.finish_reason, out.metrics)) + "\n")
-            except EngineStepError as e:
-                await response.send(_dumps(proto.error_body(str(e))) + "\n")
-        await response.eof()
-        return None
-
-    out_ids, pieces, logprobs, reason, metrics = [], [], [], None, {}
-    async with stream:
-        async for out in stream:
-            c = out.outputs[0]
-            out_ids += c.token_ids
-            pieces.append(c.text)
-            if num_top is not None:
-                logprobs += proto.logprob_items(c.logprobs, c.token_ids, num_top)
-            reason, metrics = c.finish_reason or reason, out.metrics
-    obj = closing(out_ids, reason, metrics)
-    obj.update(piece("".join(pieces)))
-    if num_top is not None:
-        obj["logprobs"] = logprobs
-    return json_response(obj)
+    shape = _OllamaShape(model, len(ids), request.ctx.start, num_top, piece, final_extra)
+    return await respond(request, [stream], shape, stream=streaming, framing=NDJSON)
 
 
 @bp.post("/api/generate")

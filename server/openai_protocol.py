@@ -6,15 +6,11 @@ Pure functions over dicts; no Sanic here, so the conversion is tested without a 
 from __future__ import annotations
 
 import dataclasses
-import math
 
-from jaxserve.outputs import Logprob
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.server import logprobs as logprob_format
 from jaxserve.server.chat import normalize_messages
 from jaxserve.server.validation import RequestError, device_ints, get, sampling_error
-
-# vLLM clamps -inf logprobs (tokens the sampler filtered out) so the JSON stays standard.
-_MIN_LOGPROB = -9999.0
 
 # OpenAI (and vLLM extra) sampling fields -> (SamplingParams name, kind).
 _SAMPLING_FIELDS = {
@@ -170,61 +166,7 @@ def parse_chat(body: dict) -> ChatRequest:
                        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens")
 
 
-# ---- logprobs ------------------------------------------------------------------------------------
-
-def _lp(value: float) -> float:
-    return value if math.isfinite(value) else _MIN_LOGPROB
-
-
-def _ranked(entry: dict[int, Logprob], num: int) -> list[Logprob]:
-    top = [lp for lp in entry.values() if lp.rank is not None and lp.rank <= num]
-    return sorted(top, key=lambda lp: lp.rank)
-
-
-def chat_logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], num_top: int) -> list[dict]:
-    """OpenAI chat ``logprobs.content`` items for these generated tokens."""
-    items = []
-    for entry, tid in zip(entries, token_ids):
-        chosen = entry[tid]
-        token = chosen.decoded_token or ""
-        items.append({"token": token, "logprob": _lp(chosen.logprob), "bytes": list(token.encode()),
-                      "top_logprobs": [{"token": lp.decoded_token or "", "logprob": _lp(lp.logprob),
-                                        "bytes": list((lp.decoded_token or "").encode())}
-                                       for lp in _ranked(entry, num_top)]})
-    return items
-
-
-class CompletionLogprobs:
-    """Builds the legacy completions ``logprobs`` object piece by piece (text offsets carry on)."""
-
-    def __init__(self, tokenizer, num_top: int):
-        self.tokenizer = tokenizer
-        self.num_top = num_top
-        self.offset = 0
-
-    def _item(self, token: str, logprob: float | None, top: dict | None, out: dict) -> None:
-        out["tokens"].append(token)
-        out["token_logprobs"].append(None if logprob is None else _lp(logprob))
-        out["top_logprobs"].append(top)
-        out["text_offset"].append(self.offset)
-        self.offset += len(token)
-
-    def piece(self, entries, token_ids) -> dict:
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for entry, tid in zip(entries, token_ids):
-            if entry is None:  # the first prompt token has no logprob
-                self._item(self.tokenizer.decode([tid]), None, None, out)
-                continue
-            chosen = entry[tid]
-            top = {(lp.decoded_token or ""): _lp(lp.logprob)
-                   for lp in [chosen] + _ranked(entry, self.num_top)}
-            self._item(chosen.decoded_token or "", chosen.logprob, top, out)
-        return out
-
-    def skip_text(self, text: str) -> None:
-        """Echoed prompt text without logprobs still moves the offsets."""
-        self.offset += len(text)
-
+# ---- completion choices --------------------------------------------------------------------------
 
 class CompletionChoices:
     """The deltas of one /v1/completions request (each prompt n times) as choice fragments for
@@ -233,7 +175,7 @@ class CompletionChoices:
     def __init__(self, tokenizer, prompts: list[tuple[list[int], str | None]], n: int, echo: bool,
                  num_top: int | None):
         self.tokenizer, self.prompts, self.n, self.echo, self.num_top = tokenizer, prompts, n, echo, num_top
-        self._logprobs: dict[int, CompletionLogprobs] = {}
+        self._logprobs: dict[int, logprob_format.CompletionLogprobs] = {}
         self._prompt_logprobs: dict[int, list] = {}   # prompt index -> its prompt logprobs (first delta only)
         self.choices: dict[int, dict] = {}
         self.num_generated = 0
@@ -246,7 +188,7 @@ class CompletionChoices:
         text, lp = c.text, None
         builder = self._logprobs.get(choice)
         if builder is None:  # the choice's first fragment: the echoed prompt goes first
-            builder = self._logprobs[choice] = CompletionLogprobs(self.tokenizer, self.num_top or 0)
+            builder = self._logprobs[choice] = logprob_format.CompletionLogprobs(self.tokenizer, self.num_top or 0)
             if self.echo:
                 ids, prompt = self.prompts[prompt_index]
                 prompt = prompt if prompt is not None else self.tokenizer.decode(ids)
@@ -257,7 +199,7 @@ class CompletionChoices:
                     builder.skip_text(prompt)
                 text = prompt + text
         if self.num_top is not None:
-            lp = merge_logprobs(lp, builder.piece(c.logprobs or [], c.token_ids))
+            lp = logprob_format.merge(lp, builder.piece(c.logprobs or [], c.token_ids))
         self.num_generated += len(c.token_ids)
         if not text and not c.token_ids and c.finish_reason is None:
             return None
@@ -271,7 +213,7 @@ class CompletionChoices:
             return
         entry["text"] += fragment["text"]
         if fragment["logprobs"] is not None:
-            entry["logprobs"] = merge_logprobs(entry["logprobs"], fragment["logprobs"])
+            entry["logprobs"] = logprob_format.merge(entry["logprobs"], fragment["logprobs"])
         if fragment["finish_reason"] is not None:
             entry["finish_reason"], entry["stop_reason"] = fragment["finish_reason"], fragment["stop_reason"]
 
@@ -282,11 +224,3 @@ class CompletionChoices:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
-
-
-def merge_logprobs(into: dict | None, piece: dict) -> dict:
-    if into is None:
-        return {k: list(v) for k, v in piece.items()}
-    for k, v in piece.items():
-        into[k].extend(v)
-    return into

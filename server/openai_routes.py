@@ -3,8 +3,6 @@ vLLM's /tokenize, /detokenize, /health, /version.
 """
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 import uuid
 
@@ -12,17 +10,15 @@ from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
 
 import jaxserve
-from jaxserve.async_engine import EngineStepError, RequestRefusedError
+from jaxserve.async_engine import RequestRefusedError
 from jaxserve.input_processor import RequestValidationError, check_token_ids
+from jaxserve.server import logprobs
 from jaxserve.server import openai_protocol as proto
 from jaxserve.server.chat import normalize_messages, render_chat
+from jaxserve.server.streaming import Shape, respond
 from jaxserve.server.validation import RequestError, get, parse_json_body
 
 bp = Blueprint("openai")
-
-
-def _dumps(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
 def _model(request: Request, name: str | None) -> str:
@@ -67,50 +63,92 @@ async def _add_all(request: Request, prompts: list[tuple[list[int], str | None]]
     return streams
 
 
-async def _merged(streams):
-    """(stream index, delta) from several request streams as they arrive; closes them all at the end."""
-    inbox: asyncio.Queue = asyncio.Queue()
+# ---- /v1/completions -----------------------------------------------------------------------------
 
-    async def pump(i, stream):
-        try:
-            async for out in stream:
-                inbox.put_nowait((i, out))
-            inbox.put_nowait((i, None))
-        except Exception as e:
-            inbox.put_nowait((i, e))
+class _OpenAIShape(Shape):
+    def __init__(self, rid: str, obj: str, model: str, include_usage: bool):
+        self.head = {"id": rid, "object": obj, "created": int(time.time()), "model": model}
+        self.include_usage = include_usage
+        self.usage_field = {"usage": None} if include_usage else {}
 
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(streams)
-        while remaining:
-            i, item = await inbox.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        for s in streams:
-            s.close()
+    def error(self, error) -> dict:
+        if isinstance(error, RequestError):
+            return proto.error_body(error.message, kind=error.kind, param=error.param, code=error.code)
+        return proto.error_body(str(error), kind="server_error")  # the engine failed mid-stream
 
 
-async def _sse(request: Request, chunks) -> None:
-    """Send an async iterator of dicts as server-sent events, then one ``data: [DONE]``."""
-    response = await request.respond(content_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-    try:
-        async for chunk in chunks:
-            await response.send(f"data: {_dumps(chunk)}\n\n")
-    except RequestError as e:
-        body = proto.error_body(e.message, kind=e.kind, param=e.param, code=e.code)
-        await response.send(f"data: {_dumps(body)}\n\n")
-    except EngineStepError as e:  # the engine failed mid-stream: tell the client inside the stream
-        await response.send(f"data: {_dumps(proto.error_body(str(e), kind='server_error'))}\n\n")
-    await response.send("data: [DONE]\n\n")
-    await response.eof()
+class _CompletionsShape(_OpenAIShape):
+    """/v1/completions: every prompt n times, choice index = prompt index * n + sample."""
+
+    def __init__(self, rid, model, req, choices: proto.CompletionChoices, num_prompt: int):
+        super().__init__(rid, "text_completion", model, req.include_usage)
+        self.choices, self.num_prompt = choices, num_prompt
+
+    def chunks(self, prompt_index, out, c):
+        fragment = self.choices.fragment(prompt_index, out, c)
+        return [] if fragment is None else [{**self.head, "choices": [fragment], **self.usage_field}]
+
+    def closing(self):
+        if not self.include_usage:
+            return []
+        return [{**self.head, "choices": [], "usage": proto.usage(self.num_prompt, self.choices.num_generated)}]
+
+    def add(self, prompt_index, out, c):
+        fragment = self.choices.fragment(prompt_index, out, c)
+        if fragment is not None:
+            self.choices.add(fragment)
+
+    def body(self):
+        return {**self.head, "choices": self.choices.final(), "system_fingerprint": None,
+                "usage": proto.usage(self.num_prompt, self.choices.num_generated)}
+
+
+class _ChatShape(_OpenAIShape):
+    """/v1/chat/completions: n choices of one conversation; the role comes first when streamed."""
+
+    def __init__(self, rid, model, req, role: str, num_prompt: int):
+        super().__init__(rid, "chat.completion.chunk" if req.stream else "chat.completion", model, req.include_usage)
+        self.head["system_fingerprint"] = None
+        self.n, self.role, self.num_prompt = req.params.n, role, num_prompt
+        self.logprobs, self.num_top = req.logprobs, req.params.logprobs or 0
+        self.generated = 0
+        self.texts, self.lps, self.reasons = [""] * self.n, [[] for _ in range(self.n)], [(None, None)] * self.n
+
+    def _logprobs(self, c) -> list[dict]:
+        return logprobs.openai_chat(logprobs.token_logprobs(c.logprobs, c.token_ids, self.num_top))
+
+    def opening(self):
+        return [{**self.head, "choices": [{"index": i, "delta": {"role": self.role, "content": ""}, "logprobs": None,
+                                           "finish_reason": None}], **self.usage_field} for i in range(self.n)]
+
+    def chunks(self, prompt_index, out, c):
+        self.generated += len(c.token_ids)
+        if not c.text and c.finish_reason is None and not self.logprobs:
+            return []
+        lp = {"content": self._logprobs(c)} if self.logprobs else None
+        return [{**self.head, "choices": [{"index": c.index, "delta": {"content": c.text}, "logprobs": lp,
+                                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}],
+                 **self.usage_field}]
+
+    def closing(self):
+        return [{**self.head, "choices": [], "usage": proto.usage(self.num_prompt, self.generated)}] \
+            if self.include_usage else []
+
+    def add(self, prompt_index, out, c):
+        self.texts[c.index] += c.text
+        self.generated += len(c.token_ids)
+        if self.logprobs:
+            self.lps[c.index] += self._logprobs(c)
+        if c.finish_reason is not None:
+            self.reasons[c.index] = (c.finish_reason, c.stop_reason)
+
+    def body(self):
+        choices = [{"index": i, "message": {"role": self.role, "content": self.texts[i], "tool_calls": []},
+                    "logprobs": {"content": self.lps[i]} if self.logprobs else None,
+                    "finish_reason": self.reasons[i][0], "stop_reason": self.reasons[i][1]} for i in range(self.n)]
+        head = {k: v for k, v in self.head.items() if k != "system_fingerprint"}
+        return {**head, "choices": choices, "system_fingerprint": None,
+                "usage": proto.usage(self.num_prompt, self.generated)}
 
 
 # ---- /v1/completions -----------------------------------------------------------------------------
@@ -125,36 +163,9 @@ async def completions(request: Request):
                       what="n" if len(req.prompts) == 1 else "n times the number of prompts") as admission:
         prompts = await engine.with_tokenizer(lambda tokenizer: _tokenize(tokenizer, req.prompts))
         streams = await _add_all(request, prompts, req.params, "cmpl", admission, req.stream)
-    rid, created = streams[0].request_id, int(time.time())
     choices = proto.CompletionChoices(engine.tokenizer, prompts, req.params.n, req.echo, req.params.logprobs)
-    num_prompt = sum(len(ids) for ids, _ in prompts)
-
-    def body(**fields) -> dict:
-        return {"id": rid, "object": "text_completion", "created": created, "model": model, **fields}
-
-    if req.stream:
-        async def chunks():
-            usage_field = {"usage": None} if req.include_usage else {}
-            async for i, out in _merged(streams):
-                for c in out.outputs:
-                    fragment = choices.fragment(i, out, c)
-                    if fragment is not None:
-                        yield body(choices=[fragment], **usage_field)
-            if req.include_usage:
-                yield body(choices=[], usage=proto.usage(num_prompt, choices.num_generated))
-        try:
-            return await _sse(request, chunks())
-        finally:
-            for s in streams:
-                s.close()
-
-    async for i, out in _merged(streams):
-        for c in out.outputs:
-            fragment = choices.fragment(i, out, c)
-            if fragment is not None:
-                choices.add(fragment)
-    return json_response(body(choices=choices.final(), system_fingerprint=None,
-                              usage=proto.usage(num_prompt, choices.num_generated)))
+    shape = _CompletionsShape(streams[0].request_id, model, req, choices, sum(len(ids) for ids, _ in prompts))
+    return await respond(request, streams, shape, stream=req.stream)
 
 
 # ---- /v1/chat/completions ------------------------------------------------------------------------
@@ -169,52 +180,8 @@ async def chat_completions(request: Request):
             tokenizer, req.messages, config.chat_template, add_generation_prompt=req.add_generation_prompt))
         (stream,) = await _add_all(request, [(ids, text)], req.params, "chatcmpl", admission, req.stream,
                                    {"prompt": "messages", "max_tokens": req.max_tokens_field})
-    rid, created, n, role = stream.request_id, int(time.time()), req.params.n, config.response_role
-    num_top = req.params.logprobs or 0
-
-    def chunk(choices, **extra):
-        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "system_fingerprint": None, "choices": choices, **extra}
-
-    if req.stream:
-        async def chunks():
-            usage_field = {"usage": None} if req.include_usage else {}
-            for i in range(n):  # the role comes first, before any token, as OpenAI does
-                yield chunk([{"index": i, "delta": {"role": role, "content": ""}, "logprobs": None,
-                              "finish_reason": None}], **usage_field)
-            generated = 0
-            async for _, out in _merged([stream]):
-                for c in out.outputs:
-                    generated += len(c.token_ids)
-                    if not c.text and c.finish_reason is None and not req.logprobs:
-                        continue
-                    lp = ({"content": proto.chat_logprobs(c.logprobs or [], c.token_ids, num_top)}
-                          if req.logprobs else None)
-                    yield chunk([{"index": c.index, "delta": {"content": c.text}, "logprobs": lp,
-                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}], **usage_field)
-            if req.include_usage:
-                yield chunk([], usage=proto.usage(len(ids), generated))
-        try:
-            return await _sse(request, chunks())
-        finally:
-            stream.close()
-
-    texts, lps, reasons = [""] * n, [[] for _ in range(n)], [(None, None)] * n
-    generated = 0
-    async for _, out in _merged([stream]):
-        for c in out.outputs:
-            texts[c.index] += c.text
-            generated += len(c.token_ids)
-            if req.logprobs:
-                lps[c.index] += proto.chat_logprobs(c.logprobs or [], c.token_ids, num_top)
-            if c.finish_reason is not None:
-                reasons[c.index] = (c.finish_reason, c.stop_reason)
-    choices = [{"index": i, "message": {"role": role, "content": texts[i], "tool_calls": []},
-                "logprobs": {"content": lps[i]} if req.logprobs else None,
-                "finish_reason": reasons[i][0], "stop_reason": reasons[i][1]} for i in range(n)]
-    return json_response({"id": rid, "object": "chat.completion", "created": created, "model": model,
-                          "choices": choices, "system_fingerprint": None,
-                          "usage": proto.usage(len(ids), generated)})
+    shape = _ChatShape(stream.request_id, model, req, config.response_role, len(ids))
+    return await respond(request, [stream], shape, stream=req.stream)
 
 
 # ---- models, tokenizer, health -------------------------------------------------------------------

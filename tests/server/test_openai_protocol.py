@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxserve.server import logprobs
 from jaxserve.server import openai_protocol as proto
 from jaxserve.server.validation import RequestError, parse_json_body
 
@@ -111,13 +112,17 @@ def _entry(chosen, *ranked):
     return entry
 
 
-def test_chat_logprobs_list_the_top_tokens_by_rank():
+def test_one_logprob_formatter_for_chat_and_ollama():
     entry = _entry((5, -0.5, 1, "Hi"), (5, -0.5, "Hi"), (6, -1.5, " yo"), (7, float("-inf"), "!"))
-    (item,) = proto.chat_logprobs([entry], [5], 3)
+    items = logprobs.token_logprobs([entry], [5], 3)
+    (item,) = logprobs.openai_chat(items)
     assert item["token"] == "Hi" and item["logprob"] == -0.5 and item["bytes"] == list(b"Hi")
     assert [t["token"] for t in item["top_logprobs"]] == ["Hi", " yo", "!"]
     assert item["top_logprobs"][2]["logprob"] == -9999.0  # -inf is not JSON
-    assert proto.chat_logprobs([entry], [5], 0)[0]["top_logprobs"] == []
+    assert logprobs.openai_chat(logprobs.token_logprobs([entry], [5], 0))[0]["top_logprobs"] == []
+    (ollama,) = logprobs.ollama(items)
+    assert ollama == {"token": "Hi", "logprob": -0.5, "top_logprobs": [
+        {"token": "Hi", "logprob": -0.5}, {"token": " yo", "logprob": -1.5}, {"token": "!", "logprob": -9999.0}]}
 
 
 def test_completion_logprobs_offsets_run_over_echo_and_pieces():
@@ -125,13 +130,13 @@ def test_completion_logprobs_offsets_run_over_echo_and_pieces():
         def decode(self, ids):
             return "".join(f"<{i}>" for i in ids)
 
-    b = proto.CompletionLogprobs(Tok(), 1)
+    b = logprobs.CompletionLogprobs(Tok(), 1)
     echo = b.piece([None, _entry((2, -0.1, 1, "<2>"), (2, -0.1, "<2>"))], [1, 2])
     assert echo["tokens"] == ["<1>", "<2>"] and echo["token_logprobs"] == [None, -0.1]
     assert echo["top_logprobs"] == [None, {"<2>": -0.1}] and echo["text_offset"] == [0, 3]
     gen = b.piece([_entry((9, -2.0, 3, "ab"), (4, -0.2, "c"))], [9])
     assert gen["text_offset"] == [6] and gen["top_logprobs"] == [{"ab": -2.0, "c": -0.2}]
-    merged = proto.merge_logprobs(echo, gen)
+    merged = logprobs.merge(echo, gen)
     assert merged["tokens"] == ["<1>", "<2>", "ab"]
 
 
