@@ -37,6 +37,46 @@ def _bad(name: str, value, allowed: str) -> ValueError:
     return ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
+@dataclasses.dataclass
+class StructuredOutputsParams:
+    """What the output must match (vLLM's StructuredOutputsParams): exactly one of a JSON schema
+    (`json`, a dict or its JSON text), any JSON object (`json_object`), a regular expression
+    (`regex`), one of some strings (`choice`), or a grammar (`grammar`: Lark, or GBNF/EBNF as
+    llama.cpp writes it). `whitespace_pattern` (a regex) replaces the whitespace JSON allows
+    between tokens; `disable_any_whitespace` allows none."""
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    whitespace_pattern: str | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        kinds = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if self.json_object:
+            kinds.append("json_object")
+        if len(kinds) != 1:
+            raise ValueError(f"structured_outputs must set exactly one of json, json_object, regex, choice "
+                             f"or grammar, got {kinds or 'none'}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise _bad("structured_outputs.json", self.json, "a JSON schema (an object or its JSON text)")
+        for name in ("regex", "grammar", "whitespace_pattern"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise _bad(f"structured_outputs.{name}", value, "a non-empty string")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or not all(isinstance(c, str) for c in self.choice)):
+            raise _bad("structured_outputs.choice", self.choice, "a non-empty list of strings")
+        if not isinstance(self.json_object, bool) or not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError("structured_outputs.json_object and disable_any_whitespace must be bools")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None) \
+            if not self.json_object else "json_object"
+
+
 class RequestOutputKind(enum.Enum):
     """Which RequestOutputs a request produces while it runs (vLLM's names)."""
     CUMULATIVE = 0   # one every step it advances: all its text, tokens and logprobs so far
@@ -129,6 +169,8 @@ class SamplingParams:
 
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     """Which outputs `LLMEngine.step` returns for the request (RequestOutputKind)."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """Constrain the output to a JSON schema, a regex, a choice or a grammar (StructuredOutputsParams)."""
     extra_args: dict | None = None
     """Arbitrary values for custom samplers (vLLM's extra_args): a registered sampler's `params`
     callable may read them, e.g. `params=lambda p: (p.extra_args["alpha"],)`."""
@@ -162,6 +204,8 @@ class SamplingParams:
                 raise _bad(name, getattr(self, name), "a bool")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise _bad("output_kind", self.output_kind, "a RequestOutputKind")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise _bad("structured_outputs", self.structured_outputs, "a StructuredOutputsParams or None")
         if self.stop is not None and not isinstance(self.stop, str):
             if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
                 raise _bad("stop", self.stop, "a string or a list of strings")

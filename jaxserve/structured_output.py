@@ -1,0 +1,141 @@
+"""Structured output on the host: grammars compiled by llguidance, one matcher per request, and a
+step's packed token bitmask.
+
+`GrammarCompiler` turns a request's StructuredOutputsParams (a JSON schema, any JSON object, a
+regex, a choice, a Lark or GBNF grammar) into llguidance's grammar, checked against the model's
+tokenizer within a time limit, and caches it by its source: a schema seen before costs a dict
+lookup. A bad constraint is refused with a RequestValidationError naming the field
+(`structured_outputs.<kind>`), as any other bad request is. `matcher()` gives a request its own
+LLMatcher (advanced with each accepted token); `fill_bitmask` writes the allowed next tokens of a
+step's constrained rows into a `[B, ceil(V / 32)]` int32 array, bit i of word w allowing token
+32 w + i (ids past the tokenizer's own vocabulary, padding rows of the embedding, never allowed).
+EOS is allowed only where the grammar accepts.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from jaxserve.input_processor import RequestValidationError
+from jaxserve.sampling_params import StructuredOutputsParams
+
+DEFAULT_COMPILE_TIMEOUT_S = 5.0
+_MAX_CACHED_GRAMMARS = 1024
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return -(-vocab_size // 32)
+
+
+def grammar_source(so: StructuredOutputsParams) -> tuple[str, str]:
+    """(field, llguidance grammar text) of a constraint, before it is checked."""
+    import llguidance
+
+    options = {}
+    if so.disable_any_whitespace:
+        options["whitespace_flexible"] = False
+    if so.whitespace_pattern is not None:
+        options["whitespace_pattern"] = so.whitespace_pattern
+    if so.json is not None:
+        schema = so.json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise RequestValidationError(f"structured_outputs.json is not valid JSON: {e}",
+                                             param="structured_outputs.json") from None
+        return "json", llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options or None)
+    if so.json_object:
+        return "json_object", llguidance.LLMatcher.grammar_from_json_schema({"type": "object"},
+                                                                             defaults=options or None)
+    if so.regex is not None:
+        return "regex", llguidance.LLMatcher.grammar_from_regex(so.regex)
+    if so.choice is not None:
+        # Lark string literals take JSON's escapes, so any choice text is spelled exactly.
+        return "choice", llguidance.LLMatcher.grammar_from_lark(
+            "start: " + " | ".join(json.dumps(c) for c in so.choice))
+    from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+
+    try:  # Lark as it is; GBNF / EBNF as llama.cpp writes it, converted to Lark
+        text = any_to_lark(so.grammar)
+    except (GbnfToLarkError, ValueError) as e:
+        raise RequestValidationError(f"structured_outputs.grammar is not a valid grammar: {e}",
+                                     param="structured_outputs.grammar") from None
+    return "grammar", llguidance.LLMatcher.grammar_from_lark(text)
+
+
+class GrammarCompiler:
+    """Checked llguidance grammars for one tokenizer, cached by their source."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...] = (), *,
+                 timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S):
+        self.hf_tokenizer = tokenizer
+        self.vocab_size = vocab_size          # the model's (its embedding rows): the bitmask's width
+        self.eos_token_ids = list(eos_token_ids)  # the model's: allowed only where the grammar accepts
+        self.timeout_s = timeout_s
+        self._tokenizer = None                # llguidance's view of it, built on first use (~0.4 s)
+        self._tokenizer_lock = threading.Lock()
+        self._cache: OrderedDict[str, str] = OrderedDict()
+        # Checking runs in a thread of its own so a grammar that takes too long is refused on
+        # time; llguidance drops the GIL while it builds one.
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-grammar")
+
+    @property
+    def tokenizer(self):
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                import llguidance.hf
+
+                self._tokenizer = llguidance.hf.from_tokenizer(self.hf_tokenizer, n_vocab=self.vocab_size,
+                                                               eos_token=self.eos_token_ids or None)
+            return self._tokenizer
+
+    def compile(self, so: StructuredOutputsParams) -> str:
+        """The checked grammar of a constraint (cached), or a RequestValidationError naming its field."""
+        import llguidance
+
+        field, grammar = grammar_source(so)
+        cached = self._cache.get(grammar)
+        if cached is not None:
+            self._cache.move_to_end(grammar)
+            return cached
+        param = f"structured_outputs.{field}"
+        future = self._pool.submit(llguidance.LLMatcher.validate_grammar, grammar, self.tokenizer)
+        try:
+            error = future.result(timeout=self.timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise RequestValidationError(f"{param}: compiling the constraint took longer than "
+                                         f"{self.timeout_s:g} s (--structured-outputs-timeout)", param=param) from None
+        if error and not error.startswith("WARNING"):
+            raise RequestValidationError(f"{param} is not a valid constraint: {error}", param=param)
+        self._cache[grammar] = grammar
+        if len(self._cache) > _MAX_CACHED_GRAMMARS:
+            self._cache.popitem(last=False)
+        return grammar
+
+    def matcher(self, grammar: str):
+        """A fresh matcher of a compiled grammar, at its start."""
+        import llguidance
+
+        return llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+
+    def new_bitmask(self, batch_size: int) -> np.ndarray:
+        """[batch_size, words] int32, every token allowed (rows without a constraint stay so)."""
+        return np.full((batch_size, bitmask_words(self.vocab_size)), -1, np.int32)
+
+    def fill_bitmask(self, bitmask: np.ndarray, rows: list[tuple[int, object]]) -> None:
+        """Write each (row, matcher)'s allowed next tokens into its row of `bitmask`."""
+        import llguidance.numpy as llnp
+
+        for row, matcher in rows:
+            llnp.fill_next_token_bitmask(matcher, bitmask, row)
+
+
+def allowed_ids(bitmask_row: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The token ids a packed bitmask row allows (for tests and debugging)."""
+    bits = (bitmask_row.astype(np.uint32)[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+    return np.flatnonzero(bits.reshape(-1)[:vocab_size])

@@ -1,0 +1,112 @@
+"""Structured output's host half (jaxserve/structured_output.py) with SmolLM2's real tokenizer:
+constraints compile and are cached by source, bad ones are refused naming their field, a
+matcher's bitmask allows exactly the tokens that keep the output valid and EOS only where it
+may end, and walking the bitmask greedily from random logits yields valid output."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from jaxserve.input_processor import RequestValidationError
+from jaxserve.sampling_params import SamplingParams, StructuredOutputsParams
+from jaxserve.structured_output import GrammarCompiler, allowed_ids
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    from jaxserve.models import bundled_model_path
+    from jaxserve.models.loader_gguf import load_gguf_tokenizer
+
+    tokenizer = load_gguf_tokenizer(bundled_model_path())
+    return GrammarCompiler(tokenizer, len(tokenizer), eos_token_ids=(2,))
+
+
+def walk(compiler, so, seed, max_tokens=60):
+    """Decode under the constraint from random logits (the masked argmax): the text and whether it ended."""
+    rng = np.random.default_rng(seed)
+    matcher = compiler.matcher(compiler.compile(so))
+    ids = []
+    for _ in range(max_tokens):
+        mask = compiler.new_bitmask(2)
+        compiler.fill_bitmask(mask, [(1, matcher)])
+        assert (mask[0] == -1).all()  # an unconstrained row is left alone
+        allowed = allowed_ids(mask[1], compiler.vocab_size)
+        token = int(allowed[np.argmax(rng.standard_normal(len(allowed)))])
+        if token == 2:
+            assert matcher.is_accepting()
+            return compiler.hf_tokenizer.decode(ids), True
+        assert matcher.consume_token(token), matcher.get_error()
+        ids.append(token)
+    return compiler.hf_tokenizer.decode(ids), False
+
+
+@pytest.mark.parametrize("so, check", [
+    (StructuredOutputsParams(json=SCHEMA), lambda t: set(json.loads(t)) == {"name", "age"}),
+    (StructuredOutputsParams(json=json.dumps(SCHEMA), disable_any_whitespace=True),
+     lambda t: set(json.loads(t)) == {"name", "age"} and " " not in t.replace(json.loads(t)["name"], "")),
+    (StructuredOutputsParams(json_object=True), lambda t: isinstance(json.loads(t), dict)),
+    (StructuredOutputsParams(regex=r"\d{3}-[a-z]{2,4}"), lambda t: re.fullmatch(r"\d{3}-[a-z]{2,4}", t)),
+    (StructuredOutputsParams(choice=["yes", "no", 'it "depends"']), lambda t: t in ("yes", "no", 'it "depends"')),
+    (StructuredOutputsParams(grammar='start: "(" NUM ("+" NUM)* ")"\nNUM: /[0-9]+/'),
+     lambda t: re.fullmatch(r"\(\d+(\+\d+)*\)", t)),
+    (StructuredOutputsParams(grammar='root ::= "x" [0-9]+ "y"'), lambda t: re.fullmatch(r"x\d+y", t)),
+], ids=["json", "json-compact", "json-object", "regex", "choice", "lark", "gbnf"])
+def test_walking_the_bitmask_gives_valid_output(compiler, so, check):
+    for seed in range(3):
+        text, ended = walk(compiler, so, seed)
+        if ended or so.kind not in ("json", "json_object"):  # a random walk may run long inside a JSON string
+            assert ended and check(text), text
+
+
+def test_compiled_grammars_are_cached_by_source(compiler):
+    first = compiler.compile(StructuredOutputsParams(json=SCHEMA))
+    assert compiler.compile(StructuredOutputsParams(json=json.dumps(SCHEMA))) is first
+
+
+@pytest.mark.parametrize("so, param", [
+    (StructuredOutputsParams(json={"type": "nonsense"}), "structured_outputs.json"),
+    (StructuredOutputsParams(json="{not json"), "structured_outputs.json"),
+    (StructuredOutputsParams(regex="(unclosed"), "structured_outputs.regex"),
+    (StructuredOutputsParams(grammar="start: undefined_rule"), "structured_outputs.grammar"),
+])
+def test_bad_constraints_are_refused_naming_the_field(compiler, so, param):
+    with pytest.raises(RequestValidationError) as e:
+        compiler.compile(so)
+    assert e.value.param == param and param in str(e.value)
+
+
+def test_a_constraint_that_compiles_too_long_is_refused_on_time(compiler):
+    import threading
+    import time
+
+    slow = GrammarCompiler(compiler.hf_tokenizer, compiler.vocab_size, timeout_s=0.2)
+    slow._tokenizer = compiler.tokenizer
+    release = threading.Event()
+    slow._pool.submit(release.wait)  # the compile thread is busy: this constraint cannot finish in time
+    start = time.perf_counter()
+    try:
+        with pytest.raises(RequestValidationError, match="took longer than 0.2 s") as e:
+            slow.compile(StructuredOutputsParams(regex="[a-z]+@[a-z]+"))
+    finally:
+        release.set()
+    assert e.value.param == "structured_outputs.regex" and time.perf_counter() - start < 1.0
+    assert slow.compile(StructuredOutputsParams(regex="[a-z]+@[a-z]+"))  # on time once the thread is free
+
+
+def test_structured_outputs_params_take_exactly_one_constraint():
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams()
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams(regex="a", choice=["a"])
+    with pytest.raises(ValueError, match="choice"):
+        StructuredOutputsParams(choice=[])
+    with pytest.raises(ValueError, match="structured_outputs must be"):
+        SamplingParams(structured_outputs={"json": {}})
+    assert SamplingParams(structured_outputs=StructuredOutputsParams(choice=["a"])).structured_outputs.kind == "choice"
