@@ -28,6 +28,7 @@ from jaxserve.runner import BANNED_WIDTH, ModelRunner, StepResult, step_memory_b
 from jaxserve.sampling.core import SamplingRow, row_values
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerOutput
+from jaxserve.structured_output import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ class LLMEngine:
                                               banned_width=BANNED_WIDTH, num_pages=num_pages,
                                               block_size=cache.block_size)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len, self.scheduler.finish)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self._eos)
 
     @property
     def groups(self) -> dict[str, RequestState]:
@@ -163,6 +165,7 @@ class LLMEngine:
         if request_id in self.groups:
             raise RequestValidationError(f"request id {request_id!r} is already in use", param="request_id")
         token_ids, prompt_text, max_tokens = self.input_processor.process(prompt, params, prompt_text)
+        grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
         children = []
         for i in range(params.n):
@@ -174,7 +177,8 @@ class LLMEngine:
                 leader=children[0] if i > 0 else None,
                 logprobs=[] if params.logprobs is not None else None,
                 sampler_name=params.selected_sampler,
-                prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None))
+                prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None,
+                matcher=self.grammars.matcher(grammar) if grammar is not None else None))
         self.output_processor.add(request_id, prompt_text, token_ids, children)
         for child in children:
             self.scheduler.add(child)
@@ -202,8 +206,9 @@ class LLMEngine:
             if not sched.seqs:
                 return []
             rows = [self._sampling_row(s.request) if s.samples else None for s in sched.seqs]
+            allowed = self._token_bitmask(sched)
         scheduled = time.perf_counter()
-        result = self.runner.execute(sched, rows)
+        result = self.runner.execute(sched, rows, allowed)
         executed = time.perf_counter()
         with annotate(PROCESS_OUTPUTS):
             self.scheduler.update_after_step(sched)
@@ -214,6 +219,17 @@ class LLMEngine:
         record.device_seconds = executed - scheduled - result.prepare_seconds
         record.outputs_seconds = time.perf_counter() - executed
         return outputs
+
+    def _token_bitmask(self, sched: SchedulerOutput):
+        """The step's structured-output bitmask ([n, words] int32), or None when no sampling row
+        has a constraint (the step then runs the plain sampler graph)."""
+        constrained = [(i, s.request.matcher) for i, s in enumerate(sched.seqs)
+                       if s.samples and s.request.matcher is not None]
+        if not constrained:
+            return None
+        allowed = self.grammars.new_bitmask(len(sched.seqs))
+        self.grammars.fill_bitmask(allowed, constrained)
+        return allowed
 
     def _sampling_row(self, req: Request) -> SamplingRow:
         """The request's row for this step: one object per request, its per-step fields updated

@@ -108,6 +108,11 @@ class OutputProcessor:
                                             result.top_ids[i], result.top_logprobs[i])
                 req.logprobs.append(entry)
             status = self._stop_status(req, token, state.detokenizers[req.sample_index], len(piece))
+            if req.matcher is not None and status is None:
+                # Structured output: the grammar takes the token; once it is complete (or, a bug,
+                # refuses one) the request ends as if at EOS.
+                if not req.matcher.consume_token(token) or req.matcher.is_stopped():
+                    status = RequestStatus.FINISHED_STOPPED
             if status is not None:
                 piece += state.detokenizers[req.sample_index].flush()  # an unfinished character at the very end
                 req.finish_time = now

@@ -45,6 +45,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     sampler_name: str | None = None  # params.selected_sampler, read once
     sampling_row: object = None      # the sampler's view of it (sampler.SamplingRow), kept by the engine
+    matcher: object = None           # structured output: its grammar's llguidance matcher, at its output so far
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

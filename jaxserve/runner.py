@@ -10,12 +10,14 @@ runs up to three graphs back to back on the device; the host waits only for the 
   of two from 8), so pure decode steps pad their tokens at most once;
 - the **penalties** graph of B (repetition, frequency, presence, banned ids), only on steps in
   which some row has one (the host knows from the sampling params);
-- the **sampler** graph of B: logits -> tokens and logprobs.
+- the **sampler** graph of B: logits -> tokens and logprobs; on steps in which some row has a
+  structured-output constraint, the **masked sampler** graph of B instead, which also takes the
+  step's token bitmask [B, V/32] (jaxserve/structured_output.py) and applies it first.
 
 The sampling stages are graphs of their own because they depend on B only and are about half of
 a fused step's ops: built once per batch size instead of once per token bucket, the 17 warm-up
-graphs of `jaxserve serve`'s defaults compile in about half the CPU time of the 9 fused ones
-they replace (benchmarks/README.md, start-up). Every warm-up graph compiles at start-up
+graphs of `jaxserve serve`'s defaults (21 with the masked samplers) compile in about half the
+CPU time of the 9 fused ones they replace (benchmarks/README.md, start-up). Every warm-up graph compiles at start-up
 (`warmup_keys`), so serving compiles nothing. A step in which some row names a pluggable sampler
 runs another sampler graph of its B, compiled on first use for the sampler registry's current
 version (so registering a sampler costs one sampler compile per batch size used).
@@ -48,6 +50,7 @@ from jaxserve.sampling.core import (DEFAULT_SAMPLER, SamplingRow, SamplingTensor
                               compute_logprobs, needs_penalties, penalise, sample_penalised)
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
 from jaxserve.scheduler import SchedulerOutput
+from jaxserve.structured_output import bitmask_words
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +125,11 @@ _COMPILE_THREADS = max(1, min(4, os.cpu_count() or 1))
 # steps within noise). The forward graphs keep the default emitters: without them the engine
 # decoded 7-51% slower and prefilled 23% slower (benchmarks/README.md, start-up).
 _CPU_COMPILER_OPTIONS = {"penalties": {"xla_cpu_use_fusion_emitters": False},
-                         "sampler": {"xla_cpu_use_fusion_emitters": False}}
+                         "sampler": {"xla_cpu_use_fusion_emitters": False},
+                         "masked_sampler": {"xla_cpu_use_fusion_emitters": False}}
+# The sampler graphs: the plain one, and the one of steps with a structured-output row, which also
+# takes the step's token bitmask. Both have a variant per pluggable-sampler registry version.
+SAMPLER_KINDS = ("sampler", "masked_sampler")
 
 
 # jax.export keeps the GPU kernel's Triton custom calls only when told: they carry no
@@ -155,7 +162,7 @@ def step_memory_bytes(model, params, **runner_args) -> int:
     probe = ModelRunner(model, shapes, num_pages=_PROBE_PAGES, abstract=True, **runner_args)
     largest, batch = probe.buckets[-1], probe.batch_sizes[-1]
     keys = [forward_key(largest), forward_key(largest, with_prompt_logprobs=True), penalties_key(batch),
-            sampler_key(batch)]
+            sampler_key(batch), masked_sampler_key(batch)]
     return max(probe.memory_of(key) for key in keys)
 
 
@@ -178,6 +185,10 @@ def penalties_key(batch_size: int) -> GraphKey:
 
 def sampler_key(batch_size: int, version: int | None = None) -> GraphKey:
     return GraphKey("sampler", batch_size, version)
+
+
+def masked_sampler_key(batch_size: int, version: int | None = None) -> GraphKey:
+    return GraphKey("masked_sampler", batch_size, version)
 
 
 class ModelRunner:
@@ -214,7 +225,8 @@ class ModelRunner:
                         for t in token_buckets(max_num_batched_tokens)]
         # What warm-up builds: every bucket's forward graph, every batch size's penalties and default sampler.
         self.warmup_keys = ([forward_key(b) for b in self.buckets]
-                            + [key(b) for b in self.batch_sizes for key in (penalties_key, sampler_key)])
+                            + [key(b) for b in self.batch_sizes
+                               for key in (penalties_key, sampler_key, masked_sampler_key)])
         # Explicit shardings, the same for warm-up and serving: step inputs, logits and the
         # sampler's outputs are replicated, so every shard samples the same tokens.
         self._replicated = replicated(self.mesh)
@@ -225,6 +237,7 @@ class ModelRunner:
                             out_shardings=(kv_sharding, self._replicated, self._replicated)),
             "penalties": dict(in_shardings=(self._replicated, self._replicated), out_shardings=self._replicated),
             "sampler": dict(in_shardings=(self._replicated,) * 3, out_shardings=self._replicated),
+            "masked_sampler": dict(in_shardings=(self._replicated,) * 4, out_shardings=self._replicated),
         }
         # `samplers` (the pluggable ones a variant runs) is static and positional: jit refuses
         # keyword arguments once in_shardings is given.
@@ -232,6 +245,7 @@ class ModelRunner:
             "forward": jax.jit(self._forward, donate_argnums=(1,), **self._shardings["forward"]),
             "penalties": jax.jit(self._penalise, **self._shardings["penalties"]),
             "sampler": jax.jit(self._sample, static_argnums=(3,), **self._shardings["sampler"]),
+            "masked_sampler": jax.jit(self._sample_masked, static_argnums=(4,), **self._shardings["masked_sampler"]),
         }
         self._exported = None if abstract else self._exported_store(exported_graphs_dir)
         self.num_graphs_from_store = 0  # warm-up graphs read back from the store instead of traced
@@ -264,6 +278,11 @@ class ModelRunner:
         with jax.named_scope("sampler"):
             return sample_penalised(raw, penalised, sampling_tensors, samplers=samplers)
 
+    def _sample_masked(self, raw: jax.Array, penalised: jax.Array, sampling_tensors: SamplingTensors,
+                       allowed: jax.Array, samplers=()):
+        with jax.named_scope("sampler"):
+            return sample_penalised(raw, penalised, sampling_tensors, samplers=samplers, allowed=allowed)
+
     @property
     def num_compiled(self) -> int:
         """Executables held: warm-up's, prompt_logprobs and pluggable-sampler variants included."""
@@ -278,9 +297,9 @@ class ModelRunner:
         """The executable of `key`, compiled from `args` (example arguments) on first use."""
         exe = self._compiled.get(key)
         if exe is None:
-            if key.kind == "sampler" and key.variant is not None:
+            if key.kind in SAMPLER_KINDS and key.variant is not None:
                 # Samplers of older registry versions are never used again.
-                stale = [k for k in self._compiled if k.kind == "sampler" and k.variant not in (None, key.variant)]
+                stale = [k for k in self._compiled if k.kind in SAMPLER_KINDS and k.variant not in (None, key.variant)]
                 for old in stale:
                     del self._compiled[old]
             start = time.perf_counter()
@@ -307,6 +326,8 @@ class ModelRunner:
         if key.kind == "penalties":  # the one graph reading the token history, [B, max_model_len]
             history = np.full((key.shape, self.max_model_len), -1, np.int32)
             return logits, dataclasses.replace(tensors, token_history=history)
+        if key.kind == "masked_sampler":
+            return logits, logits, tensors, np.full((key.shape, bitmask_words(self.model.config.vocab_size)), -1, np.int32)
         return logits, logits, tensors
 
     def _lower(self, key: GraphKey, args: tuple, samplers: sampling.Snapshot | None = None) -> jax.stages.Lowered:
@@ -315,16 +336,16 @@ class ModelRunner:
             lowered = self._lower_through_store(key, args)
             if lowered is not None:
                 return lowered
-        if key.kind != "sampler":
+        if key.kind not in SAMPLER_KINDS:
             return self._jitted[key.kind].lower(*args)
-        return self._jitted["sampler"].lower(*args, samplers.pluggable if samplers is not None else ())
+        return self._jitted[key.kind].lower(*args, samplers.pluggable if samplers is not None else ())
 
     def export(self, key: GraphKey, platforms: tuple[str, ...] | None = None,
                args: tuple | None = None) -> jax.export.Exported:
         """`key`'s graph lowered (not compiled) for `platforms` (default: the mesh's), e.g. for
         CUDA on a CPU: jax.export runs the whole lowering, Pallas kernels included, with no device.
         args: the example arguments (default: `_example_args(key)`)."""
-        static = ((),) if key.kind == "sampler" else ()  # the sampler's `samplers`: none
+        static = ((),) if key.kind in SAMPLER_KINDS else ()  # the sampler's `samplers`: none
         args = self._example_args(key) if args is None else args
         return jax.export.export(self._jitted[key.kind], platforms=platforms, disabled_checks=_UNCHECKED_CALLS)(
             *args, *static)
@@ -478,7 +499,10 @@ class ModelRunner:
             offset += seq.num_tokens
         return targets
 
-    def execute(self, sched: SchedulerOutput, rows: list[SamplingRow | None]) -> StepResult:
+    def execute(self, sched: SchedulerOutput, rows: list[SamplingRow | None],
+                allowed: np.ndarray | None = None) -> StepResult:
+        """One step. allowed: the structured-output bitmask of the step's rows ([n, words] int32,
+        all ones for unconstrained rows), or None when no row has a constraint."""
         start = time.perf_counter()
         # Only a step in which some row names a pluggable sampler pays for (and compiles) them.
         pluggable = any(r is not None and (r.sampler or r.params.selected_sampler) != DEFAULT_SAMPLER for r in rows)
@@ -486,8 +510,12 @@ class ModelRunner:
         with annotate(PREPARE):
             bucket, inputs = self.prepare(sched, rows, samplers)
             targets = self._prompt_targets(sched, bucket[0])
+            if allowed is not None:  # padding rows allow everything: they are greedy and ignored
+                padded = np.full((bucket[1], allowed.shape[1]), -1, np.int32)
+                padded[:len(allowed)] = allowed
+                allowed = padded
         prepared = time.perf_counter()
-        out, prompt = self.run_graphs(bucket, inputs, targets, samplers)
+        out, prompt = self.run_graphs(bucket, inputs, targets, samplers, allowed)
         n = len(sched.seqs)
         return StepResult(tokens=out.tokens[:n], logprobs=out.logprobs[:n], top_ids=out.top_ids[:n],
                           top_logprobs=out.top_logprobs[:n],
@@ -496,7 +524,7 @@ class ModelRunner:
                           prompt_logprobs=prompt)
 
     def run_graphs(self, bucket: tuple[int, int], inputs: StepInputs, targets: np.ndarray | None = None,
-                   samplers: sampling.Snapshot | None = None):
+                   samplers: sampling.Snapshot | None = None, allowed: np.ndarray | None = None):
         """One step's graphs on prepared (host) inputs -> (sampler output, prompt logprobs or None) on the host."""
         forward = self._executable(forward_key(bucket, targets is not None),
                                    (self.params, self.kv_cache, inputs.model, targets))
@@ -505,18 +533,23 @@ class ModelRunner:
                      if needs_penalties(inputs.sampling) else None)
         # The sampler never reads the token history: it always gets the [B, 1] of a step without penalties.
         sampling = dataclasses.replace(inputs.sampling, token_history=inputs.sampling.token_history[:, :1])
-        sampler = self._executable(sampler_key(batch, samplers.version if samplers is not None else None),
-                                   (logits_type, logits_type, sampling), samplers)
+        version = samplers.version if samplers is not None else None
+        if allowed is None:
+            sampler = self._executable(sampler_key(batch, version), (logits_type, logits_type, sampling), samplers)
+        else:
+            sampler = self._executable(masked_sampler_key(batch, version),
+                                       (logits_type, logits_type, sampling, allowed), samplers)
         with annotate(DEVICE_STEP):
             history = inputs.sampling.token_history if penalties is not None else None
             # The one host->device transfer.
-            model, sampling, history, targets = jax.device_put((inputs.model, sampling, history, targets),
-                                                               self._replicated)
+            model, sampling, history, targets, allowed = jax.device_put(
+                (inputs.model, sampling, history, targets, allowed), self._replicated)
             # Each graph is queued behind the one before it: the host waits only for the last.
             self.kv_cache, logits, prompt = forward(self.params, self.kv_cache, model, targets)
             if penalties is not None:
                 penalised = penalties(logits, dataclasses.replace(sampling, token_history=history))
             else:
                 penalised = logits
-            out = sampler(logits, penalised, sampling)
+            out = sampler(logits, penalised, sampling) if allowed is None else sampler(logits, penalised, sampling,
+                                                                                           allowed)
             return jax.device_get((out, prompt))  # the step's one device->host transfer

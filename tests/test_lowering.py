@@ -27,7 +27,7 @@ def assert_kernel_in_forward_graphs_only(graphs):
         assert graph.error is None, graph.describe()
         assert (graph.kernel_calls > 0) == (graph.key.kind == "forward"), graph.describe()
         kinds.add(graph.key.kind)
-    assert kinds == {"forward", "penalties", "sampler"}
+    assert kinds == {"forward", "penalties", "sampler", "masked_sampler"}
 
 
 @pytest.mark.parametrize("dtype", ["auto", "float16"])
@@ -67,9 +67,9 @@ def test_cli_lowers_the_bundled_model_and_prints_every_graph(capsys):
     lines = out.splitlines()
     assert "for cuda: dtype bfloat16, attention ragged_paged_attention_gpu, 8192 KV pages" in lines[0]
     graphs = [line for line in lines if line.startswith(("ok ", "FAIL "))]
-    # serve's defaults: 9 token buckets, 4 batch sizes x (penalties, sampler)
-    assert len(graphs) == 17 and all(line.startswith("ok ") for line in graphs)
-    assert lines[-1].startswith("all 17 graphs lowered for cuda")
+    # serve's defaults: 9 token buckets, 4 batch sizes x (penalties, sampler, masked sampler)
+    assert len(graphs) == 21 and all(line.startswith("ok ") for line in graphs)
+    assert lines[-1].startswith("all 21 graphs lowered for cuda")
 
 
 def test_cli_exits_1_naming_the_graph_that_fails(monkeypatch, capsys, tiny_checkpoint):
@@ -87,8 +87,8 @@ def test_cli_exits_1_naming_the_graph_that_fails(monkeypatch, capsys, tiny_check
     failed = [line for line in lines if line.startswith("FAIL")]
     assert len(failed) == 1 and "sampler" in failed[0] and "B=16" in failed[0]
     assert failed[0].endswith("RuntimeError: Mosaic: kernel exceeds available shared memory")
-    assert sum(line.startswith("ok ") for line in lines) == 7  # the others still lower
-    assert lines[-1].startswith("1 of 8 graphs failed for cuda")
+    assert sum(line.startswith("ok ") for line in lines) == 9  # the others still lower
+    assert lines[-1].startswith("1 of 10 graphs failed for cuda")
 
 
 def test_cli_refuses_an_unknown_platform(capsys):

@@ -68,5 +68,6 @@ def test_log_compiles_reports_each_step_graph(tiny_checkpoint, caplog, restore_c
         llm = LLM(folder, max_num_seqs=2, max_num_batched_tokens=8, max_model_len=32, block_size=PAGE_SIZE,
                   log_compiles=True)
     compiled = [r.getMessage() for r in caplog.records if r.name == "jaxserve.runner" and "compiled" in r.getMessage()]
-    # One line per warm-up graph: the forward graphs of T = 2, 4, 8, the penalties and sampler of B = 2.
-    assert len(compiled) == len(llm.engine.runner.warmup_keys) == 5
+    # One line per warm-up graph: the forward graphs of T = 2, 4, 8, the penalties, sampler and
+    # masked sampler of B = 2.
+    assert len(compiled) == len(llm.engine.runner.warmup_keys) == 6

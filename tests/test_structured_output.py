@@ -110,3 +110,41 @@ def test_structured_outputs_params_take_exactly_one_constraint():
     with pytest.raises(ValueError, match="structured_outputs must be"):
         SamplingParams(structured_outputs={"json": {}})
     assert SamplingParams(structured_outputs=StructuredOutputsParams(choice=["a"])).structured_outputs.kind == "choice"
+
+
+# ---------------------------------------------------------------- through the engine (SmolLM2)
+
+PROMPT = "Describe a person as JSON with a name and an age:"
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_generate_under_a_json_schema_gives_valid_json(smollm2_llm, sampled):
+    params = SamplingParams(temperature=0.8 if sampled else 0.0, seed=7, n=2 if sampled else 1, max_tokens=80,
+                            structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    (out,) = smollm2_llm.generate([PROMPT], params, use_tqdm=False)
+    for c in out.outputs:
+        value = json.loads(c.text)
+        assert set(value) == {"name", "age"} and isinstance(value["age"], int) and 0 <= value["age"] <= 150
+        assert c.finish_reason == "stop"
+
+
+def test_constrained_and_free_requests_share_steps(smollm2_llm):
+    free = SamplingParams(temperature=0.0, max_tokens=12)
+    alone = smollm2_llm.generate(["The capital of France is"], free, use_tqdm=False)[0].outputs[0].token_ids
+    outs = smollm2_llm.generate(
+        ["The capital of France is", "Is the sky blue? Answer:", "A US zip code:"],
+        [free, SamplingParams(temperature=0.0, max_tokens=8, structured_outputs=StructuredOutputsParams(
+            choice=["yes", "no"])),
+         SamplingParams(temperature=0.7, seed=3, max_tokens=12, logprobs=1,
+                        structured_outputs=StructuredOutputsParams(regex=r"\d{5}"))], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == alone  # the masked graph changes nothing for free rows
+    assert outs[1].outputs[0].text in ("yes", "no")
+    assert re.fullmatch(r"\d{5}", outs[2].outputs[0].text) and len(outs[2].outputs[0].logprobs) > 0
+
+
+def test_a_bad_constraint_is_refused_and_the_engine_goes_on(smollm2_llm):
+    engine = smollm2_llm.engine
+    with pytest.raises(RequestValidationError) as e:
+        engine.add_request("bad-regex", "hi", SamplingParams(structured_outputs=StructuredOutputsParams(regex="(")))
+    assert e.value.param == "structured_outputs.regex"
+    assert "bad-regex" not in engine.groups and not engine.has_unfinished_requests()

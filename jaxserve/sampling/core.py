@@ -241,8 +241,17 @@ def penalise(logits: jax.Array, t: SamplingTensors) -> jax.Array:
     return _ban(_apply_penalties(logits.astype(jnp.float32), t), t.banned_token_ids)
 
 
+def apply_token_bitmask(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+    """[B, V] logits with the tokens a packed bitmask [B, ceil(V / 32)] int32 does not allow set to
+    -inf (bit i of word w allows token 32 w + i; structured output's grammars fill it)."""
+    B, V = logits.shape
+    bits = jnp.right_shift(allowed[:, :, None], jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]
+    return jnp.where(bits.reshape(B, -1)[:, :V] != 0, logits, -jnp.inf)
+
+
 def sample_penalised(raw: jax.Array, penalised: jax.Array, t: SamplingTensors, *,
-                     num_top_logprobs: int = MAX_LOGPROBS, samplers: tuple = ()) -> SamplerOutput:
+                     num_top_logprobs: int = MAX_LOGPROBS, samplers: tuple = (),
+                     allowed: jax.Array | None = None) -> SamplerOutput:
     """Tokens chosen from the `penalised` logits [B, V] (or `raw` itself, where no row has a
     penalty), their logprobs from the `raw` ones.
 
@@ -250,9 +259,12 @@ def sample_penalised(raw: jax.Array, penalised: jax.Array, t: SamplingTensors, *
     no request in the step asked for top logprobs, it saves a top-k over the vocabulary.
     `samplers` (static) are the pluggable samplers rows may name, `t.sampler_ids` 1, 2, ...;
     with none, this is the default path alone and the sampler ids and state are passed through.
+    `allowed` ([B, ceil(V / 32)] int32, or None) is a step's structured-output bitmask.
     """
     raw = raw.astype(jnp.float32)  # [B, V]
     x = penalised.astype(jnp.float32)
+    if allowed is not None:  # structured output: before any other filter, every sampler sees it
+        x = apply_token_bitmask(x, allowed)
     default_t = t
     if samplers:
         # Rows of other samplers look greedy to the default path: it never filters or draws for them.
