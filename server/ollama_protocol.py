@@ -9,7 +9,7 @@ import dataclasses
 import datetime
 import logging
 
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import SamplingParams, StructuredOutputsParams
 from jaxserve.server.validation import RequestError, device_ints, get, sampling_error
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ def parse_options(body: dict, *, num_prompt_tokens: int, max_model_len: int,
                            param="options.num_predict")
     device_ints(kwargs, lambda name: f"options.{name}")
     try:
-        return SamplingParams(**kwargs, stop=stop, max_tokens=max_tokens, logprobs=logprobs)
+        return SamplingParams(**kwargs, stop=stop, max_tokens=max_tokens, logprobs=logprobs,
+                              structured_outputs=format_constraint(body))
     except ValueError as e:
         err = sampling_error(e, {**_ALIASES, **_TOP_LEVEL})
         if err.param not in _TOP_LEVEL.values():
@@ -105,9 +106,20 @@ def parse_options(body: dict, *, num_prompt_tokens: int, max_model_len: int,
         raise err from None
 
 
+def format_constraint(body: dict) -> StructuredOutputsParams | None:
+    """Ollama's `format`: "json" (any JSON object) or a JSON schema; none when absent or empty."""
+    fmt = body.get("format")
+    if fmt in (None, ""):
+        return None
+    if fmt == "json":
+        return StructuredOutputsParams(json_object=True)
+    if isinstance(fmt, dict):
+        return StructuredOutputsParams(json=fmt)
+    raise RequestError(f"format must be \"json\" or a JSON schema object, got {fmt!r:.60}", param="format")
+
+
 def refuse_unsupported(body: dict) -> None:
-    if body.get("format"):
-        raise RequestError("format (structured output / JSON mode) is not supported yet", param="format")
+    format_constraint(body)
     if body.get("images"):
         raise RequestError("this model does not take images", param="images")
     if body.get("tools"):

@@ -10,6 +10,7 @@ from sanic import Blueprint, Request
 from sanic.response import json as json_response
 
 import jaxserve
+from jaxserve.async_engine import RequestRefusedError
 from jaxserve.input_processor import RequestValidationError, check_token_ids
 from jaxserve.server import logprobs
 from jaxserve.server import ollama_protocol as proto
@@ -101,8 +102,11 @@ async def _run(request: Request, body: dict, model: str, ids: list[int], text: s
     params = proto.parse_options(body, num_prompt_tokens=len(ids), max_model_len=engine.max_model_len,
                                  logprobs=num_top)
     streaming = get(body, "stream", "bool", True)
-    stream = await engine.add_request(f"ollama-{uuid.uuid4().hex}", ids, params, prompt_text=text,
-                                      log_id=request.ctx.request_id, admission=admission, stream=streaming)
+    try:
+        stream = await engine.add_request(f"ollama-{uuid.uuid4().hex}", ids, params, prompt_text=text,
+                                          log_id=request.ctx.request_id, admission=admission, stream=streaming)
+    except RequestRefusedError as e:  # a constraint the engine refused came from `format`
+        raise e.renamed({"structured_outputs.json": "format", "structured_outputs.json_object": "format"}) from None
     shape = _OllamaShape(model, len(ids), request.ctx.start, num_top, piece, final_extra)
     return await respond(request, [stream], shape, stream=streaming, framing=NDJSON)
 

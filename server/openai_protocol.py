@@ -6,8 +6,9 @@ Pure functions over dicts; no Sanic here, so the conversion is tested without a 
 from __future__ import annotations
 
 import dataclasses
+import re
 
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import SamplingParams, StructuredOutputsParams
 from jaxserve.server import logprobs as logprob_format
 from jaxserve.server.chat import normalize_messages
 from jaxserve.server.validation import RequestError, device_ints, get, sampling_error
@@ -22,8 +23,6 @@ _SAMPLING_FIELDS = {
     "sampler": "str", "typical_p": "number", "tfs_z": "number", "mirostat": "int", "mirostat_tau": "number",
     "mirostat_eta": "number", "repeat_last_n": "int",
 }
-_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern",
-           "structured_outputs")
 
 
 def error_body(message: str, *, kind: str = "invalid_request_error", param: str | None = None,
@@ -39,6 +38,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     echo: bool
+    constraint_field: str | None = None  # where the structured-output constraint came from
 
 
 @dataclasses.dataclass
@@ -51,17 +51,66 @@ class ChatRequest:
     logprobs: bool
     add_generation_prompt: bool
     max_tokens_field: str = "max_tokens"  # the client's name for it: max_completion_tokens or max_tokens
+    constraint_field: str | None = None   # where the structured-output constraint came from
+
+
+# vLLM's older guided_* fields -> the StructuredOutputsParams field each sets.
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
+_STRUCTURED_FIELDS = ("json", "json_object", "regex", "choice", "grammar", "whitespace_pattern",
+                      "disable_any_whitespace")
+
+
+def structured_outputs(body: dict) -> tuple[StructuredOutputsParams | None, str | None]:
+    """The request's output constraint and the field it came from: OpenAI's response_format
+    (json_object; json_schema with its schema), vLLM's structured_outputs object, or its older
+    guided_* fields. At most one of the three ways."""
+    fmt = get(body, "response_format", "object")
+    given = [name for name in ("structured_outputs", *_GUIDED_FIELDS) if body.get(name) is not None]
+    if fmt is not None and fmt.get("type") != "text":
+        given.insert(0, "response_format")
+    if len(given) > 1 and not all(name.startswith("guided_") for name in given):
+        raise RequestError(f"set one of response_format, structured_outputs or guided_*, not {given}",
+                           param=given[1], code="invalid_value")
+    if not given:
+        return None, None
+    kwargs: dict = {}
+    field = given[0]
+    if field == "response_format":
+        kind = fmt.get("type")
+        if kind == "json_object":
+            kwargs["json_object"] = True
+        elif kind == "json_schema":
+            spec = get(fmt, "json_schema", "object", where="response_format.")
+            if spec is None or not isinstance(spec.get("schema", {}), dict):
+                raise RequestError("response_format.json_schema must be an object with a 'schema' object",
+                                   param="response_format.json_schema")
+            kwargs["json"] = spec.get("schema", {})  # strict or not, the output follows the schema
+        else:
+            raise RequestError(f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+                               param="response_format.type", code="invalid_value")
+    elif field == "structured_outputs":
+        value = get(body, "structured_outputs", "object")
+        unknown = sorted(set(value) - set(_STRUCTURED_FIELDS))
+        if unknown:
+            raise RequestError(f"structured_outputs.{unknown[0]} is not a structured-output field "
+                               f"(known: {', '.join(_STRUCTURED_FIELDS)})", param=f"structured_outputs.{unknown[0]}")
+        kwargs = {k: v for k, v in value.items() if v is not None}
+    else:
+        kwargs = {_GUIDED_FIELDS[name]: body[name] for name in given}
+        field = given[0]
+    if body.get("guided_whitespace_pattern") is not None:
+        kwargs["whitespace_pattern"] = body["guided_whitespace_pattern"]
+    try:
+        return StructuredOutputsParams(**kwargs), field
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        if field != "structured_outputs":  # say the field the client sent
+            message = re.sub(r"^structured_outputs(\.\w+)?", field, message)
+        raise RequestError(message, param=field, code="invalid_value") from None
 
 
 def _refuse_unsupported(body: dict) -> None:
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise RequestError("response_format (structured output) is not supported yet; only {\"type\": "
-                           "\"text\"} is accepted", param="response_format", code="unsupported_parameter")
-    for name in _GUIDED:
-        if body.get(name) is not None:
-            raise RequestError(f"{name} (guided decoding) is not supported yet", param=name,
-                               code="unsupported_parameter")
     if body.get("logit_bias"):
         raise RequestError("logit_bias is not supported yet", param="logit_bias", code="unsupported_parameter")
     if body.get("tools") or body.get("functions"):
@@ -94,9 +143,10 @@ def _sampling_params(body: dict, *, max_tokens, logprobs: int | None, prompt_log
         raise RequestError("best_of different from n is not supported", param="best_of",
                            code="unsupported_parameter")
     device_ints(kwargs, lambda name: name)
+    constraint, _ = structured_outputs(body)
     try:
         return SamplingParams(**kwargs, stop=stop, max_tokens=max_tokens, logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs)
+                              prompt_logprobs=prompt_logprobs, structured_outputs=constraint)
     except ValueError as e:
         raise sampling_error(e) from None
 
@@ -126,7 +176,7 @@ def parse_completion(body: dict) -> CompletionRequest:
     logprobs = get(body, "logprobs", "int")
     params = _sampling_params(body, max_tokens=get(body, "max_tokens", "int", 16), logprobs=logprobs,
                               prompt_logprobs=logprobs if echo and logprobs is not None else None)
-    return CompletionRequest(model, prompts, params, stream, include_usage, echo)
+    return CompletionRequest(model, prompts, params, stream, include_usage, echo, structured_outputs(body)[1])
 
 
 def parse_chat(body: dict) -> ChatRequest:
@@ -163,7 +213,8 @@ def parse_chat(body: dict) -> ChatRequest:
                            code="unsupported_parameter")
     return ChatRequest(model, messages, params, stream, include_usage, logprobs,
                        get(body, "add_generation_prompt", "bool", True),
-                       "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens")
+                       "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens",
+                       structured_outputs(body)[1])
 
 
 # ---- completion choices --------------------------------------------------------------------------

@@ -36,6 +36,13 @@ def _tokenize(tokenizer, prompts) -> list[tuple[list[int], str | None]]:
     return [(tokenizer(p).input_ids, p) if isinstance(p, str) else (list(p), None) for p in prompts]
 
 
+def _constraint_field(field: str | None) -> dict[str, str]:
+    """The engine's name of a refused constraint (structured_outputs.<kind>) -> the field the client used."""
+    if field is None or field == "structured_outputs":
+        return {}
+    return {f"structured_outputs.{kind}": field for kind in ("json", "json_object", "regex", "choice", "grammar")}
+
+
 async def _add_all(request: Request, prompts: list[tuple[list[int], str | None]], params, kind: str,
                    admission, stream: bool, field_names: dict[str, str] | None = None) -> list:
     """One engine request per prompt, each taking its places from ``admission``; if any is refused,
@@ -162,7 +169,8 @@ async def completions(request: Request):
     with engine.admit(len(req.prompts) * req.params.n,
                       what="n" if len(req.prompts) == 1 else "n times the number of prompts") as admission:
         prompts = await engine.with_tokenizer(lambda tokenizer: _tokenize(tokenizer, req.prompts))
-        streams = await _add_all(request, prompts, req.params, "cmpl", admission, req.stream)
+        streams = await _add_all(request, prompts, req.params, "cmpl", admission, req.stream,
+                                 _constraint_field(req.constraint_field))
     choices = proto.CompletionChoices(engine.tokenizer, prompts, req.params.n, req.echo, req.params.logprobs)
     shape = _CompletionsShape(streams[0].request_id, model, req, choices, sum(len(ids) for ids, _ in prompts))
     return await respond(request, streams, shape, stream=req.stream)
@@ -179,7 +187,8 @@ async def chat_completions(request: Request):
         text, ids = await engine.with_tokenizer(lambda tokenizer: render_chat(
             tokenizer, req.messages, config.chat_template, add_generation_prompt=req.add_generation_prompt))
         (stream,) = await _add_all(request, [(ids, text)], req.params, "chatcmpl", admission, req.stream,
-                                   {"prompt": "messages", "max_tokens": req.max_tokens_field})
+                                   {"prompt": "messages", "max_tokens": req.max_tokens_field,
+                                    **_constraint_field(req.constraint_field)})
     shape = _ChatShape(stream.request_id, model, req, config.response_role, len(ids))
     return await respond(request, [stream], shape, stream=req.stream)
 

@@ -40,8 +40,8 @@ BAD = [
     (CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages",
      "context_length_exceeded"),
     (CHAT, {**OK_CHAT, "model": "gpt-4"}, 404, "model", "model_not_found"),
-    (CHAT, {**OK_CHAT, "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
-    (CHAT, {**OK_CHAT, "guided_json": {"type": "object"}}, 400, "guided_json", "unsupported_parameter"),
+    (CHAT, {**OK_CHAT, "response_format": {"type": "yaml"}}, 400, "response_format.type", "invalid_value"),
+    (CHAT, {**OK_CHAT, "guided_json": {"type": "nonsense"}}, 400, "guided_json", "invalid_value"),
     (CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
      "messages[0].content[0].type", None),
     ("/v1/completions", {"model": MODEL}, 400, "prompt", "missing_required_parameter"),
@@ -145,5 +145,5 @@ def test_the_openai_client_raises_the_matching_errors(server):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=-3)
     assert e.value.param == "max_tokens" and "max_tokens" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=QUESTION, response_format={"type": "json_object"})
-    assert "not supported" in e.value.message
+        client.chat.completions.create(model=MODEL, messages=QUESTION, logit_bias={"5": 1.0})
+    assert "not supported" in e.value.message and e.value.param == "logit_bias"

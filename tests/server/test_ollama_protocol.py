@@ -76,11 +76,15 @@ def test_bad_options_name_the_option(options, words):
 
 
 def test_unsupported_request_fields_are_refused():
-    for body in ({"format": "json"}, {"format": {"type": "object"}}, {"images": ["aGk="]}, {"tools": [{}]},
+    for body in ({"format": "yaml"}, {"images": ["aGk="]}, {"tools": [{}]},
                  {"think": True}, {"suffix": "end"}, {"template": "{{ .Prompt }}"}):
-        with pytest.raises(RequestError, match="not|does not"):
+        with pytest.raises(RequestError, match="not|does not|must be"):
             proto.refuse_unsupported(body)
     proto.refuse_unsupported({"format": "", "think": False, "keep_alive": "5m"})
+    proto.refuse_unsupported({"format": "json"})
+    assert proto.format_constraint({"format": "json"}).json_object
+    assert proto.format_constraint({"format": {"type": "object"}}).json == {"type": "object"}
+    assert proto.format_constraint({"format": ""}) is None
 
 
 def test_final_stats_are_nanoseconds():

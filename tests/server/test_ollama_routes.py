@@ -127,8 +127,8 @@ def test_errors_in_ollama_format(server, client):
         client.chat(model="no-such-model", messages=QUESTION)
     assert e.value.status_code == 404 and "not found" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
-        client.generate(model=MODEL, prompt="hi", format="json")
-    assert e.value.status_code == 400 and "not supported" in e.value.error
+        client.generate(model=MODEL, prompt="hi", images=["aGk="])
+    assert e.value.status_code == 400 and "images" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
         client.generate(model=MODEL, prompt="hi", options={"temperature": "hot"})
     assert e.value.status_code == 400 and "options.temperature" in e.value.error

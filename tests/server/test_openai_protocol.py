@@ -77,8 +77,10 @@ def test_chat_fields_and_max_completion_tokens():
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 1.5}, "seed"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 1}, "top_logprobs"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}},
-     "response_format"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "guided_regex": "a+"}, "guided_regex"),
+     "response_format.json_schema"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "guided_regex": 5}, "guided_regex"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "guided_regex": "a", "response_format":
+      {"type": "json_object"}}, "guided_regex"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}}, "logit_bias"),
 ])
