@@ -12,7 +12,7 @@ def __getattr__(name):
     if name in ("LLM",):
         from jaxserve.llm import LLM
         return LLM
-    if name in ("SamplingParams", "RequestOutputKind"):
+    if name in ("SamplingParams", "RequestOutputKind", "StructuredOutputsParams"):
         from jaxserve import sampling_params
         return getattr(sampling_params, name)
     if name in ("RequestOutput", "CompletionOutput"):

@@ -9,6 +9,7 @@ these flags would compile, for a platform this machine need not have (jaxserve/l
 from __future__ import annotations
 
 import argparse
+import json
 import dataclasses
 import logging
 import os
@@ -230,6 +231,21 @@ def _answer(llm, messages: list[dict], params, load_seconds: float, verbose: boo
     return answer
 
 
+def _format_constraint(fmt: str | None):
+    """`run --format`: "json" (any JSON object) or a JSON schema, as `ollama run --format`."""
+    from jaxserve.sampling_params import StructuredOutputsParams
+
+    if not fmt:
+        return None
+    if fmt == "json":
+        return StructuredOutputsParams(json_object=True)
+    try:
+        schema = json.loads(fmt)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--format must be json or a JSON schema: {e}") from None
+    return StructuredOutputsParams(json=schema)
+
+
 def _run(args: argparse.Namespace) -> int:
     from jaxserve.llm import LLM
     from jaxserve.sampling_params import SamplingParams
@@ -243,7 +259,8 @@ def _run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     llm = LLM.from_engine_args(engine_args)
     load_seconds = time.monotonic() - started
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sample_seed)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sample_seed,
+                            structured_outputs=_format_constraint(args.format))
     if prompt is not None:
         _answer(llm, [{"role": "user", "content": prompt}], params, load_seconds, args.verbose)
         return 0
@@ -351,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--max-tokens", type=int, default=None, help="default: up to the context length")
     s.add_argument("--sample-seed", type=int, default=None)
+    s.add_argument("--format", default=None, help='the answer\'s format: "json", or a JSON schema')
     add_arguments(run, ENGINE_OPTIONS, defaults=_ONE_STREAM)
 
     gen = sub.add_parser("generate", help="stream a completion of PROMPT to the terminal", epilog=_EPILOG)

@@ -2,6 +2,7 @@
 one-shot and interactive, against the offline API's greedy chat."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -78,3 +79,13 @@ def test_run_with_a_prompt_prints_the_answer_and_without_one_chats(smollm2_llm):
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout.startswith(f">>> {want}\n>>> ") and chat.stdout.count(">>> ") == 3
     assert chat.stderr.count("\neval rate:") == 2 and chat.stderr.count("prompt eval count:") == 2
+
+
+def test_run_format_constrains_the_answer():
+    schema = json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                         "additionalProperties": False})
+    done = subprocess.run([JAXSERVE, "run", "smollm2", "Is Paris in France?", "--format", schema, "--temperature",
+                           "0", "--max-tokens", "30", "--max-model-len", "512"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list(json.loads(done.stdout)) == ["ok"]
