@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import jsonschema
 import numpy as np
 import pytest
 
@@ -48,7 +49,7 @@ def walk(compiler, so, seed, max_tokens=60):
 
 
 @pytest.mark.parametrize("so, check", [
-    (StructuredOutputsParams(json=SCHEMA), lambda t: set(json.loads(t)) == {"name", "age"}),
+    (StructuredOutputsParams(json=SCHEMA), lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None),
     (StructuredOutputsParams(json=json.dumps(SCHEMA), disable_any_whitespace=True),
      lambda t: set(json.loads(t)) == {"name", "age"} and " " not in t.replace(json.loads(t)["name"], "")),
     (StructuredOutputsParams(json_object=True), lambda t: isinstance(json.loads(t), dict)),
@@ -123,8 +124,7 @@ def test_generate_under_a_json_schema_gives_valid_json(smollm2_llm, sampled):
                             structured_outputs=StructuredOutputsParams(json=SCHEMA))
     (out,) = smollm2_llm.generate([PROMPT], params, use_tqdm=False)
     for c in out.outputs:
-        value = json.loads(c.text)
-        assert set(value) == {"name", "age"} and isinstance(value["age"], int) and 0 <= value["age"] <= 150
+        jsonschema.validate(json.loads(c.text), SCHEMA)
         assert c.finish_reason == "stop"
 
 
