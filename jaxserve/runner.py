@@ -168,7 +168,8 @@ def step_memory_bytes(model, params, **runner_args) -> int:
 
 class GraphKey(NamedTuple):
     """One compiled executable: ("forward", (T, B), with prompt_logprobs), ("penalties", B, None)
-    or ("sampler", B, sampler registry version or None for the default-only sampler)."""
+    or ("sampler" / "masked_sampler", B, sampler registry version or None for the default-only
+    sampler)."""
 
     kind: str
     shape: Any

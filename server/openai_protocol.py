@@ -130,7 +130,8 @@ def _stream_fields(body: dict) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _sampling_params(body: dict, *, max_tokens, logprobs: int | None, prompt_logprobs: int | None = None
+def _sampling_params(body: dict, *, max_tokens, logprobs: int | None, prompt_logprobs: int | None = None,
+                     constraint: StructuredOutputsParams | None = None
                      ) -> SamplingParams:
     kwargs = {}
     for name, kind in _SAMPLING_FIELDS.items():
@@ -143,7 +144,6 @@ def _sampling_params(body: dict, *, max_tokens, logprobs: int | None, prompt_log
         raise RequestError("best_of different from n is not supported", param="best_of",
                            code="unsupported_parameter")
     device_ints(kwargs, lambda name: name)
-    constraint, _ = structured_outputs(body)
     try:
         return SamplingParams(**kwargs, stop=stop, max_tokens=max_tokens, logprobs=logprobs,
                               prompt_logprobs=prompt_logprobs, structured_outputs=constraint)
@@ -174,9 +174,11 @@ def parse_completion(body: dict) -> CompletionRequest:
     stream, include_usage = _stream_fields(body)
     echo = get(body, "echo", "bool", False)
     logprobs = get(body, "logprobs", "int")
+    constraint, constraint_field = structured_outputs(body)
     params = _sampling_params(body, max_tokens=get(body, "max_tokens", "int", 16), logprobs=logprobs,
+                              constraint=constraint,
                               prompt_logprobs=logprobs if echo and logprobs is not None else None)
-    return CompletionRequest(model, prompts, params, stream, include_usage, echo, structured_outputs(body)[1])
+    return CompletionRequest(model, prompts, params, stream, include_usage, echo, constraint_field)
 
 
 def parse_chat(body: dict) -> ChatRequest:
@@ -197,8 +199,10 @@ def parse_chat(body: dict) -> ChatRequest:
         max_tokens = get(body, "max_tokens", "int")
     elif body.get("max_tokens") is not None:
         get(body, "max_tokens", "int")  # still type-checked
+    constraint, constraint_field = structured_outputs(body)
     try:
-        params = _sampling_params(body, max_tokens=max_tokens, logprobs=(top_logprobs or 0) if logprobs else None)
+        params = _sampling_params(body, max_tokens=max_tokens, logprobs=(top_logprobs or 0) if logprobs else None,
+                                  constraint=constraint)
     except RequestError as e:
         # SamplingParams names its own fields; say the one the client sent.
         renamed = {"max_tokens": "max_completion_tokens" if body.get("max_completion_tokens") is not None else None,
@@ -214,7 +218,7 @@ def parse_chat(body: dict) -> ChatRequest:
     return ChatRequest(model, messages, params, stream, include_usage, logprobs,
                        get(body, "add_generation_prompt", "bool", True),
                        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens",
-                       structured_outputs(body)[1])
+                       constraint_field)
 
 
 # ---- completion choices --------------------------------------------------------------------------
