@@ -20,6 +20,8 @@ from jaxserve.engine_args import (CACHE_ROOT_ENV, ENGINE_OPTIONS, EngineArgs, ad
                                   read_config_file, resolve_options)
 
 from jaxserve.server.config import LOG_LEVELS, ServerConfig
+from jaxserve.server.reasoning import PARSER_NAMES as REASONING_PARSERS
+from jaxserve.server.tool_calls import PARSER_NAMES as TOOL_CALL_PARSERS
 
 
 def _server_default(name: str):
@@ -41,6 +43,14 @@ class ServeOptions:
                                        group="server")
     response_role: str = option(_server_default("response_role"), "role of generated chat messages",
                                 group="server")
+    tool_call_parser: str | None = option(None, "the model's tool-call format (vLLM's names; default: the one "
+                                                "its chat template writes, else hermes)", group="server",
+                                          choices=TOOL_CALL_PARSERS)
+    enable_auto_tool_choice: bool = option(False, "accepted for vLLM command lines: jaxserve always parses tool "
+                                                  "calls of requests that carry tools", group="server")
+    reasoning_parser: str | None = option(None, "split the model's <think> text into message.reasoning (/v1) "
+                                                "and message.thinking (Ollama)", group="server",
+                                          choices=REASONING_PARSERS)
     allowed_origins: tuple[str, ...] = option(_server_default("allowed_origins"),
                                               "CORS origins allowed to call the API", group="server")
     ssl_keyfile: str | None = option(None, "TLS private key file (with --ssl-certfile: serve HTTPS)",
@@ -124,6 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         served_model_names=names, host=o["host"], port=o["port"], api_key=o["api_key"],
         chat_template=_load_chat_template(o["chat_template"]), response_role=o["response_role"],
+        tool_call_parser=o["tool_call_parser"], reasoning_parser=o["reasoning_parser"],
         allowed_origins=tuple(o["allowed_origins"]), ssl_keyfile=o["ssl_keyfile"], ssl_certfile=o["ssl_certfile"],
         max_log_len=o["max_log_len"], log_requests=not o["disable_log_requests"], log_level=o["log_level"],
         max_queue=o["max_queue"], request_timeout=o["request_timeout"],

@@ -19,6 +19,7 @@ from sanic.response import json as json_response
 from jaxserve.async_engine import (AsyncEngine, EngineClosedError, QueueFullError, RequestRecord,
                                    RequestRefusedError)
 from jaxserve.server import ollama_protocol, openai_protocol
+from jaxserve.server.chat import ChatOutputFormats
 from jaxserve.server.config import ServerConfig
 from jaxserve.server.metrics import CONTENT_TYPE, Metrics
 from jaxserve.server.model_card import ModelCard
@@ -102,6 +103,7 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
     _set_timeouts(app, config)
     metrics = Metrics(engine, card.names[0])
     app.ctx.engine, app.ctx.card, app.ctx.config, app.ctx.metrics = engine, card, config, metrics
+    app.ctx.chat_output = ChatOutputFormats.of(config, card, getattr(engine, "tokenizer", None))
 
     def on_request_done(record: RequestRecord) -> None:
         metrics.observe(record)

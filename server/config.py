@@ -19,6 +19,8 @@ class ServerConfig:
     api_key: str | None = None              # when set, every route but /health needs "Bearer <key>"
     chat_template: str | None = None        # Jinja template text overriding the model's own
     response_role: str = "assistant"        # role of the generated chat message
+    tool_call_parser: str | None = None     # the model's tool-call format (None: from its chat template)
+    reasoning_parser: str | None = None     # splits <think> text into reasoning / thinking (None: no split)
     allowed_origins: tuple[str, ...] = ("*",)  # CORS origins; "*" allows any
     ssl_keyfile: str | None = None          # serve HTTPS when both files are given
     ssl_certfile: str | None = None
@@ -43,6 +45,14 @@ class ServerConfig:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {self.max_queue!r}")
+        from jaxserve.server import reasoning, tool_calls
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in tool_calls.PARSER_NAMES:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(tool_calls.PARSER_NAMES)}, "
+                             f"got {self.tool_call_parser!r}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in reasoning.PARSER_NAMES:
+            raise ValueError(f"reasoning_parser must be one of {', '.join(reasoning.PARSER_NAMES)}, "
+                             f"got {self.reasoning_parser!r}")
         if self.max_log_len is not None and self.max_log_len < 0:
             raise ValueError(f"max_log_len must be >= 0 or None, got {self.max_log_len!r}")
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):

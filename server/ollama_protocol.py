@@ -46,10 +46,11 @@ def now_rfc3339() -> str:
 
 
 def parse_options(body: dict, *, num_prompt_tokens: int, max_model_len: int,
-                  logprobs: int | None = None) -> SamplingParams:
-    """``options`` -> SamplingParams; num_ctx caps the context, num_predict -1/-2 fill it."""
+                  logprobs: int | None = None, keep_special_tokens: bool = False) -> SamplingParams:
+    """``options`` -> SamplingParams; num_ctx caps the context, num_predict -1/-2 fill it.
+    keep_special_tokens: the output keeps special tokens' text (tool-call marks to parse)."""
     options = get(body, "options", "object", {})
-    kwargs = {}
+    kwargs = {"skip_special_tokens": False} if keep_special_tokens else {}
     for name, (field, kind) in _MAPPED.items():
         kwargs[field] = get(options, name, kind, DEFAULTS[name], where="options.")
     if kwargs["top_k"] <= 0:  # llama.cpp's top-k keeps every token for k <= 0
@@ -122,13 +123,23 @@ def refuse_unsupported(body: dict) -> None:
     format_constraint(body)
     if body.get("images"):
         raise RequestError("this model does not take images", param="images")
-    if body.get("tools"):
-        raise RequestError("this model does not support tools", param="tools")
-    if body.get("think"):
-        raise RequestError("this model does not support thinking", param="think")
     for name in ("suffix", "template"):
         if body.get(name):
             raise RequestError(f"{name} is not supported", param=name)
+
+
+def think(body: dict, model: str, formats) -> bool | None:
+    """Ollama's `think`: true (or a level, "high" / "medium" / "low"), false, or None when absent.
+    Thinking needs a model served with a reasoning parser."""
+    value = body.get("think")
+    if value is None:
+        return None
+    if not isinstance(value, (bool, str)) or (isinstance(value, str) and value not in ("high", "medium", "low")):
+        raise RequestError(f"think must be true, false, \"high\", \"medium\" or \"low\", got {value!r:.40}",
+                           param="think")
+    if value is not False and formats.reasoning is None:
+        raise RequestError(f'"{model}" does not support thinking (serve it with --reasoning-parser)', param="think")
+    return value is not False
 
 
 def logprobs_request(body: dict) -> int | None:

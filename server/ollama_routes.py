@@ -14,8 +14,9 @@ from jaxserve.async_engine import RequestRefusedError
 from jaxserve.input_processor import RequestValidationError, check_token_ids
 from jaxserve.server import logprobs
 from jaxserve.server import ollama_protocol as proto
-from jaxserve.server.chat import normalize_messages, render_chat
+from jaxserve.server.chat import ChoiceParser, normalize_messages, render_chat
 from jaxserve.server.streaming import NDJSON, Shape, respond
+from jaxserve.server.tool_calls import parse_tools
 from jaxserve.server.validation import RequestError, get, parse_json_body
 
 bp = Blueprint("ollama")
@@ -36,12 +37,16 @@ def _loaded(model: str, key: str, empty) -> dict:
 
 
 class _OllamaShape(Shape):
-    """/api/generate and /api/chat: one completion; text pieces as `piece(text)`, then a closing
-    object with done, done_reason, the route's `final_extra(output_ids)` fields and the timings."""
+    """/api/generate and /api/chat: one completion; each piece as `piece(text, thinking, calls)`,
+    then a closing object with done, done_reason, the route's `final_extra(output_ids)` fields and
+    the timings. With a `parser`, the thinking is split off and tool calls are sent whole, each in
+    the piece in which it closes (arguments as an object, as Ollama sends them)."""
 
-    def __init__(self, model: str, num_prompt: int, start: float, num_top: int | None, piece, final_extra):
+    def __init__(self, model: str, num_prompt: int, start: float, num_top: int | None, piece, final_extra,
+                 parser: ChoiceParser | None = None, show_thinking: bool = True):
         self.model, self.num_prompt, self.start, self.num_top = model, num_prompt, start, num_top
         self.piece, self.final_extra = piece, final_extra
+        self.parser, self.show_thinking = parser, show_thinking
         self.out_ids: list[int] = []
         self.pieces: list[str] = []
         self.logprobs: list[dict] = []
@@ -63,9 +68,15 @@ class _OllamaShape(Shape):
 
     def chunks(self, prompt_index, out, c):
         self.out_ids += c.token_ids
+        thinking, text, calls = "", c.text, []
+        if self.parser is not None:
+            thinking, parsed = self.parser.feed(c.text, last=c.finish_reason is not None)
+            text, calls = parsed.content, _ollama_calls(parsed.completed)
+            thinking = thinking if self.show_thinking else ""
         objs = []
-        if c.text or (self.num_top is not None and c.token_ids):
-            chunk = {"model": self.model, "created_at": proto.now_rfc3339(), **self.piece(c.text), "done": False}
+        if text or thinking or calls or (self.num_top is not None and c.token_ids):
+            chunk = {"model": self.model, "created_at": proto.now_rfc3339(), **self.piece(text, thinking, calls),
+                     "done": False}
             if self.num_top is not None:
                 chunk["logprobs"] = self._logprobs(c)
             objs.append(chunk)
@@ -77,13 +88,19 @@ class _OllamaShape(Shape):
     def add(self, prompt_index, out, c):
         self.out_ids += c.token_ids
         self.pieces.append(c.text)
+        if self.parser is not None:
+            self.parser.feed(c.text, last=c.finish_reason is not None)
         if self.num_top is not None:
             self.logprobs += self._logprobs(c)
         self.reason, self.metrics = c.finish_reason or self.reason, out.metrics
 
     def body(self):
         obj = self._closing()
-        obj.update(self.piece("".join(self.pieces)))
+        if self.parser is None:
+            obj.update(self.piece("".join(self.pieces)))
+        else:
+            thinking, content, calls = self.parser.result()
+            obj.update(self.piece(content, thinking if self.show_thinking else "", _ollama_calls(calls)))
         if self.num_top is not None:
             obj["logprobs"] = self.logprobs
         return obj
@@ -92,23 +109,56 @@ class _OllamaShape(Shape):
         return proto.error_body(error.message if isinstance(error, RequestError) else str(error))
 
 
+def _ollama_calls(calls) -> list[dict]:
+    """Ollama's tool_calls: arguments as an object (a call whose arguments are not JSON is left out)."""
+    out = []
+    for call in calls:
+        arguments = call.arguments_object()
+        if isinstance(arguments, dict):
+            out.append({"function": {"name": call.name, "arguments": arguments}})
+    return out
+
+
+def _generate_piece(text: str, thinking: str = "", calls=()) -> dict:
+    return {"response": text, **({"thinking": thinking} if thinking else {})}
+
+
+def _chat_piece(role: str):
+    def piece(text: str, thinking: str = "", calls=()) -> dict:
+        message = {"role": role, "content": text}
+        if thinking:
+            message["thinking"] = thinking
+        if calls:
+            message["tool_calls"] = list(calls)
+        return {"message": message}
+    return piece
+
+
 async def _run(request: Request, body: dict, model: str, ids: list[int], text: str, piece, final_extra,
-               admission):
+               admission, parser: ChoiceParser | None = None, show_thinking: bool = True,
+               keep_special_tokens: bool = False):
     """Submit one request (its place held by ``admission``) and answer as NDJSON (default) or one
-    JSON object (stream false). ``piece(text) -> dict`` is the per-chunk payload;
+    JSON object (stream false). ``piece(text, thinking, calls) -> dict`` is the per-chunk payload;
     ``final_extra(output_ids)`` adds the closing object's route-specific fields."""
     engine = request.app.ctx.engine
     num_top = proto.logprobs_request(body)
     params = proto.parse_options(body, num_prompt_tokens=len(ids), max_model_len=engine.max_model_len,
-                                 logprobs=num_top)
+                                 logprobs=num_top, keep_special_tokens=keep_special_tokens)
     streaming = get(body, "stream", "bool", True)
     try:
         stream = await engine.add_request(f"ollama-{uuid.uuid4().hex}", ids, params, prompt_text=text,
                                           log_id=request.ctx.request_id, admission=admission, stream=streaming)
     except RequestRefusedError as e:  # a constraint the engine refused came from `format`
         raise e.renamed({"structured_outputs.json": "format", "structured_outputs.json_object": "format"}) from None
-    shape = _OllamaShape(model, len(ids), request.ctx.start, num_top, piece, final_extra)
+    shape = _OllamaShape(model, len(ids), request.ctx.start, num_top, piece, final_extra, parser, show_thinking)
     return await respond(request, [stream], shape, stream=streaming, framing=NDJSON)
+
+
+def _thinking(body: dict, model: str, formats) -> tuple[dict, bool]:
+    """(template kwargs, whether thinking is shown) for Ollama's `think`: thinking models think
+    unless it is false; what they think is shown unless it is false."""
+    think = proto.think(body, model, formats)
+    return ({} if think is None else {"enable_thinking": think}), think is not False
 
 
 @bp.post("/api/generate")
@@ -134,13 +184,16 @@ async def generate(request: Request):
         if raw:
             return prompt, tokenizer(prompt).input_ids if prompt else []
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return render_chat(tokenizer, messages, config.chat_template)
+        return render_chat(tokenizer, messages, config.chat_template, template_kwargs=template_kwargs)
 
+    formats = request.app.ctx.chat_output
+    template_kwargs, show_thinking = _thinking(body, model, formats)
+    parser = formats.parser(tools=False) if formats.reasoning is not None and not raw else None
     with engine.admit(1) as admission:  # before the prompt waits for the tokenizer thread
         text, ids = await engine.with_tokenizer(encode)
         ids = list(context) + ids
-        return await _run(request, body, model, ids, text, lambda t: {"response": t},
-                          lambda out_ids: {"context": ids + out_ids}, admission)
+        return await _run(request, body, model, ids, text, _generate_piece,
+                          lambda out_ids: {"context": ids + out_ids}, admission, parser, show_thinking)
 
 
 @bp.post("/api/chat")
@@ -152,12 +205,16 @@ async def chat(request: Request):
     messages = normalize_messages(get(body, "messages", "array", []))
     if not messages:
         return json_response(_loaded(model, "message", {"role": config.response_role, "content": ""}))
-    role = config.response_role
+    formats = request.app.ctx.chat_output
+    tools = parse_tools(body.get("tools"))
+    template_kwargs, show_thinking = _thinking(body, model, formats)
+    parser = formats.parser(tools=bool(tools)) if tools or formats.reasoning is not None else None
     with engine.admit(1) as admission:  # before the template waits for the tokenizer thread
-        text, ids = await engine.with_tokenizer(lambda tokenizer: render_chat(tokenizer, messages,
-                                                                             config.chat_template))
-        return await _run(request, body, model, ids, text, lambda t: {"message": {"role": role, "content": t}},
-                          lambda out_ids: {}, admission)
+        text, ids = await engine.with_tokenizer(lambda tokenizer: render_chat(
+            tokenizer, messages, config.chat_template, tools=tools, template_kwargs=template_kwargs))
+        return await _run(request, body, model, ids, text, _chat_piece(config.response_role), lambda out_ids: {},
+                          admission, parser, show_thinking,
+                          keep_special_tokens=bool(tools) and formats.needs_special_tokens)
 
 
 @bp.get("/api/tags")

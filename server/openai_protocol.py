@@ -10,7 +10,8 @@ import re
 
 from jaxserve.sampling_params import SamplingParams, StructuredOutputsParams
 from jaxserve.server import logprobs as logprob_format
-from jaxserve.server.chat import normalize_messages
+from jaxserve.server.chat import ChatOutputFormats, normalize_messages
+from jaxserve.server.tool_calls import Tool, ToolChoice, parse_tool_choice, parse_tools
 from jaxserve.server.validation import RequestError, device_ints, get, sampling_error
 
 # OpenAI (and vLLM extra) sampling fields -> (SamplingParams name, kind).
@@ -52,6 +53,14 @@ class ChatRequest:
     add_generation_prompt: bool
     max_tokens_field: str = "max_tokens"  # the client's name for it: max_completion_tokens or max_tokens
     constraint_field: str | None = None   # where the structured-output constraint came from
+    tools: list[Tool] = dataclasses.field(default_factory=list)
+    tool_choice: ToolChoice = ToolChoice("none")
+    parallel_tool_calls: bool = True
+    template_kwargs: dict = dataclasses.field(default_factory=dict)  # vLLM's chat_template_kwargs
+
+    @property
+    def parses_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice.mode != "none"
 
 
 # vLLM's older guided_* fields -> the StructuredOutputsParams field each sets.
@@ -113,9 +122,10 @@ def structured_outputs(body: dict) -> tuple[StructuredOutputsParams | None, str 
 def _refuse_unsupported(body: dict) -> None:
     if body.get("logit_bias"):
         raise RequestError("logit_bias is not supported yet", param="logit_bias", code="unsupported_parameter")
-    if body.get("tools") or body.get("functions"):
-        name = "tools" if body.get("tools") else "functions"
-        raise RequestError(f"{name} (tool calling) is not supported yet", param=name, code="unsupported_parameter")
+    if body.get("functions") or body.get("function_call"):
+        name = "functions" if body.get("functions") else "function_call"
+        raise RequestError(f"{name} is OpenAI's deprecated form: send tools and tool_choice", param=name,
+                           code="unsupported_parameter")
     if body.get("use_beam_search"):
         raise RequestError("use_beam_search is not supported", param="use_beam_search",
                            code="unsupported_parameter")
@@ -131,9 +141,9 @@ def _stream_fields(body: dict) -> tuple[bool, bool]:
 
 
 def _sampling_params(body: dict, *, max_tokens, logprobs: int | None, prompt_logprobs: int | None = None,
-                     constraint: StructuredOutputsParams | None = None
+                     constraint: StructuredOutputsParams | None = None, keep_special_tokens: bool = False
                      ) -> SamplingParams:
-    kwargs = {}
+    kwargs = {"skip_special_tokens": False} if keep_special_tokens else {}
     for name, kind in _SAMPLING_FIELDS.items():
         value = get(body, name, kind)
         if value is not None:
@@ -153,6 +163,8 @@ def _sampling_params(body: dict, *, max_tokens, logprobs: int | None, prompt_log
 
 def parse_completion(body: dict) -> CompletionRequest:
     _refuse_unsupported(body)
+    if body.get("tools"):
+        raise RequestError("tools are for /v1/chat/completions", param="tools", code="unsupported_parameter")
     model = get(body, "model", "str", required=True)
     prompt = body.get("prompt")
     if prompt is None:
@@ -181,7 +193,23 @@ def parse_completion(body: dict) -> CompletionRequest:
     return CompletionRequest(model, prompts, params, stream, include_usage, echo, constraint_field)
 
 
-def parse_chat(body: dict) -> ChatRequest:
+def _tools(body: dict, constraint, constraint_field, formats: ChatOutputFormats | None):
+    """(tools, tool_choice, parallel_tool_calls, constraint, constraint_field): required or a named
+    function holds decoding to the tool-call format, in place of any other constraint."""
+    tools = parse_tools(body.get("tools"))
+    choice = parse_tool_choice(body.get("tool_choice"), tools)
+    parallel = get(body, "parallel_tool_calls", "bool", True)
+    if choice.constrained:
+        if constraint is not None:
+            raise RequestError(f"tool_choice {choice.mode!r} cannot be combined with {constraint_field}",
+                               param="tool_choice", code="invalid_value")
+        if formats is None:
+            raise RequestError("tool calling is not available on this server", param="tools")
+        return tools, choice, parallel, formats.tool_constraint(tools, choice, parallel), "tools"
+    return tools, choice, parallel, constraint, constraint_field
+
+
+def parse_chat(body: dict, formats: ChatOutputFormats | None = None) -> ChatRequest:
     _refuse_unsupported(body)
     model = get(body, "model", "str", required=True)
     if "messages" not in body:
@@ -200,9 +228,12 @@ def parse_chat(body: dict) -> ChatRequest:
     elif body.get("max_tokens") is not None:
         get(body, "max_tokens", "int")  # still type-checked
     constraint, constraint_field = structured_outputs(body)
+    tools, tool_choice, parallel, constraint, constraint_field = _tools(body, constraint, constraint_field, formats)
+    template_kwargs = get(body, "chat_template_kwargs", "object") or {}
+    keep_special = bool(tools) and tool_choice.mode != "none" and formats is not None and formats.needs_special_tokens
     try:
         params = _sampling_params(body, max_tokens=max_tokens, logprobs=(top_logprobs or 0) if logprobs else None,
-                                  constraint=constraint)
+                                  constraint=constraint, keep_special_tokens=keep_special)
     except RequestError as e:
         # SamplingParams names its own fields; say the one the client sent.
         renamed = {"max_tokens": "max_completion_tokens" if body.get("max_completion_tokens") is not None else None,
@@ -218,7 +249,7 @@ def parse_chat(body: dict) -> ChatRequest:
     return ChatRequest(model, messages, params, stream, include_usage, logprobs,
                        get(body, "add_generation_prompt", "bool", True),
                        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens",
-                       constraint_field)
+                       constraint_field, tools, tool_choice, parallel, template_kwargs)
 
 
 # ---- completion choices --------------------------------------------------------------------------

@@ -111,18 +111,27 @@ class _CompletionsShape(_OpenAIShape):
 
 
 class _ChatShape(_OpenAIShape):
-    """/v1/chat/completions: n choices of one conversation; the role comes first when streamed."""
+    """/v1/chat/completions: n choices of one conversation; the role comes first when streamed.
+    Each choice's text goes through its parser: reasoning into `reasoning`, tool calls into
+    `tool_calls` (streamed as OpenAI's fragments), the rest into `content`."""
 
-    def __init__(self, rid, model, req, role: str, num_prompt: int):
+    def __init__(self, rid, model, req, role: str, num_prompt: int, formats):
         super().__init__(rid, "chat.completion.chunk" if req.stream else "chat.completion", model, req.include_usage)
         self.head["system_fingerprint"] = None
         self.n, self.role, self.num_prompt = req.params.n, role, num_prompt
         self.logprobs, self.num_top = req.logprobs, req.params.logprobs or 0
         self.generated = 0
-        self.texts, self.lps, self.reasons = [""] * self.n, [[] for _ in range(self.n)], [(None, None)] * self.n
+        self.parsers = [formats.parser(tools=req.parses_tools, parallel=req.parallel_tool_calls)
+                        for _ in range(self.n)]
+        self.lps, self.reasons = [[] for _ in range(self.n)], [(None, None)] * self.n
 
     def _logprobs(self, c) -> list[dict]:
         return logprobs.openai_chat(logprobs.token_logprobs(c.logprobs, c.token_ids, self.num_top))
+
+    def _finish_reason(self, index: int, reason: str | None) -> str | None:
+        """A choice that stopped after calling tools finished with "tool_calls", as OpenAI's do."""
+        tools = self.parsers[index].tools
+        return "tool_calls" if reason == "stop" and tools is not None and tools.calls else reason
 
     def opening(self):
         return [{**self.head, "choices": [{"index": i, "delta": {"role": self.role, "content": ""}, "logprobs": None,
@@ -130,11 +139,20 @@ class _ChatShape(_OpenAIShape):
 
     def chunks(self, prompt_index, out, c):
         self.generated += len(c.token_ids)
-        if not c.text and c.finish_reason is None and not self.logprobs:
+        reasoning, parsed = self.parsers[c.index].feed(c.text, last=c.finish_reason is not None)
+        delta = {}
+        if reasoning:
+            delta["reasoning"] = reasoning
+        if parsed.content or not (reasoning or parsed.calls):
+            delta["content"] = parsed.content
+        if parsed.calls:
+            delta["tool_calls"] = [_call_fragment(f) for f in parsed.calls]
+        if not (reasoning or parsed.content or parsed.calls) and c.finish_reason is None and not self.logprobs:
             return []
         lp = {"content": self._logprobs(c)} if self.logprobs else None
-        return [{**self.head, "choices": [{"index": c.index, "delta": {"content": c.text}, "logprobs": lp,
-                                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}],
+        return [{**self.head, "choices": [{"index": c.index, "delta": delta, "logprobs": lp,
+                                           "finish_reason": self._finish_reason(c.index, c.finish_reason),
+                                           "stop_reason": c.stop_reason}],
                  **self.usage_field}]
 
     def closing(self):
@@ -142,20 +160,40 @@ class _ChatShape(_OpenAIShape):
             if self.include_usage else []
 
     def add(self, prompt_index, out, c):
-        self.texts[c.index] += c.text
+        self.parsers[c.index].feed(c.text, last=c.finish_reason is not None)
         self.generated += len(c.token_ids)
         if self.logprobs:
             self.lps[c.index] += self._logprobs(c)
         if c.finish_reason is not None:
             self.reasons[c.index] = (c.finish_reason, c.stop_reason)
 
+    def _message(self, index: int) -> tuple[dict, str | None]:
+        reasoning, content, calls = self.parsers[index].result()
+        message = {"role": self.role, "content": content if content or not calls else None,
+                   "tool_calls": [{"id": call.id, "type": "function",
+                                   "function": {"name": call.name, "arguments": call.arguments}} for call in calls]}
+        if reasoning:
+            message["reasoning"] = reasoning
+        reason = self.reasons[index][0]
+        return message, "tool_calls" if calls and reason == "stop" else reason
+
     def body(self):
-        choices = [{"index": i, "message": {"role": self.role, "content": self.texts[i], "tool_calls": []},
-                    "logprobs": {"content": self.lps[i]} if self.logprobs else None,
-                    "finish_reason": self.reasons[i][0], "stop_reason": self.reasons[i][1]} for i in range(self.n)]
+        choices = []
+        for i in range(self.n):
+            message, reason = self._message(i)
+            choices.append({"index": i, "message": message,
+                            "logprobs": {"content": self.lps[i]} if self.logprobs else None,
+                            "finish_reason": reason, "stop_reason": self.reasons[i][1]})
         head = {k: v for k, v in self.head.items() if k != "system_fingerprint"}
         return {**head, "choices": choices, "system_fingerprint": None,
                 "usage": proto.usage(self.num_prompt, self.generated)}
+
+
+def _call_fragment(f) -> dict:
+    """A stream's piece of one tool call: OpenAI sends id, type and name in the call's first."""
+    if f.name is None:
+        return {"index": f.index, "function": {"arguments": f.arguments}}
+    return {"index": f.index, "id": f.id, "type": "function", "function": {"name": f.name, "arguments": f.arguments}}
 
 
 # ---- /v1/completions -----------------------------------------------------------------------------
@@ -180,16 +218,20 @@ async def completions(request: Request):
 
 @bp.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    req = proto.parse_chat(parse_json_body(request.body))
+    formats = request.app.ctx.chat_output
+    req = proto.parse_chat(parse_json_body(request.body), formats)
     model = _model(request, req.model)
     engine, config = request.app.ctx.engine, request.app.ctx.config
+    # tool_choice none: the prompt leaves the tools out, so the model answers in words.
+    tools = req.tools if req.parses_tools else None
     with engine.admit(req.params.n) as admission:  # before the template waits for the tokenizer thread
         text, ids = await engine.with_tokenizer(lambda tokenizer: render_chat(
-            tokenizer, req.messages, config.chat_template, add_generation_prompt=req.add_generation_prompt))
+            tokenizer, req.messages, config.chat_template, add_generation_prompt=req.add_generation_prompt,
+            tools=tools, template_kwargs=req.template_kwargs))
         (stream,) = await _add_all(request, [(ids, text)], req.params, "chatcmpl", admission, req.stream,
                                    {"prompt": "messages", "max_tokens": req.max_tokens_field,
                                     **_constraint_field(req.constraint_field)})
-    shape = _ChatShape(stream.request_id, model, req, config.response_role, len(ids))
+    shape = _ChatShape(stream.request_id, model, req, config.response_role, len(ids), formats)
     return await respond(request, [stream], shape, stream=req.stream)
 
 

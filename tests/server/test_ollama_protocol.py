@@ -3,6 +3,7 @@ stats in nanoseconds, and model descriptions the `ollama` client's own types acc
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 from ollama._types import ListResponse, ProcessResponse, ShowResponse
@@ -76,12 +77,17 @@ def test_bad_options_name_the_option(options, words):
 
 
 def test_unsupported_request_fields_are_refused():
-    for body in ({"format": "yaml"}, {"images": ["aGk="]}, {"tools": [{}]},
-                 {"think": True}, {"suffix": "end"}, {"template": "{{ .Prompt }}"}):
+    for body in ({"format": "yaml"}, {"images": ["aGk="]}, {"suffix": "end"}, {"template": "{{ .Prompt }}"}):
         with pytest.raises(RequestError, match="not|does not|must be"):
             proto.refuse_unsupported(body)
     proto.refuse_unsupported({"format": "", "think": False, "keep_alive": "5m"})
     proto.refuse_unsupported({"format": "json"})
+    # thinking needs a reasoning parser; tools are read (tests/server/test_tool_calls*.py)
+    no_reasoning = SimpleNamespace(reasoning=None)
+    with pytest.raises(RequestError, match="does not support thinking"):
+        proto.think({"think": True}, "m", no_reasoning)
+    assert proto.think({"think": False}, "m", no_reasoning) is False
+    assert proto.think({}, "m", no_reasoning) is None
     assert proto.format_constraint({"format": "json"}).json_object
     assert proto.format_constraint({"format": {"type": "object"}}).json == {"type": "object"}
     assert proto.format_constraint({"format": ""}) is None

@@ -81,7 +81,7 @@ def test_chat_fields_and_max_completion_tokens():
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "guided_regex": 5}, "guided_regex"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "guided_regex": "a", "response_format":
       {"type": "json_object"}}, "guided_regex"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools[0].function"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}}, "logit_bias"),
 ])
 def test_chat_errors_name_the_field(body, param):
