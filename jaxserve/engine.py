@@ -4,10 +4,13 @@
 request; a bad one is refused there, before it touches any state, so it cannot disturb the
 requests already running. ``LLMEngine.step()`` is schedule -> run -> process outputs: everything
 host-side and per-token (stop conditions, detokenisation, logprobs, the outputs' shapes) is the
-OutputProcessor's (output_processor.py); the device sees one step's graphs per step.
+OutputProcessor's (output_processor.py); the device sees one step's graphs per step. A step with
+structured-output rows hands the runner a filler for their token bitmask, which it calls while
+the device runs the forward graph (runner.py).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -47,6 +50,7 @@ class StepRecord:
     schedule_seconds: float = 0.0      # scheduling and the sampling rows
     prepare_seconds: float = 0.0       # the padded host arrays of the step
     device_seconds: float = 0.0        # transfer in, the graphs, transfer out
+    bitmask_seconds: float = 0.0       # of device_seconds, the host filling the structured-output bitmask
     outputs_seconds: float = 0.0       # tokens into requests, detokenising, stops, outputs, stats
 
     @property
@@ -206,9 +210,9 @@ class LLMEngine:
             if not sched.seqs:
                 return []
             rows = [self._sampling_row(s.request) if s.samples else None for s in sched.seqs]
-            allowed = self._token_bitmask(sched)
+            fill_bitmask = self._bitmask_filler(sched)
         scheduled = time.perf_counter()
-        result = self.runner.execute(sched, rows, allowed)
+        result = self.runner.execute(sched, rows, fill_bitmask)
         executed = time.perf_counter()
         with annotate(PROCESS_OUTPUTS):
             self.scheduler.update_after_step(sched)
@@ -217,19 +221,21 @@ class LLMEngine:
         record.schedule_seconds = scheduled - started
         record.prepare_seconds = result.prepare_seconds
         record.device_seconds = executed - scheduled - result.prepare_seconds
+        record.bitmask_seconds = result.bitmask_seconds
         record.outputs_seconds = time.perf_counter() - executed
         return outputs
 
-    def _token_bitmask(self, sched: SchedulerOutput):
-        """The step's structured-output bitmask ([n, words] int32), or None when no sampling row
-        has a constraint (the step then runs the plain sampler graph)."""
+    def _bitmask_filler(self, sched: SchedulerOutput):
+        """What writes the step's structured-output bitmask into the runner's [B, words] array,
+        or None when no sampling row has a constraint (the step then runs the plain sampler
+        graph). The runner calls it while the device runs the forward graph: the matchers stand
+        where the last step's tokens left them, and nothing advances them until this step's
+        outputs come back."""
         constrained = [(i, s.request.matcher) for i, s in enumerate(sched.seqs)
                        if s.samples and s.request.matcher is not None]
         if not constrained:
             return None
-        allowed = self.grammars.new_bitmask(len(sched.seqs))
-        self.grammars.fill_bitmask(allowed, constrained)
-        return allowed
+        return functools.partial(self.grammars.fill_bitmask, rows=constrained)
 
     def _sampling_row(self, req: Request) -> SamplingRow:
         """The request's row for this step: one object per request, its per-step fields updated

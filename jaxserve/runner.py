@@ -12,7 +12,11 @@ runs up to three graphs back to back on the device; the host waits only for the 
   which some row has one (the host knows from the sampling params);
 - the **sampler** graph of B: logits -> tokens and logprobs; on steps in which some row has a
   structured-output constraint, the **masked sampler** graph of B instead, which also takes the
-  step's token bitmask [B, V/32] (jaxserve/structured_output.py) and applies it first.
+  step's token bitmask [B, V/32] (jaxserve/structured_output.py) and applies it first. The host
+  fills that bitmask after queueing the forward graph, while the device runs it (dispatch is
+  asynchronous): a row's mask depends only on the tokens its grammar has already accepted, so
+  the grammar work leaves the step's critical path at no cost in exactness. The mask is then
+  such a step's second host->device transfer, queued ahead of the masked sampler.
 
 The sampling stages are graphs of their own because they depend on B only and are about half of
 a fused step's ops: built once per batch size instead of once per token bucket, the 17 warm-up
@@ -30,7 +34,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +113,7 @@ class StepResult:
     bucket: tuple[int, int]
     seconds: float
     prepare_seconds: float  # of seconds, the host arrays' preparation (the rest is the device's)
+    bitmask_seconds: float  # of the device's part, the host filling the structured-output bitmask meanwhile
     # Only when a scheduled request asked for prompt_logprobs: per flat token, the log-prob of the
     # next prompt token and the top ones ([T], [T, MAX_LOGPROBS], [T, MAX_LOGPROBS]).
     prompt_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -233,6 +238,8 @@ class ModelRunner:
         self._replicated = replicated(self.mesh)
         self._logits_type = lambda batch: jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32,
                                                                sharding=self._replicated)
+        self._bitmask_type = lambda batch: jax.ShapeDtypeStruct((batch, bitmask_words(cfg.vocab_size)), jnp.int32,
+                                                                sharding=self._replicated)
         self._shardings = {
             "forward": dict(in_shardings=(param_sharding, kv_sharding, self._replicated, self._replicated),
                             out_shardings=(kv_sharding, self._replicated, self._replicated)),
@@ -328,7 +335,7 @@ class ModelRunner:
             history = np.full((key.shape, self.max_model_len), -1, np.int32)
             return logits, dataclasses.replace(tensors, token_history=history)
         if key.kind == "masked_sampler":
-            return logits, logits, tensors, np.full((key.shape, bitmask_words(self.model.config.vocab_size)), -1, np.int32)
+            return logits, logits, tensors, np.full(self._bitmask_type(key.shape).shape, -1, np.int32)
         return logits, logits, tensors
 
     def _lower(self, key: GraphKey, args: tuple, samplers: sampling.Snapshot | None = None) -> jax.stages.Lowered:
@@ -501,9 +508,10 @@ class ModelRunner:
         return targets
 
     def execute(self, sched: SchedulerOutput, rows: list[SamplingRow | None],
-                allowed: np.ndarray | None = None) -> StepResult:
-        """One step. allowed: the structured-output bitmask of the step's rows ([n, words] int32,
-        all ones for unconstrained rows), or None when no row has a constraint."""
+                fill_bitmask: Callable[[np.ndarray], None] | None = None) -> StepResult:
+        """One step. fill_bitmask: writes the structured-output bitmask of the step's constrained
+        rows into the [B, words] int32 array it is given (all ones: the other rows stay
+        unconstrained), called while the forward graph runs; None when no row has a constraint."""
         start = time.perf_counter()
         # Only a step in which some row names a pluggable sampler pays for (and compiles) them.
         pluggable = any(r is not None and (r.sampler or r.params.selected_sampler) != DEFAULT_SAMPLER for r in rows)
@@ -511,22 +519,20 @@ class ModelRunner:
         with annotate(PREPARE):
             bucket, inputs = self.prepare(sched, rows, samplers)
             targets = self._prompt_targets(sched, bucket[0])
-            if allowed is not None:  # padding rows allow everything: they are greedy and ignored
-                padded = np.full((bucket[1], allowed.shape[1]), -1, np.int32)
-                padded[:len(allowed)] = allowed
-                allowed = padded
         prepared = time.perf_counter()
-        out, prompt = self.run_graphs(bucket, inputs, targets, samplers, allowed)
+        out, prompt, bitmask_seconds = self.run_graphs(bucket, inputs, targets, samplers, fill_bitmask)
         n = len(sched.seqs)
         return StepResult(tokens=out.tokens[:n], logprobs=out.logprobs[:n], top_ids=out.top_ids[:n],
                           top_logprobs=out.top_logprobs[:n],
                           sampler_state=out.sampler_state[:n], bucket=bucket,
                           seconds=time.perf_counter() - start, prepare_seconds=prepared - start,
-                          prompt_logprobs=prompt)
+                          bitmask_seconds=bitmask_seconds, prompt_logprobs=prompt)
 
     def run_graphs(self, bucket: tuple[int, int], inputs: StepInputs, targets: np.ndarray | None = None,
-                   samplers: sampling.Snapshot | None = None, allowed: np.ndarray | None = None):
-        """One step's graphs on prepared (host) inputs -> (sampler output, prompt logprobs or None) on the host."""
+                   samplers: sampling.Snapshot | None = None,
+                   fill_bitmask: Callable[[np.ndarray], None] | None = None):
+        """One step's graphs on prepared (host) inputs -> (sampler output, prompt logprobs or None,
+        seconds the host spent in fill_bitmask) on the host."""
         forward = self._executable(forward_key(bucket, targets is not None),
                                    (self.params, self.kv_cache, inputs.model, targets))
         batch, logits_type = bucket[1], self._logits_type(bucket[1])
@@ -535,22 +541,32 @@ class ModelRunner:
         # The sampler never reads the token history: it always gets the [B, 1] of a step without penalties.
         sampling = dataclasses.replace(inputs.sampling, token_history=inputs.sampling.token_history[:, :1])
         version = samplers.version if samplers is not None else None
-        if allowed is None:
+        if fill_bitmask is None:
             sampler = self._executable(sampler_key(batch, version), (logits_type, logits_type, sampling), samplers)
         else:
             sampler = self._executable(masked_sampler_key(batch, version),
-                                       (logits_type, logits_type, sampling, allowed), samplers)
+                                       (logits_type, logits_type, sampling, self._bitmask_type(batch)), samplers)
+        bitmask_seconds = 0.0
         with annotate(DEVICE_STEP):
             history = inputs.sampling.token_history if penalties is not None else None
-            # The one host->device transfer.
-            model, sampling, history, targets, allowed = jax.device_put(
-                (inputs.model, sampling, history, targets, allowed), self._replicated)
+            # The one host->device transfer of the step's inputs.
+            model, sampling, history, targets = jax.device_put((inputs.model, sampling, history, targets),
+                                                               self._replicated)
             # Each graph is queued behind the one before it: the host waits only for the last.
             self.kv_cache, logits, prompt = forward(self.params, self.kv_cache, model, targets)
             if penalties is not None:
                 penalised = penalties(logits, dataclasses.replace(sampling, token_history=history))
             else:
                 penalised = logits
-            out = sampler(logits, penalised, sampling) if allowed is None else sampler(logits, penalised, sampling,
-                                                                                           allowed)
-            return jax.device_get((out, prompt))  # the step's one device->host transfer
+            if fill_bitmask is None:
+                out = sampler(logits, penalised, sampling)
+            else:
+                # Filled while the device runs the graphs queued above. Padding rows allow
+                # everything: they are greedy and ignored.
+                filling = time.perf_counter()
+                allowed = np.full(self._bitmask_type(batch).shape, -1, np.int32)
+                fill_bitmask(allowed)
+                bitmask_seconds = time.perf_counter() - filling
+                out = sampler(logits, penalised, sampling, jax.device_put(allowed, self._replicated))
+            out, prompt = jax.device_get((out, prompt))  # the step's one device->host transfer
+            return out, prompt, bitmask_seconds

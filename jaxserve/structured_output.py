@@ -9,11 +9,13 @@ lookup. A bad constraint is refused with a RequestValidationError naming the fie
 LLMatcher (advanced with each accepted token); `fill_bitmask` writes the allowed next tokens of a
 step's constrained rows into a `[B, ceil(V / 32)]` int32 array, bit i of word w allowing token
 32 w + i (ids past the tokenizer's own vocabulary, padding rows of the embedding, never allowed).
-EOS is allowed only where the grammar accepts.
+EOS is allowed only where the grammar accepts. The rows are filled in llguidance's Rust threads
+without the GIL, while the device runs the step's forward graph (jaxserve/runner.py).
 """
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import threading
 from collections import OrderedDict
@@ -123,16 +125,18 @@ class GrammarCompiler:
 
         return llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
 
-    def new_bitmask(self, batch_size: int) -> np.ndarray:
-        """[batch_size, words] int32, every token allowed (rows without a constraint stay so)."""
-        return np.full((batch_size, bitmask_words(self.vocab_size)), -1, np.int32)
+    @functools.cached_property
+    def _executor(self):
+        import llguidance
+
+        return llguidance.LLExecutor()  # Rust threads: 80% of the CPUs, at most 32
 
     def fill_bitmask(self, bitmask: np.ndarray, rows: list[tuple[int, object]]) -> None:
-        """Write each (row, matcher)'s allowed next tokens into its row of `bitmask`."""
+        """Write each (row, matcher)'s allowed next tokens into its row of `bitmask`: one call
+        into llguidance's threads, which hold no GIL (the engine calls it while the device runs)."""
         import llguidance.numpy as llnp
 
-        for row, matcher in rows:
-            llnp.fill_next_token_bitmask(matcher, bitmask, row)
+        llnp.fill_next_token_bitmask_par(self._executor, [(matcher, row) for row, matcher in rows], bitmask)
 
 
 def allowed_ids(bitmask_row: np.ndarray, vocab_size: int) -> np.ndarray:

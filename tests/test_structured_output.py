@@ -13,7 +13,7 @@ import pytest
 
 from jaxserve.input_processor import RequestValidationError
 from jaxserve.sampling_params import SamplingParams, StructuredOutputsParams
-from jaxserve.structured_output import GrammarCompiler, allowed_ids
+from jaxserve.structured_output import GrammarCompiler, allowed_ids, bitmask_words
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 150}},
@@ -35,7 +35,7 @@ def walk(compiler, so, seed, max_tokens=60):
     matcher = compiler.matcher(compiler.compile(so))
     ids = []
     for _ in range(max_tokens):
-        mask = compiler.new_bitmask(2)
+        mask = np.full((2, bitmask_words(compiler.vocab_size)), -1, np.int32)  # as the runner hands it over
         compiler.fill_bitmask(mask, [(1, matcher)])
         assert (mask[0] == -1).all()  # an unconstrained row is left alone
         allowed = allowed_ids(mask[1], compiler.vocab_size)
@@ -148,3 +148,25 @@ def test_a_bad_constraint_is_refused_and_the_engine_goes_on(smollm2_llm):
         engine.add_request("bad-regex", "hi", SamplingParams(structured_outputs=StructuredOutputsParams(regex="(")))
     assert e.value.param == "structured_outputs.regex"
     assert "bad-regex" not in engine.groups and not engine.has_unfinished_requests()
+
+
+def test_the_bitmask_is_filled_while_the_forward_graph_runs(smollm2_llm, monkeypatch):
+    """The runner calls the engine's bitmask filler only after queueing the step's forward graph
+    (its new KV cache is already the runner's), and the constrained rows still come out valid."""
+    runner = smollm2_llm.engine.runner
+    execute, forward_queued = runner.execute, []
+
+    def spying_execute(sched, rows, fill_bitmask=None):
+        cache_before = runner.kv_cache
+
+        def spy(bitmask):
+            forward_queued.append(runner.kv_cache is not cache_before)
+            fill_bitmask(bitmask)
+        return execute(sched, rows, spy if fill_bitmask is not None else None)
+
+    monkeypatch.setattr(runner, "execute", spying_execute)
+    params = SamplingParams(temperature=0.0, max_tokens=80, structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    (out,) = smollm2_llm.generate([PROMPT], params, use_tqdm=False)
+    jsonschema.validate(json.loads(out.outputs[0].text), SCHEMA)
+    assert len(forward_queued) == len(out.outputs[0].token_ids) and all(forward_queued)  # one fill per token
+    assert any(r.bitmask_seconds > 0 for r in list(smollm2_llm.engine.step_log)[-len(forward_queued):])

@@ -1,0 +1,126 @@
+"""What structured output costs: the token bitmask beside the device.
+
+`overlap` (offline, one process): a batch of JSON-schema constrained sequences decodes, and its
+steps alternate between the engine as it is (the bitmask filled while the device runs the forward
+graph, jaxserve/runner.py) and the same step with the bitmask filled first, before anything is
+dispatched (how the engine did it before). Per mode: the median host time of the mask and of the
+whole step; the difference of the step times is what the overlap takes off each step.
+
+    .venv/bin/python benchmarks/structured_output.py overlap              # B = 32, 3 rounds of 48 steps
+    .venv/bin/python benchmarks/structured_output.py overlap --model tiny   # a tiny random model: short steps
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+from host_overhead import cpu_name
+from serving import synthetic_prompts
+
+
+# Rows of typed fields (strings, an email, an enum, numbers) for as long as any run lasts: masks of
+# every kind of JSON state, not only the inside of one long string.
+RECORDS_SCHEMA = {"type": "array", "minItems": 1000, "items": {
+    "type": "object", "additionalProperties": False, "required": ["name", "age", "email", "city", "score"],
+    "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                   "email": {"type": "string", "format": "email"},
+                   "city": {"enum": ["Paris", "Berlin", "Lisbon", "Oslo", "Rome"]}, "score": {"type": "number"}}}}
+
+
+def overlap_engine(args):
+    """SmolLM2 (the CPU is the device: 0.1-0.2 s steps), or a tiny random model with SmolLM2's
+    tokenizer and vocabulary (25-35 ms steps here, most of them the sampler over the vocabulary)."""
+    if args.model == "tiny":
+        from host_overhead import tiny_engine
+        from jaxserve.models import bundled_model_path
+        from jaxserve.models.loader_gguf import load_gguf_tokenizer
+
+        return tiny_engine(load_gguf_tokenizer(bundled_model_path()), args.batch, 1024)
+    from jaxserve import LLM
+
+    return LLM(max_num_seqs=args.batch, max_num_batched_tokens=512, max_model_len=1024, dtype=args.dtype).engine
+
+
+def run_overlap(args) -> dict:
+    from jaxserve import SamplingParams, StructuredOutputsParams
+    from jaxserve.structured_output import bitmask_words
+
+    engine = overlap_engine(args)
+    runner = engine.runner
+    execute, words = runner.execute, bitmask_words(engine.vocab_size)
+    serial_mask_seconds: list[float] = []
+
+    def filled_first(sched, rows, fill_bitmask=None):
+        """The step with its bitmask filled before the runner dispatches anything."""
+        if fill_bitmask is None:
+            return execute(sched, rows)
+        start = time.perf_counter()
+        mask = np.full((len(sched.seqs), words), -1, np.int32)
+        fill_bitmask(mask)
+        serial_mask_seconds.append(time.perf_counter() - start)
+        return execute(sched, rows, lambda padded: padded.__setitem__(slice(0, len(mask)), mask))
+
+    params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=args.steps + 16, seed=0,
+                            structured_outputs=StructuredOutputsParams(json=RECORDS_SCHEMA))
+    prompts = synthetic_prompts(args.batch * args.rounds, 48, seed=0)
+    steps = {"overlapped": [], "filled first": []}
+    masks = {"overlapped": [], "filled first": []}
+    for r in range(args.rounds):
+        for i in range(args.batch):
+            engine.add_request(f"r{r}-{i}", prompts[r * args.batch + i], params)
+        running = engine.scheduler.running
+        while len(running) < args.batch or not all(req.output_token_ids for req in running):
+            engine.step()  # the prompts' prefill, not timed
+        for step in range(args.steps):
+            mode = "overlapped" if (step + r) % 2 == 0 else "filled first"  # alternate, each round's order flipped
+            runner.execute = execute if mode == "overlapped" else filled_first
+            start = time.perf_counter()
+            engine.step()
+            steps[mode].append(time.perf_counter() - start)
+            record = engine.step_log[-1]
+            assert len(record.scheduled) == args.batch and all(n == 1 for n in record.scheduled.values()), record
+            masks[mode].append(record.bitmask_seconds if mode == "overlapped" else serial_mask_seconds[-1])
+        runner.execute = execute
+        for i in range(args.batch):
+            engine.abort_request(f"r{r}-{i}")
+    result = {"cpu": cpu_name(), "model": args.model, "batch": args.batch, "rounds": args.rounds, "steps_per_round": args.steps}
+    print(f"{args.model}: {args.batch} JSON-schema rows decoding, {args.rounds} rounds x {args.steps} steps, {result['cpu']}")
+    print(f"{'mode':<14}{'mask ms':>10}{'step ms':>10}{'steps':>7}")
+    for mode in steps:
+        mask_ms, step_ms = statistics.median(masks[mode]) * 1e3, statistics.median(steps[mode]) * 1e3
+        result[mode] = {"mask_ms_median": mask_ms, "step_ms_median": step_ms, "steps": len(steps[mode]),
+                        "mask_ms_mean": statistics.fmean(masks[mode]) * 1e3,
+                        "step_ms_mean": statistics.fmean(steps[mode]) * 1e3}
+        print(f"{mode:<14}{mask_ms:>10.3f}{step_ms:>10.2f}{len(steps[mode]):>7}")
+    # Neighbouring steps run nearly the same batch: their difference is the least noisy measure.
+    paired = [(b - a) * 1e3 for a, b in zip(steps["overlapped"], steps["filled first"])]
+    result["paired_step_ms_filled_first_minus_overlapped"] = {"median": statistics.median(paired),
+                                                             "mean": statistics.fmean(paired)}
+    print(f"step, filled first - overlapped (neighbouring steps): median {statistics.median(paired):.2f} ms, "
+          f"mean {statistics.fmean(paired):.2f} ms")
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    overlap = sub.add_parser("overlap")
+    overlap.add_argument("--batch", type=int, default=32)
+    overlap.add_argument("--steps", type=int, default=48, help="timed decode steps per round")
+    overlap.add_argument("--rounds", type=int, default=3)
+    overlap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    overlap.add_argument("--dtype", default="auto", help="SmolLM2's")
+    overlap.add_argument("--json", default=None)
+    args = p.parse_args()
+    result = run_overlap(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
