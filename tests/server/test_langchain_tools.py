@@ -1,6 +1,7 @@
-"""LangChain's ChatOpenAI with tools against `jaxserve serve`: `bind_tools` with a named or a
+"""LangChain against `jaxserve serve`: ChatOpenAI.bind_tools with a named or a
 required tool_choice gives an AIMessage whose parsed tool_calls match the tools' schemas, invoked
-and streamed."""
+and streamed; with_structured_output(method="json_schema") on ChatOpenAI (response_format
+json_schema) and ChatOllama (format: the schema) gives schema-valid objects."""
 from __future__ import annotations
 
 import jsonschema
@@ -55,3 +56,21 @@ def test_bind_tools_stream(chat_openai):
     assert call["name"] == "get_weather"
     jsonschema.validate(call["args"], CITY)
     assert get_weather.invoke(call["args"]).startswith("sunny in ")  # the args fit the Python tool
+
+
+PERSON = {"title": "person", "description": "A person.", "type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer", "minimum": 0}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_with_structured_output_json_schema_openai(chat_openai):
+    person = chat_openai.with_structured_output(PERSON, method="json_schema").invoke("Describe a person as JSON.")
+    jsonschema.validate(person, PERSON)
+
+
+def test_with_structured_output_json_schema_ollama(server):
+    from langchain_ollama import ChatOllama
+
+    llm = ChatOllama(base_url=server.url, model=MODEL, temperature=0, num_predict=60)
+    person = llm.with_structured_output(PERSON, method="json_schema").invoke("Describe a person as JSON.")
+    jsonschema.validate(person, PERSON)
