@@ -3,7 +3,9 @@
 The thread owns all engine state. The event loop hands it adds and aborts through a thread-safe
 inbox, applied at the top of each loop iteration, and gets back per request an asyncio.Queue of
 output deltas (via ``call_soon_threadsafe``). A second thread does the tokenising and chat-template
-rendering, so the event loop stays free to refuse a burst's overflow at once (``admit``).
+rendering, so the event loop stays free to refuse a burst's overflow at once (``admit``), and
+compiles a request's structured-output constraint before the request is queued, so the engine
+thread never stops its steps to compile one.
 ``server/`` reaches the engine only through this class, so it never imports JAX.
 """
 from __future__ import annotations
@@ -341,9 +343,12 @@ class AsyncEngine:
         text = prompt_text if prompt_text is not None else (prompt if isinstance(prompt, str) else None)
         stream = RequestStream(self, request_id, params, log_id or request_id, text)
         self._streams[request_id] = stream
-        accepted = self._loop.create_future()
-        self._post(("add", request_id, prompt, params, prompt_text, accepted, time.monotonic()))
+        arrival = time.monotonic()
         try:
+            if params.structured_outputs is not None:
+                await self._compile(params.structured_outputs)
+            accepted = self._loop.create_future()
+            self._post(("add", request_id, prompt, params, prompt_text, accepted, arrival))
             await accepted
         except asyncio.CancelledError:
             stream.close()  # the add may have landed already: the abort queued behind it undoes it
@@ -353,6 +358,15 @@ class AsyncEngine:
             self._forget(request_id, params.n)
             raise
         return stream
+
+    async def _compile(self, so) -> None:
+        """Compile a constraint into the engine's grammar cache (GrammarCompiler) on the tokenizer
+        thread, so the engine thread's add_request finds it there instead of compiling while
+        every running request waits for its next step. Raises RequestRefusedError."""
+        try:
+            await self.with_tokenizer(lambda _: self.engine.grammars.compile(so))
+        except ValueError as e:
+            raise _refusal(e) from None
 
     def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
         """The engine's own checks of a tokenised request (its InputProcessor, which reads only

@@ -25,6 +25,11 @@ class DataParallelEngine:
         self.max_model_len = first.max_model_len
         self.vocab_size = first.vocab_size
         self.profiler = first.profiler  # JAX's profiler is process-wide: one serves all replicas
+        # One grammar cache for all (they share the tokenizer): a constraint AsyncEngine compiled
+        # ahead is there for whichever replica takes the request.
+        self.grammars = first.grammars
+        for replica in replicas[1:]:
+            replica.grammars = first.grammars
         self._owner: dict[str, LLMEngine] = {}
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None, **kwargs) -> None:

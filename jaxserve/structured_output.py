@@ -2,11 +2,13 @@
 step's packed token bitmask.
 
 `GrammarCompiler` turns a request's StructuredOutputsParams (a JSON schema, any JSON object, a
-regex, a choice, a Lark or GBNF grammar) into llguidance's grammar, checked against the model's
+regex, a choice, a Lark or GBNF grammar) into llguidance's grammar, compiled against the model's
 tokenizer within a time limit, and caches it by its source: a schema seen before costs a dict
-lookup. A bad constraint is refused with a RequestValidationError naming the field
-(`structured_outputs.<kind>`), as any other bad request is. `matcher()` gives a request its own
-LLMatcher (advanced with each accepted token); `fill_bitmask` writes the allowed next tokens of a
+lookup. The server's requests are compiled on AsyncEngine's tokenizer thread before they are
+queued, so the engine thread only looks them up and a slow schema never holds up its steps. A bad
+constraint is refused with a RequestValidationError naming the field (`structured_outputs.<kind>`),
+as any other bad request is. `matcher()` gives a request its own LLMatcher (a copy of the cached
+one, advanced with each accepted token); `fill_bitmask` writes the allowed next tokens of a
 step's constrained rows into a `[B, ceil(V / 32)]` int32 array, bit i of word w allowing token
 32 w + i (ids past the tokenizer's own vocabulary, padding rows of the embedding, never allowed).
 EOS is allowed only where the grammar accepts. The rows are filled in llguidance's Rust threads
@@ -71,7 +73,9 @@ def grammar_source(so: StructuredOutputsParams) -> tuple[str, str]:
 
 
 class GrammarCompiler:
-    """Checked llguidance grammars for one tokenizer, cached by their source."""
+    """Compiled llguidance grammars for one tokenizer, cached by their source. Safe to call from
+    any thread: AsyncEngine compiles a request's constraint before queueing it, so the engine
+    thread finds it here."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...] = (), *,
                  timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S):
@@ -81,8 +85,11 @@ class GrammarCompiler:
         self.timeout_s = timeout_s
         self._tokenizer = None                # llguidance's view of it, built on first use (~0.4 s)
         self._tokenizer_lock = threading.Lock()
-        self._cache: OrderedDict[str, str] = OrderedDict()
-        # Checking runs in a thread of its own so a grammar that takes too long is refused on
+        # grammar text -> a matcher at its start, never advanced: each request gets a copy (a few
+        # us), where building a matcher parses the grammar again (as long as compiling it).
+        self._cache: OrderedDict[str, object] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        # Compiling runs in a thread of its own so a grammar that takes too long is refused on
         # time; llguidance drops the GIL while it builds one.
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-grammar")
 
@@ -96,34 +103,36 @@ class GrammarCompiler:
                                                                eos_token=self.eos_token_ids or None)
             return self._tokenizer
 
-    def compile(self, so: StructuredOutputsParams) -> str:
-        """The checked grammar of a constraint (cached), or a RequestValidationError naming its field."""
+    def compile(self, so: StructuredOutputsParams):
+        """The compiled grammar of a constraint (cached; `matcher()` starts a request on it), or
+        a RequestValidationError naming its field. Waits for the compile: milliseconds for
+        common schemas, `timeout_s` at most."""
         import llguidance
 
         field, grammar = grammar_source(so)
-        cached = self._cache.get(grammar)
-        if cached is not None:
-            self._cache.move_to_end(grammar)
-            return cached
+        with self._cache_lock:
+            compiled = self._cache.get(grammar)
+            if compiled is not None:
+                self._cache.move_to_end(grammar)
+                return compiled
         param = f"structured_outputs.{field}"
-        future = self._pool.submit(llguidance.LLMatcher.validate_grammar, grammar, self.tokenizer)
+        future = self._pool.submit(llguidance.LLMatcher, self.tokenizer, grammar, log_level=0)
         try:
-            error = future.result(timeout=self.timeout_s)
+            compiled = future.result(timeout=self.timeout_s)
         except concurrent.futures.TimeoutError:
             raise RequestValidationError(f"{param}: compiling the constraint took longer than "
                                          f"{self.timeout_s:g} s (--structured-outputs-timeout)", param=param) from None
-        if error and not error.startswith("WARNING"):
-            raise RequestValidationError(f"{param} is not a valid constraint: {error}", param=param)
-        self._cache[grammar] = grammar
-        if len(self._cache) > _MAX_CACHED_GRAMMARS:
-            self._cache.popitem(last=False)
-        return grammar
+        if compiled.is_error():
+            raise RequestValidationError(f"{param} is not a valid constraint: {compiled.get_error()}", param=param)
+        with self._cache_lock:
+            self._cache[grammar] = compiled
+            if len(self._cache) > _MAX_CACHED_GRAMMARS:
+                self._cache.popitem(last=False)
+        return compiled
 
-    def matcher(self, grammar: str):
-        """A fresh matcher of a compiled grammar, at its start."""
-        import llguidance
-
-        return llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+    def matcher(self, compiled):
+        """A request's own matcher of a compiled grammar, at its start."""
+        return compiled.deep_copy()
 
     @functools.cached_property
     def _executor(self):

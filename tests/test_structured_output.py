@@ -170,3 +170,65 @@ def test_the_bitmask_is_filled_while_the_forward_graph_runs(smollm2_llm, monkeyp
     jsonschema.validate(json.loads(out.outputs[0].text), SCHEMA)
     assert len(forward_queued) == len(out.outputs[0].token_ids) and all(forward_queued)  # one fill per token
     assert any(r.bitmask_seconds > 0 for r in list(smollm2_llm.engine.step_log)[-len(forward_queued):])
+
+
+def _serve(engine, work):
+    """Run `work(async_engine)` on an AsyncEngine over `engine`, shut down after."""
+    import asyncio
+
+    from jaxserve.async_engine import AsyncEngine
+
+    async def main():
+        async_engine = AsyncEngine(engine)
+        async_engine.start()
+        try:
+            return await work(async_engine)
+        finally:
+            await async_engine.shutdown()
+    return asyncio.run(main())
+
+
+def test_a_slow_grammar_compile_does_not_stall_the_engine_loop(smollm2_llm):
+    """AsyncEngine compiles a request's constraint before queueing it, off the engine thread:
+    while one compiles (held up here), a running request keeps getting tokens; the constrained
+    one then runs on the compiled grammar."""
+    import asyncio
+    import threading
+    import uuid
+
+    key = f"answer_{uuid.uuid4().hex[:8]}"  # a schema never seen: it must compile
+    schema = {"type": "object", "properties": {key: {"type": "string", "maxLength": 16}}, "required": [key],
+              "additionalProperties": False}
+    release = threading.Event()
+
+    async def work(async_engine):
+        free = await async_engine.add_request("free", PROMPT, SamplingParams(temperature=0.0, max_tokens=24,
+                                                                             ignore_eos=True))
+        smollm2_llm.engine.grammars._pool.submit(release.wait)  # the compile thread is busy until released
+        constrained = asyncio.ensure_future(async_engine.add_request(
+            "constrained", PROMPT, SamplingParams(temperature=0.0, max_tokens=40,
+                                                  structured_outputs=StructuredOutputsParams(json=schema))))
+        async with free:
+            tokens = [t async for out in free for c in out.outputs for t in c.token_ids]
+        held = not constrained.done()
+        release.set()
+        async with await constrained as stream:
+            text = "".join([c.text async for out in stream for c in out.outputs])
+        return tokens, held, text
+
+    tokens, held, text = _serve(smollm2_llm.engine, work)
+    assert len(tokens) == 24 and held  # the free request finished while the compile was still held up
+    jsonschema.validate(json.loads(text), schema)
+
+
+def test_the_async_engine_refuses_a_bad_constraint_naming_its_field(smollm2_llm):
+    from jaxserve.async_engine import RequestRefusedError
+
+    async def work(async_engine):
+        with pytest.raises(RequestRefusedError) as e:
+            await async_engine.add_request("bad", PROMPT, SamplingParams(
+                structured_outputs=StructuredOutputsParams(regex="(unclosed")))
+        return e.value
+
+    refusal = _serve(smollm2_llm.engine, work)
+    assert refusal.param == "structured_outputs.regex" and "not a valid constraint" in str(refusal)
