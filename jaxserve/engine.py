@@ -22,6 +22,7 @@ import jax
 
 from jaxserve.block_pool import BlockPool
 from jaxserve.config import CacheConfig, CompileConfig, SchedulerConfig
+from jaxserve.engine_args import EngineArgs
 from jaxserve.input_processor import InputProcessor, RequestValidationError
 from jaxserve.output_processor import OutputProcessor, RequestState
 from jaxserve.outputs import RequestOutput
@@ -118,7 +119,8 @@ def kv_pages_for(model_config, cache: CacheConfig, dtype_bytes: int, max_model_l
 
 class LLMEngine:
     def __init__(self, loaded, *, cache: CacheConfig, scheduler: SchedulerConfig, compile: CompileConfig,
-                 attention_fn, seed: int = 0, profiler_dir: str | None = None, mesh=None):
+                 attention_fn, seed: int = 0, profiler_dir: str | None = None, mesh=None,
+                 structured_outputs_timeout: float = EngineArgs.structured_outputs_timeout):
         self.model_config = loaded.config
         self.max_model_len = scheduler.max_model_len
         self.vocab_size = loaded.config.vocab_size
@@ -152,7 +154,7 @@ class LLMEngine:
                                               banned_width=BANNED_WIDTH, num_pages=num_pages,
                                               block_size=cache.block_size)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len, self.scheduler.finish)
-        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self._eos)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self._eos, timeout_s=structured_outputs_timeout)
 
     @property
     def groups(self) -> dict[str, RequestState]:

@@ -37,6 +37,7 @@ class Option:
     env: str                           # environment variable
     choices: tuple[str, ...] | None = None
     minimum: float | None = None       # smallest allowed value of an int/float option
+    exclusive_minimum: bool = False    # the minimum itself is not allowed (a value must exceed it)
 
     @property
     def flag(self) -> str:
@@ -76,8 +77,9 @@ class Option:
         label = self.name.replace("_", "-")
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"{source}: {label} must be one of {', '.join(self.choices)}, got {value!r}")
-        if self.minimum is not None and value < self.minimum:
-            raise ValueError(f"{source}: {label} must be >= {self.minimum:g}, got {value!r}")
+        if self.minimum is not None and (value < self.minimum or self.exclusive_minimum and value == self.minimum):
+            relation = ">" if self.exclusive_minimum else ">="
+            raise ValueError(f"{source}: {label} must be {relation} {self.minimum:g}, got {value!r}")
 
 
 _BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
@@ -87,11 +89,12 @@ _KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "tru
 
 
 def option(default: Any, help: str, *, group: str, env: str | None = None,
-           choices: tuple[str, ...] | None = None, minimum: float | None = None) -> Any:
+           choices: tuple[str, ...] | None = None, minimum: float | None = None,
+           exclusive_minimum: bool = False) -> Any:
     """A dataclass field that is also a CLI/config/environment option (its kind comes from the
     field's annotation)."""
     return dataclasses.field(default=default, metadata={"option": dict(
-        help=help, group=group, env=env, choices=choices, minimum=minimum)})
+        help=help, group=group, env=env, choices=choices, minimum=minimum, exclusive_minimum=exclusive_minimum)})
 
 
 def options_of(cls: type) -> list[Option]:
@@ -102,7 +105,8 @@ def options_of(cls: type) -> list[Option]:
         meta = f.metadata["option"]
         table.append(Option(name=f.name, kind=_base_kind(hints[f.name]), default=f.default, help=meta["help"],
                             group=meta["group"], env=meta["env"] or ENV_PREFIX + f.name.upper(),
-                            choices=meta["choices"], minimum=meta["minimum"]))
+                            choices=meta["choices"], minimum=meta["minimum"],
+                            exclusive_minimum=meta["exclusive_minimum"]))
     return table
 
 
@@ -148,6 +152,10 @@ class EngineArgs:
     attention_backend: str = option("auto", "attention implementation: auto (the Pallas kernel on GPU, jnp "
                                             "elsewhere), pallas (the kernel; interpreted on CPU) or jnp "
                                             "(the CPU path)", group=_ENGINE, choices=ATTENTION_BACKENDS)
+    structured_outputs_timeout: float = option(5.0, "seconds a structured-output constraint (JSON schema, "
+                                                    "regex, grammar) may take to compile; a slower one is "
+                                                    "refused (400)", group=_ENGINE, minimum=0,
+                                               exclusive_minimum=True)
     compilation_cache_dir: str | None = option(None, "persistent XLA compilation cache (default: "
                                                      "$JAXSERVE_CACHE_ROOT/xla, i.e. ~/.cache/jaxserve/xla)",
                                                group=_COMPILE)

@@ -27,7 +27,6 @@ import numpy as np
 from jaxserve.input_processor import RequestValidationError
 from jaxserve.sampling_params import StructuredOutputsParams
 
-DEFAULT_COMPILE_TIMEOUT_S = 5.0
 _MAX_CACHED_GRAMMARS = 1024
 
 
@@ -78,11 +77,11 @@ class GrammarCompiler:
     thread finds it here."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...] = (), *,
-                 timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S):
+                 timeout_s: float):
         self.hf_tokenizer = tokenizer
         self.vocab_size = vocab_size          # the model's (its embedding rows): the bitmask's width
         self.eos_token_ids = list(eos_token_ids)  # the model's: allowed only where the grammar accepts
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s            # --structured-outputs-timeout: longer compiles are refused
         self._tokenizer = None                # llguidance's view of it, built on first use (~0.4 s)
         self._tokenizer_lock = threading.Lock()
         # grammar text -> a matcher at its start, never advanced: each request gets a copy (a few
@@ -120,8 +119,8 @@ class GrammarCompiler:
         try:
             compiled = future.result(timeout=self.timeout_s)
         except concurrent.futures.TimeoutError:
-            raise RequestValidationError(f"{param}: compiling the constraint took longer than "
-                                         f"{self.timeout_s:g} s (--structured-outputs-timeout)", param=param) from None
+            raise RequestValidationError(f"{param} took longer than {self.timeout_s:g} s to compile "
+                                         f"(--structured-outputs-timeout)", param=param) from None
         if compiled.is_error():
             raise RequestValidationError(f"{param} is not a valid constraint: {compiled.get_error()}", param=param)
         with self._cache_lock:

@@ -111,10 +111,23 @@ def test_llm_keywords_beat_the_environment(monkeypatch):
     (dict(argv=["--max-num-seqs", "0"]), "max-num-seqs must be >= 1"),
     (dict(env={"JAXSERVE_ATTENTION_BACKEND": "cuda"}), "attention-backend must be one of auto, pallas, jnp"),
     (dict(argv=["--max-num-seqs", "64", "--max-num-batched-tokens", "32"]), "max_num_batched_tokens must be"),
+    (dict(argv=["--structured-outputs-timeout", "0"]), "--structured-outputs-timeout: structured-outputs-timeout "
+                                                       "must be > 0, got 0.0"),
+    (dict(env={"JAXSERVE_STRUCTURED_OUTPUTS_TIMEOUT": "-1"}), "structured-outputs-timeout must be > 0"),
+    (dict(env={"JAXSERVE_STRUCTURED_OUTPUTS_TIMEOUT": "soon"}), "structured-outputs-timeout must be a number"),
 ])
 def test_bad_engine_values_name_the_option_and_where_it_came_from(source, message):
     with pytest.raises(ValueError, match=message):
         engine_args_from(_resolve("serve", source.get("argv", []), source.get("env")))
+
+
+def test_structured_outputs_timeout_is_an_engine_argument():
+    assert _resolve("serve")["structured_outputs_timeout"] == 5.0
+    for command in COMMANDS:
+        assert _resolve(command, ["--structured-outputs-timeout", "0.25"])["structured_outputs_timeout"] == 0.25
+    assert EngineArgs(structured_outputs_timeout=2).structured_outputs_timeout == 2
+    with pytest.raises(ValueError, match="structured-outputs-timeout must be > 0, got 0"):
+        LLM(structured_outputs_timeout=0)  # refused before anything loads
 
 
 def test_unknown_yaml_key_is_refused(tmp_path):

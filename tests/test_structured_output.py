@@ -26,7 +26,7 @@ def compiler():
     from jaxserve.models.loader_gguf import load_gguf_tokenizer
 
     tokenizer = load_gguf_tokenizer(bundled_model_path())
-    return GrammarCompiler(tokenizer, len(tokenizer), eos_token_ids=(2,))
+    return GrammarCompiler(tokenizer, len(tokenizer), eos_token_ids=(2,), timeout_s=5.0)
 
 
 def walk(compiler, so, seed, max_tokens=60):
@@ -93,7 +93,7 @@ def test_a_constraint_that_compiles_too_long_is_refused_on_time(compiler):
     slow._pool.submit(release.wait)  # the compile thread is busy: this constraint cannot finish in time
     start = time.perf_counter()
     try:
-        with pytest.raises(RequestValidationError, match="took longer than 0.2 s") as e:
+        with pytest.raises(RequestValidationError, match="took longer than 0.2 s to compile") as e:
             slow.compile(StructuredOutputsParams(regex="[a-z]+@[a-z]+"))
     finally:
         release.set()
@@ -232,3 +232,30 @@ def test_the_async_engine_refuses_a_bad_constraint_naming_its_field(smollm2_llm)
 
     refusal = _serve(smollm2_llm.engine, work)
     assert refusal.param == "structured_outputs.regex" and "not a valid constraint" in str(refusal)
+
+
+def test_a_tiny_structured_outputs_timeout_refuses_a_big_schema():
+    """LLM(structured_outputs_timeout=...) reaches the engine's compiler: a schema that takes
+    milliseconds to compile is refused, naming its field and the flag, offline and through the
+    AsyncEngine (the server's 400); no step runs, so the engine skips warm-up here."""
+    from jaxserve import LLM
+    from jaxserve.async_engine import RequestRefusedError
+    from testlib import SMOLLM2_ENGINE_ARGS
+
+    llm = LLM(**SMOLLM2_ENGINE_ARGS, warmup=False, structured_outputs_timeout=0.001)
+    fields = {f"field_{i}": {"type": "string", "pattern": "[a-z]{3,9}-[0-9]+"} for i in range(300)}
+    big = {"type": "object", "properties": fields, "required": sorted(fields)}
+    params = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(json=big))
+    with pytest.raises(RequestValidationError) as e:
+        llm.generate([PROMPT], params, use_tqdm=False)
+    assert e.value.param == "structured_outputs.json"
+    assert "took longer than 0.001 s to compile (--structured-outputs-timeout)" in str(e.value)
+
+    async def work(async_engine):
+        with pytest.raises(RequestRefusedError) as refused:
+            await async_engine.add_request("big", PROMPT, params)
+        return refused.value
+
+    refusal = _serve(llm.engine, work)
+    assert refusal.param == "structured_outputs.json" and "--structured-outputs-timeout" in str(refusal)
+    assert not llm.engine.has_unfinished_requests()
