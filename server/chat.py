@@ -172,11 +172,13 @@ class ChatOutputFormats:
         special = tool_calls.special_token_ids(tokenizer, fmt) if tokenizer is not None else {}
         return cls(fmt, special, REASONING_FORMATS.get(config.reasoning_parser))
 
-    def parser(self, *, tools: bool, parallel: bool = True, reasoning: bool = True) -> ChoiceParser:
+    def parser(self, *, tools: bool, parallel: bool = True) -> ChoiceParser | None:
         """A choice's parser: tool calls read when the request has tools (and tool_choice is not
-        none), reasoning split when the server has a reasoning parser."""
-        return ChoiceParser(self.reasoning if reasoning else None, self.tools if tools else None,
-                            max_calls=None if parallel else 1)
+        none), reasoning split when the server has a reasoning parser; None when there is
+        neither (the text is the content as it comes)."""
+        if not tools and self.reasoning is None:
+            return None
+        return ChoiceParser(self.reasoning, self.tools if tools else None, max_calls=None if parallel else 1)
 
     def tool_constraint(self, tools: list[Tool], choice: tool_calls.ToolChoice,
                         parallel: bool) -> StructuredOutputsParams:

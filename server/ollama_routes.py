@@ -188,7 +188,7 @@ async def generate(request: Request):
 
     formats = request.app.ctx.chat_output
     template_kwargs, show_thinking = _thinking(body, model, formats)
-    parser = formats.parser(tools=False) if formats.reasoning is not None and not raw else None
+    parser = formats.parser(tools=False) if not raw else None
     with engine.admit(1) as admission:  # before the prompt waits for the tokenizer thread
         text, ids = await engine.with_tokenizer(encode)
         ids = list(context) + ids
@@ -208,7 +208,7 @@ async def chat(request: Request):
     formats = request.app.ctx.chat_output
     tools = parse_tools(body.get("tools"))
     template_kwargs, show_thinking = _thinking(body, model, formats)
-    parser = formats.parser(tools=bool(tools)) if tools or formats.reasoning is not None else None
+    parser = formats.parser(tools=bool(tools))
     with engine.admit(1) as admission:  # before the template waits for the tokenizer thread
         text, ids = await engine.with_tokenizer(lambda tokenizer: render_chat(
             tokenizer, messages, config.chat_template, tools=tools, template_kwargs=template_kwargs))

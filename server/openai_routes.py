@@ -16,6 +16,7 @@ from jaxserve.server import logprobs
 from jaxserve.server import openai_protocol as proto
 from jaxserve.server.chat import normalize_messages, render_chat
 from jaxserve.server.streaming import Shape, respond
+from jaxserve.server.tool_calls import ParsedText
 from jaxserve.server.validation import RequestError, get, parse_json_body
 
 bp = Blueprint("openai")
@@ -123,15 +124,24 @@ class _ChatShape(_OpenAIShape):
         self.generated = 0
         self.parsers = [formats.parser(tools=req.parses_tools, parallel=req.parallel_tool_calls)
                         for _ in range(self.n)]
+        self.texts = [""] * self.n  # the choices' text, where no parser reads it
         self.lps, self.reasons = [[] for _ in range(self.n)], [(None, None)] * self.n
 
     def _logprobs(self, c) -> list[dict]:
         return logprobs.openai_chat(logprobs.token_logprobs(c.logprobs, c.token_ids, self.num_top))
 
+    def _parsed(self, c) -> tuple[str, ParsedText]:
+        """(reasoning, content and call fragments) of one choice's delta."""
+        parser = self.parsers[c.index]
+        if parser is None:
+            return "", ParsedText(c.text)
+        return parser.feed(c.text, last=c.finish_reason is not None)
+
     def _finish_reason(self, index: int, reason: str | None) -> str | None:
         """A choice that stopped after calling tools finished with "tool_calls", as OpenAI's do."""
-        tools = self.parsers[index].tools
-        return "tool_calls" if reason == "stop" and tools is not None and tools.calls else reason
+        parser = self.parsers[index]
+        called = parser is not None and parser.tools is not None and parser.tools.calls
+        return "tool_calls" if reason == "stop" and called else reason
 
     def opening(self):
         return [{**self.head, "choices": [{"index": i, "delta": {"role": self.role, "content": ""}, "logprobs": None,
@@ -139,7 +149,7 @@ class _ChatShape(_OpenAIShape):
 
     def chunks(self, prompt_index, out, c):
         self.generated += len(c.token_ids)
-        reasoning, parsed = self.parsers[c.index].feed(c.text, last=c.finish_reason is not None)
+        reasoning, parsed = self._parsed(c)
         delta = {}
         if reasoning:
             delta["reasoning"] = reasoning
@@ -160,7 +170,10 @@ class _ChatShape(_OpenAIShape):
             if self.include_usage else []
 
     def add(self, prompt_index, out, c):
-        self.parsers[c.index].feed(c.text, last=c.finish_reason is not None)
+        if self.parsers[c.index] is None:
+            self.texts[c.index] += c.text
+        else:
+            self.parsers[c.index].feed(c.text, last=c.finish_reason is not None)
         self.generated += len(c.token_ids)
         if self.logprobs:
             self.lps[c.index] += self._logprobs(c)
@@ -168,7 +181,8 @@ class _ChatShape(_OpenAIShape):
             self.reasons[c.index] = (c.finish_reason, c.stop_reason)
 
     def _message(self, index: int) -> tuple[dict, str | None]:
-        reasoning, content, calls = self.parsers[index].result()
+        parser = self.parsers[index]
+        reasoning, content, calls = parser.result() if parser is not None else ("", self.texts[index], [])
         message = {"role": self.role, "content": content if content or not calls else None,
                    "tool_calls": [{"id": call.id, "type": "function",
                                    "function": {"name": call.name, "arguments": call.arguments}} for call in calls]}

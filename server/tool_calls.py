@@ -341,13 +341,19 @@ class _CallScanner:
             return self.state == "done"
         return self._fail()
 
-    def _key(self, ch):
-        self.key_raw.append(ch)
+    def _string_closed_by(self, ch: str) -> bool:
+        """Inside a JSON string: whether `ch` is its closing quote (escapes followed)."""
         if self.escaped:
             self.escaped = False
         elif ch == "\\":
             self.escaped = True
-        elif ch == '"':
+        else:
+            return ch == '"'
+        return False
+
+    def _key(self, ch):
+        self.key_raw.append(ch)
+        if self._string_closed_by(ch):
             self.key, self.state = json.loads("".join(self.key_raw)), "colon"
         return True
 
@@ -378,11 +384,7 @@ class _CallScanner:
         if self.reading_arguments:
             self.pending_arguments.append(ch)
         if self.in_string:
-            if self.escaped:
-                self.escaped = False
-            elif ch == "\\":
-                self.escaped = True
-            elif ch == '"':
+            if self._string_closed_by(ch):
                 self.in_string = False
                 if self.nesting == 0:
                     self._end_value()
