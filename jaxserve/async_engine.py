@@ -360,11 +360,13 @@ class AsyncEngine:
         return stream
 
     async def _compile(self, so) -> None:
-        """Compile a constraint into the engine's grammar cache (GrammarCompiler) on the tokenizer
-        thread, so the engine thread's add_request finds it there instead of compiling while
-        every running request waits for its next step. Raises RequestRefusedError."""
+        """Compile a constraint into the engine's grammar cache (GrammarCompiler) before queueing
+        its request, so the engine thread's add_request finds it there instead of compiling while
+        every running request waits for its next step. The wait runs on a worker thread of the
+        loop's, not the tokenizer thread: other requests' prompts keep being encoded meanwhile.
+        Raises RequestRefusedError."""
         try:
-            await self.with_tokenizer(lambda _: self.engine.grammars.compile(so))
+            await asyncio.to_thread(self.engine.grammars.compile, so)
         except ValueError as e:
             raise _refusal(e) from None
 

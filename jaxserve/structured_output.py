@@ -4,8 +4,9 @@ step's packed token bitmask.
 `GrammarCompiler` turns a request's StructuredOutputsParams (a JSON schema, any JSON object, a
 regex, a choice, a Lark or GBNF grammar) into llguidance's grammar, compiled against the model's
 tokenizer within a time limit, and caches it by its source: a schema seen before costs a dict
-lookup. The server's requests are compiled on AsyncEngine's tokenizer thread before they are
-queued, so the engine thread only looks them up and a slow schema never holds up its steps. A bad
+lookup. The server's requests are compiled off the event loop and the engine thread before they
+are queued (AsyncEngine._compile), so the engine thread only looks them up and a slow schema never
+holds up its steps; the time limit counts a grammar's own compile, not its wait in line. A bad
 constraint is refused with a RequestValidationError naming the field (`structured_outputs.<kind>`),
 as any other bad request is. `matcher()` gives a request its own LLMatcher (a copy of the cached
 one, advanced with each accepted token); `fill_bitmask` writes the allowed next tokens of a
@@ -115,7 +116,17 @@ class GrammarCompiler:
                 self._cache.move_to_end(grammar)
                 return compiled
         param = f"structured_outputs.{field}"
-        future = self._pool.submit(llguidance.LLMatcher, self.tokenizer, grammar, log_level=0)
+        tokenizer = self.tokenizer  # built once, on first use: not this grammar's compile time
+        started = threading.Event()
+
+        def build():
+            started.set()
+            return llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+
+        future = self._pool.submit(build)
+        # The limit is this grammar's own compile time: time spent queued behind other requests'
+        # compiles is theirs (one thread, so 32 fresh schemas at once wait in turn).
+        started.wait()
         try:
             compiled = future.result(timeout=self.timeout_s)
         except concurrent.futures.TimeoutError:
