@@ -97,14 +97,26 @@ def test_a_byte_order_mark_is_ignored_and_other_failures_are_400s():
         _refused(raw)
 
 
-def test_a_4mb_body_parses_in_well_under_a_second():
+def test_a_4mb_body_parses_in_linear_time():
+    """The checks around json.loads (depth scan, number hooks, surrogate search) stay linear: within
+    a small factor of json.loads alone on the same bytes (about 10x here, from the per-number hook),
+    where a pass that rescans the text would be hundreds of times slower. Relative, so a slow or
+    busy CI host does not matter; best of three runs of each."""
     ids = [[i % 49_000 for i in range(1_000)] for _ in range(700)]  # ~3.4 MB of token ids
     text = "hello [world] {x} \" \U0001F600 " * 40_000                # ~1 MB of text with brackets
     raw = json.dumps({"model": "m", "prompt": ids, "text": text}).encode()
     assert len(raw) > 4_000_000
-    start = time.perf_counter()
+
+    def best_of_three(parse) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            parse(raw)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    assert best_of_three(parse_json_body) < 30 * best_of_three(json.loads)
     body = parse_json_body(raw)
-    assert time.perf_counter() - start < 1.0
     assert body["prompt"] == ids and body["text"] == text
 
 
