@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import httpx
 import numpy as np
@@ -93,7 +94,8 @@ def _stats(values) -> dict:
 
 
 async def run_level(base_url: str, model: str | None, prompts: list[str], concurrency: int, num_requests: int,
-                    output_len: int, extra_body: dict) -> dict:
+                    output_len: int, extra_body: dict | Callable[[int], dict]) -> dict:
+    """extra_body: merged into every request's body, or made for each (called with its index)."""
     url = base_url.rstrip("/") + "/v1/completions"
     queue = list(range(num_requests))
     results: list[RequestResult] = []
@@ -102,7 +104,7 @@ async def run_level(base_url: str, model: str | None, prompts: list[str], concur
         while queue:
             i = queue.pop()
             body = {"prompt": prompts[i % len(prompts)], "max_tokens": output_len, "min_tokens": output_len,
-                    "temperature": 0.0, "stream": True, **extra_body}
+                    "temperature": 0.0, "stream": True, **(extra_body(i) if callable(extra_body) else extra_body)}
             if model:
                 body["model"] = model
             results.append(await one_request(client, url, body))

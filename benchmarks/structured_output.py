@@ -1,4 +1,5 @@
-"""What structured output costs: the token bitmask beside the device.
+"""What structured output costs: the token bitmask beside the device, and JSON-schema requests
+against unconstrained ones through the server.
 
 `overlap` (offline, one process): a batch of JSON-schema constrained sequences decodes, and its
 steps alternate between the engine as it is (the bitmask filled while the device runs the forward
@@ -8,18 +9,43 @@ whole step; the difference of the step times is what the overlap takes off each 
 
     .venv/bin/python benchmarks/structured_output.py overlap              # B = 32, 3 rounds of 48 steps
     .venv/bin/python benchmarks/structured_output.py overlap --model tiny   # a tiny random model: short steps
+
+`serve`: starts `jaxserve serve` on the bundled SmolLM2 (benchmarks/serving.py's helpers) and keeps
+C streamed /v1/completions requests in flight (default 32), each making exactly 128 tokens, in
+three kinds, interleaved round by round (each round reverses the order of the one before):
+- "free": no constraint, `ignore_eos` and `min_tokens`;
+- "schema": every request under one JSON schema (`structured_outputs.json`: an object with one
+  string of at least 4000 characters, so no request can close it and end before its 128 tokens;
+  compiled once, then cached);
+- "fresh schema": the same schema with its property renamed by a nonce per request, so every
+  request's constraint is compiled when it arrives.
+It reports output tok/s and p50 time to first token of each (the median over the rounds), the
+constrained / free tok/s ratio and the fresh-schema TTFT p50 minus the free one.
+
+    .venv/bin/python benchmarks/structured_output.py serve                  # C = 32, 4 rounds
+    .venv/bin/python benchmarks/structured_output.py serve --rounds 2 --requests-per-slot 1   # quick look
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import statistics
 import time
+import uuid
 
 import numpy as np
 
 from host_overhead import cpu_name
-from serving import synthetic_prompts
+from serving import HEADER, print_level, run_level, served_model, start_jaxserve, stop, synthetic_prompts
+
+
+def story_schema(key: str) -> dict:
+    """An object with one string longer than any run lets a request write: a constrained request
+    then makes exactly max_tokens tokens, as an unconstrained one with ignore_eos does."""
+    return {"type": "object", "properties": {key: {"type": "string", "minLength": 4000}},
+            "required": [key], "additionalProperties": False}
 
 
 # Rows of typed fields (strings, an email, an enum, numbers) for as long as any run lasts: masks of
@@ -105,6 +131,66 @@ def run_overlap(args) -> dict:
     return result
 
 
+def request_kinds() -> dict:
+    """The extra body of each kind's requests: a dict for all, or made per request."""
+    usage = {"stream_options": {"include_usage": True}}  # exact token counts from the server
+    return {"free": {**usage, "ignore_eos": True},
+            "schema": {**usage, "structured_outputs": {"json": story_schema("story")}},
+            "fresh schema": lambda i: {**usage, "structured_outputs": {
+                "json": story_schema(f"story_{uuid.uuid4().hex[:12]}")}}}
+
+
+def run_serve(args) -> dict:
+    os.makedirs(args.out_dir, exist_ok=True)
+    args.levels = [args.concurrency]  # start_jaxserve sizes --max-num-seqs from them
+    proc, base = start_jaxserve(args)
+    kinds = request_kinds()
+    prompts = synthetic_prompts(256, 48, seed=0)
+    num_requests = max(8, args.concurrency * args.requests_per_slot)
+    results = {kind: [] for kind in kinds}
+    try:
+        model = served_model(base)
+        for kind, body in kinds.items():  # untimed: no kind pays a first-request cost inside the rounds
+            asyncio.run(run_level(base, model, prompts, 2, 2, 8, body))
+        print(HEADER)
+        order = list(kinds)
+        for r in range(args.rounds):
+            for kind in order if r % 2 == 0 else order[::-1]:
+                result = asyncio.run(run_level(base, model, prompts, args.concurrency, num_requests,
+                                               args.output_len, kinds[kind]))
+                result["round"] = r
+                results[kind].append(result)
+                print_level(kind, result)
+    finally:
+        stop(proc)
+    summary = {"cpu": cpu_name(), "concurrency": args.concurrency, "requests_per_round": num_requests,
+               "output_len": args.output_len, "rounds": args.rounds, "dtype": args.dtype}
+    for kind, rounds in results.items():
+        summary[kind] = {"output_tok_s": statistics.median(x["output_tok_s"] for x in rounds),
+                         "ttft_p50_ms": statistics.median(x["ttft_s"]["p50"] for x in rounds) * 1e3,
+                         "tokens_min": min(x["output_tokens_min"] for x in rounds),
+                         "errors": sum(x["requests"] - x["completed"] for x in rounds)}
+    free = summary["free"]
+    summary["ratio_schema_tok_s"] = summary["schema"]["output_tok_s"] / free["output_tok_s"]
+    summary["ratio_fresh_tok_s"] = summary["fresh schema"]["output_tok_s"] / free["output_tok_s"]
+    summary["ratio_schema_tok_s_per_round"] = [c["output_tok_s"] / f["output_tok_s"]
+                                               for c, f in zip(results["schema"], results["free"])]
+    summary["fresh_ttft_p50_minus_free_ms"] = summary["fresh schema"]["ttft_p50_ms"] - free["ttft_p50_ms"]
+    print(f"\n{summary['cpu']}, C = {args.concurrency}, {args.rounds} rounds of {num_requests} requests x "
+          f"{args.output_len} tokens; medians over the rounds:")
+    for kind in kinds:
+        k = summary[kind]
+        print(f"  {kind:<13} {k['output_tok_s']:7.1f} tok/s   TTFT p50 {k['ttft_p50_ms']:7.1f} ms   "
+              f"fewest tokens {k['tokens_min']}   failed {k['errors']}")
+    print(f"  schema / free tok/s: {summary['ratio_schema_tok_s']:.3f} (rounds "
+          f"{', '.join(f'{x:.3f}' for x in summary['ratio_schema_tok_s_per_round'])}); "
+          f"fresh schema / free: {summary['ratio_fresh_tok_s']:.3f}")
+    print(f"  fresh-schema TTFT p50 - free TTFT p50: {summary['fresh_ttft_p50_minus_free_ms']:+.1f} ms")
+    with open(os.path.join(args.out_dir, "structured_output.json"), "w") as f:
+        json.dump({"summary": summary, "results": results}, f, indent=1)
+    return summary
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,7 +201,17 @@ def main() -> None:
     overlap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     overlap.add_argument("--dtype", default="auto", help="SmolLM2's")
     overlap.add_argument("--json", default=None)
+    serve = sub.add_parser("serve")
+    serve.add_argument("--concurrency", type=int, default=32)
+    serve.add_argument("--output-len", type=int, default=128)
+    serve.add_argument("--requests-per-slot", type=int, default=2, help="requests per round and kind = this x C")
+    serve.add_argument("--rounds", type=int, default=4)
+    serve.add_argument("--dtype", default="bfloat16", help="jaxserve's --dtype (as serving.py's default)")
+    serve.add_argument("--out-dir", default="benchmarks/results")
     args = p.parse_args()
+    if args.command == "serve":
+        run_serve(args)
+        return
     result = run_overlap(args)
     if args.json:
         with open(args.json, "w") as f:

@@ -100,7 +100,7 @@ def test_a_byte_order_mark_is_ignored_and_other_failures_are_400s():
 def test_a_4mb_body_parses_in_linear_time():
     """The checks around json.loads (depth scan, number hooks, surrogate search) stay linear: within
     a small factor of json.loads alone on the same bytes (about 10x here, from the per-number hook),
-    where a pass that rescans the text would be hundreds of times slower. Relative, so a slow or
+    where a pass that rescanned the text per bracket or number would be far past that. Relative, so a slow or
     busy CI host does not matter; best of three runs of each."""
     ids = [[i % 49_000 for i in range(1_000)] for _ in range(700)]  # ~3.4 MB of token ids
     text = "hello [world] {x} \" \U0001F600 " * 40_000                # ~1 MB of text with brackets
