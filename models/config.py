@@ -8,20 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-# HF architecture name -> the family module that implements it (see models/__init__.py).
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
-# config.json files without "architectures" still carry "model_type".
-_MODEL_TYPE_TO_ARCHITECTURE = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+from jaxserve.models import registry
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
 
 
@@ -53,7 +41,7 @@ class RopeScaling:
 class ModelConfig:
     """Shape and numerics of a decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3)."""
 
-    architecture: str  # HF class name, one of SUPPORTED_ARCHITECTURES; selects the family
+    architecture: str  # HF class name, an entry of models/registry.py; selects the family
     vocab_size: int  # V, rows of the embedding table
     hidden_size: int  # D, model width
     intermediate_size: int  # F, SwiGLU hidden width
@@ -73,9 +61,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()  # tokens that end generation
 
     def __post_init__(self):
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"architecture {self.architecture!r} is not supported; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        registry.get(self.architecture)  # raises for an architecture jaxserve does not run
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
@@ -107,21 +93,15 @@ class ModelConfig:
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
         """Build from a parsed HF ``config.json`` (transformers 4 or 5 layout)."""
-        architectures = hf.get("architectures") or []
-        if architectures:
-            architecture = architectures[0]
-        else:
-            model_type = hf.get("model_type")
-            architecture = _MODEL_TYPE_TO_ARCHITECTURE.get(model_type, f"<model_type {model_type!r}>")
-        if architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"architecture {architecture!r} is not supported; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        arch = registry.find(hf)
+        architecture = arch.name
+        implied = dict(arch.implies)
         if hf.get("mlp_bias"):
             raise ValueError(f"{architecture} with mlp_bias=True is not supported")
-        # Qwen2 always has q/k/v bias (and no o_proj bias). Elsewhere attention_bias also adds an
-        # o_proj bias, which no released checkpoint uses and the layers do not implement.
-        attention_bias = architecture == "Qwen2ForCausalLM"
-        if hf.get("attention_bias") and not attention_bias:
+        # Where the architecture implies a q/k/v bias (Qwen2) it has no o_proj bias. Elsewhere
+        # attention_bias also adds an o_proj bias, which no released checkpoint uses and the layers
+        # do not implement.
+        if hf.get("attention_bias") and not implied.get("attention_bias"):
             raise ValueError(f"{architecture} with attention_bias=True is not supported")
 
         num_heads = hf["num_attention_heads"]
@@ -141,8 +121,8 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=attention_bias,
-            qk_norm=architecture == "Qwen3ForCausalLM",
+            attention_bias=implied.get("attention_bias", False),
+            qk_norm=implied.get("qk_norm", False),
             sliding_window=_parse_sliding_window(architecture, hf),
             max_position_embeddings=hf.get("max_position_embeddings") or 4096,
             bos_token_id=hf.get("bos_token_id"),

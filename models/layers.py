@@ -1,5 +1,6 @@
 """Building blocks shared by every model family: RMSNorm, RoPE, SwiGLU MLP, the paged attention
-block, and the decoder driver that scans stacked layers with the whole KV cache in the carry.
+block, the decoder driver that scans stacked layers with the whole KV cache in the carry, and the
+HF checkpoint mapping entry.
 
 Axis legend: B batch/sequences, T tokens, N heads, K kv heads, G = N/K, H head dim, D model dim,
 F MLP hidden dim, V vocab, P pages, S page size, L layers, W page-table width.
@@ -17,8 +18,7 @@ import numpy as np
 
 from jaxserve.models.config import ModelConfig, RopeScaling
 from jaxserve.models.metadata import AttentionMetadata, KVCache
-from jaxserve.pallas_kernels.ragged_paged_attention_jnp import ragged_paged_attention_jnp
-from jaxserve.precision import PACKED, activation_dtype, pack, unpack
+from jaxserve.precision import PACKED, activation_dtype, unpack
 
 # (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale, sliding_window) -> out,
 # see pallas_kernels/ragged_paged_attention.py for the contract.
@@ -236,41 +236,6 @@ def init_decoder_params(layer: nn.Module, config: ModelConfig, rng: jax.Array,
     if not config.tie_word_embeddings:
         params["lm_head"] = _kernel_init(rng_head, (config.hidden_size, config.vocab_size))
     return jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
-
-
-# ----------------------------------------------------------------------------- the model API
-
-@dataclasses.dataclass(frozen=True)
-class DecoderLM:
-    """What the engine calls on every family: stateless and hashable (all weights live in the params
-    pytree passed to each call). A family supplies ``decoder_layer`` and ``hf_tensor_map``."""
-
-    config: ModelConfig
-
-    def decoder_layer(self, attention_fn: AttentionFn) -> nn.Module:
-        raise NotImplementedError
-
-    def hf_tensor_map(self) -> dict[tuple[str, ...], "HFTensor"]:
-        raise NotImplementedError
-
-    def init_params(self, rng: jax.Array, dtype=jnp.float32) -> Params:
-        return init_decoder_params(self.decoder_layer(ragged_paged_attention_jnp), self.config, rng, dtype)
-
-    def forward(self, params: Params, tokens: jax.Array, kv_cache: KVCache, md: AttentionMetadata,
-                *, attention_fn: AttentionFn = ragged_paged_attention_jnp) -> tuple[jax.Array, KVCache]:
-        """tokens [T] int32 -> hidden [T, D] after the final norm, and the cache with this step's K/V."""
-        return decoder_forward(self.decoder_layer(attention_fn), params, tokens, kv_cache, md,
-                               self.config.rms_norm_eps)
-
-    def storage_form(self, params: Params) -> Params:
-        """The params as the step reads them: the stacked layers packed where bf16 is (see
-        jaxserve/precision.py: the scan slices them). The embedding stays as it is: XLA:CPU fuses
-        its bf16 row gather and runs the bf16 logits dot natively."""
-        return {**params, "layers": jax.tree_util.tree_map(pack, params["layers"])}
-
-    def compute_logits(self, params: Params, hidden: jax.Array) -> jax.Array:
-        """hidden [R, D] -> logits [R, V] float32."""
-        return decoder_logits(params, hidden, self.config.tie_word_embeddings)
 
 
 # ----------------------------------------------------------------------------- checkpoint mapping

@@ -19,22 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxserve.models import registry
 from jaxserve.models.config import ModelConfig
-from jaxserve.models.layers import DecoderLM, HFTensor, Params
-from jaxserve.models.llama import LlamaModel
-from jaxserve.models.mistral import MistralModel
-from jaxserve.models.qwen2 import Qwen2Model
-from jaxserve.models.qwen3 import Qwen3Model
+from jaxserve.models.decoder import DecoderLM
+from jaxserve.models.layers import HFTensor, Params
 from jaxserve.precision import auto_dtype
 
 logger = logging.getLogger(__name__)
 
-MODEL_CLASSES = {
-    "LlamaForCausalLM": LlamaModel,
-    "MistralForCausalLM": MistralModel,
-    "Qwen2ForCausalLM": Qwen2Model,
-    "Qwen3ForCausalLM": Qwen3Model,
-}
 DecoderModel = DecoderLM  # the API every family class implements
 
 BUNDLED_ALIAS = "smollm2"
@@ -91,7 +83,7 @@ class TensorSource(Protocol):
 
 
 def model_class(architecture: str) -> type[DecoderModel]:
-    return MODEL_CLASSES[architecture]
+    return registry.model_class(architecture)
 
 
 def bundled_model_path() -> str:

@@ -18,15 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from jaxserve.models import registry
 from jaxserve.models.config import ModelConfig, RopeScaling
 
-# GGUF general.architecture -> HF architecture.
-GGUF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -136,9 +130,7 @@ def open_gguf(path: str) -> tuple[ModelConfig, GGUFTensors, Any]:
 
 def config_from_gguf(reader: Any) -> ModelConfig:
     arch = _field(reader, "general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported; "
-                         f"supported: {', '.join(GGUF_ARCHITECTURES)}")
+    architecture = registry.from_gguf(arch)
     tensors = {t.name: t for t in reader.tensors}
 
     def meta(key: str, default: Any = None) -> Any:
@@ -153,7 +145,7 @@ def config_from_gguf(reader: Any) -> ModelConfig:
     eos_ids = [_field(reader, f"tokenizer.ggml.{key}")
                for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
     hf = {
-        "architectures": [GGUF_ARCHITECTURES[arch]],
+        "architectures": [architecture.name],
         "vocab_size": vocab_size,
         "hidden_size": meta("embedding_length"),
         "intermediate_size": meta("feed_forward_length"),
@@ -190,9 +182,6 @@ def config_from_gguf(reader: Any) -> ModelConfig:
 # here gguf's reader supplies the same metadata to transformers' converter, which does not. Converting
 # a vocabulary takes seconds, so the result is kept on disk under the jaxserve cache root.
 
-# What AutoTokenizer picks for a GGUF of each architecture (TOKENIZER_MAPPING_NAMES, whose module
-# imports torch); architectures not listed get TokenizersBackend.
-_GGUF_TOKENIZER_CLASSES = {"qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer"}
 # Special token name -> the tokenizer.ggml key holding its id.
 _GGUF_SPECIAL_TOKEN_IDS = {
     "bos_token": "bos_token_id",
@@ -271,7 +260,8 @@ def _convert_gguf_tokenizer(reader: Any) -> tuple[Any, str, dict]:
     architecture, tokenizer_dict, tokenizer_config = gguf_tokenizer_metadata(reader)
     backend, extra_kwargs = convert_gguf_tokenizer(architecture, tokenizer_dict)
     init_kwargs = {**tokenizer_config, **extra_kwargs}
-    return backend, _GGUF_TOKENIZER_CLASSES.get(architecture, "TokenizersBackend"), init_kwargs
+    # The class AutoTokenizer picks for the architecture (its TOKENIZER_MAPPING_NAMES imports torch).
+    return backend, registry.from_gguf(architecture).gguf_tokenizer, init_kwargs
 
 
 def _write_tokenizer_cache(folder: str, backend: Any, class_name: str, init_kwargs: dict) -> None:

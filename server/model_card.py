@@ -9,9 +9,8 @@ import hashlib
 import os
 import re
 
-# HF architecture -> the family name Ollama (GGUF general.architecture) uses for it.
-_FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-             "Qwen3ForCausalLM": "qwen3"}
+from jaxserve.models import registry
+
 _QUANT = re.compile(r"(?i)\b(IQ\d\w*|Q\d(?:_[A-Z0-9]+)*|F16|F32|BF16)\b")
 
 
@@ -49,7 +48,7 @@ class ModelCard:
     @classmethod
     def build(cls, names, *, source: str, model_config, num_params: int, dtype_name: str, max_model_len: int,
               chat_template: str | None, stop: tuple[str, ...]) -> "ModelCard":
-        family = _FAMILIES.get(model_config.architecture, model_config.architecture)
+        family = registry.get(model_config.architecture).family
         is_gguf = source.endswith(".gguf")
         found = _QUANT.search(os.path.basename(source)) if is_gguf else None
         quant = found.group(1).upper() if found else {"float32": "F32", "bfloat16": "BF16",
