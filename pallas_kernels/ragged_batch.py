@@ -95,7 +95,7 @@ def gather_token_outputs(out_blocks, rows: TokenRows):
 
 
 def validate_attention_args(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-                            sm_scale, sliding_window) -> None:
+                            sm_scale, sliding_window, soft_cap=None) -> None:
     """Raises ValueError naming the argument that breaks the attention contract (trace time)."""
     if q.ndim != 3:
         raise ValueError(f"q must be [T, N, H], got shape {q.shape}")
@@ -128,3 +128,11 @@ def validate_attention_args(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
         raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
+    if soft_cap is not None and not soft_cap > 0:
+        raise ValueError(f"soft_cap must be None or > 0, got {soft_cap}")
+
+
+def cap_scores(s: jax.Array, soft_cap: float | None) -> jax.Array:
+    """Gemma 2's logit soft-capping of scaled attention scores, soft_cap * tanh(s / soft_cap),
+    applied before the mask; None leaves them as they are."""
+    return s if soft_cap is None else soft_cap * jnp.tanh(s / soft_cap)

@@ -14,7 +14,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxserve.precision import unpack
-from jaxserve.pallas_kernels.ragged_batch import (QBlocks, gather_token_outputs, split_q_blocks,
+from jaxserve.pallas_kernels.ragged_batch import (QBlocks, cap_scores, gather_token_outputs, split_q_blocks,
                                                   validate_attention_args)
 
 
@@ -30,6 +30,7 @@ def ragged_paged_attention_kernel(
     *,
     sm_scale: float,
     sliding_window: int | None,
+    soft_cap: float | None,
     pages_per_block: int,
 ):
     i, h = pl.program_id(0), pl.program_id(1)
@@ -56,7 +57,7 @@ def ragged_paged_attention_kernel(
         if sliding_window is not None:
             mask &= kv_idx > row_pos - sliding_window
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        s = jnp.where(mask, s * sm_scale, -jnp.inf)  # [R*G, C*S]
+        s = jnp.where(mask, cap_scores(s * sm_scale, soft_cap), -jnp.inf)  # [R*G, C*S]
         m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
         # Rows with nothing visible yet (rows past the block's end, or a window that starts in a
         # later chunk) keep m = -inf: shift them by 0 to avoid inf - inf.
@@ -77,7 +78,8 @@ def ragged_paged_attention_kernel(
 
 
 def ragged_paged_attention_blocks(q, k_pages, v_pages, page_table, blocks: QBlocks, *, sm_scale: float,
-                                  sliding_window: int | None, block_q: int, pages_per_block: int,
+                                  sliding_window: int | None, soft_cap: float | None, block_q: int,
+                                  pages_per_block: int,
                                   interpret) -> jax.Array:
     """Runs the kernel over a grid of (q blocks, KV heads) -> [M, block_q, N, H]."""
     T, N, H = q.shape
@@ -87,7 +89,7 @@ def ragged_paged_attention_blocks(q, k_pages, v_pages, page_table, blocks: QBloc
     q_padded = jnp.pad(q, ((0, block_q - 1), (0, 0), (0, 0))).reshape(T + block_q - 1, K, G, H)
     whole = lambda x: pl.BlockSpec(x.shape, lambda i, h: (0,) * x.ndim)
     kernel = functools.partial(ragged_paged_attention_kernel, sm_scale=sm_scale,
-                               sliding_window=sliding_window, pages_per_block=pages_per_block)
+                               sliding_window=sliding_window, soft_cap=soft_cap, pages_per_block=pages_per_block)
     out = pl.pallas_call(
         kernel,
         grid=(M, K),
@@ -106,10 +108,11 @@ def ragged_paged_attention_blocks(q, k_pages, v_pages, page_table, blocks: QBloc
     return out.reshape(M, block_q, N, H)  # [M, R, N, H]
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "block_q", "pages_per_block",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_q",
+                                             "pages_per_block", "interpret"))
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
-                           sm_scale: float, sliding_window: int | None = None, block_q: int = 16,
+                           sm_scale: float, sliding_window: int | None = None,
+                           soft_cap: float | None = None, block_q: int = 16,
                            pages_per_block: int = 8, interpret=False) -> jax.Array:
     """Ragged paged attention (the contract of ragged_paged_attention_reference) as a Pallas kernel.
 
@@ -120,14 +123,15 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
       page_table: [B, W] int32 pages of each sequence.
       cu_q_lens: [B + 1] int32 token offsets of each sequence in q.
       num_seqs: [] int32 number of real sequences; later slots are padding.
-      sm_scale: softmax scale; sliding_window: attend only to the last this-many positions.
+      sm_scale: softmax scale; sliding_window: attend only to the last this-many positions;
+      soft_cap: scores become soft_cap * tanh(score / soft_cap) (Gemma 2), None: uncapped.
       block_q: tokens per q block (one program); pages_per_block: pages per inner-loop step.
       interpret: True runs the kernel as XLA ops (the only way on CPU).
     Returns:
       [T, N, H] in q's dtype; zeros for padding tokens.
     """
     validate_attention_args(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-                            sm_scale, sliding_window)
+                            sm_scale, sliding_window, soft_cap)
     if block_q < 1:
         raise ValueError(f"block_q must be >= 1, got {block_q}")
     if pages_per_block < 1:
@@ -137,6 +141,6 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
     # Packing is a CPU storage form (jaxserve/precision.py); the kernel reads plain bf16 pages.
     k_pages, v_pages = unpack(k_pages), unpack(v_pages)
     out = ragged_paged_attention_blocks(q, k_pages, v_pages, page_table, blocks, sm_scale=sm_scale,
-                                        sliding_window=sliding_window, block_q=block_q,
+                                        sliding_window=sliding_window, soft_cap=soft_cap, block_q=block_q,
                                         pages_per_block=pages_per_block, interpret=interpret)
     return gather_token_outputs(out, rows).astype(q.dtype)

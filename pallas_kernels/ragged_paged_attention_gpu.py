@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxserve.pallas_kernels.ragged_batch import (QBlocks, gather_token_outputs, split_q_blocks,
+from jaxserve.pallas_kernels.ragged_batch import (QBlocks, cap_scores, gather_token_outputs, split_q_blocks,
                                                   validate_attention_args)
 
 # The custom calls the kernel lowers to: jax 0.10's Triton call, and the FFI one of later versions.
@@ -78,8 +78,8 @@ def _query_tile(blocks_ref: QBlocks, q_ref, i, h, *, rows: int, group_padded: in
 
 
 def _attend_pages(q, row_pos, page_table_ref, k_rows_ref, v_rows_ref, *, seq, kv_head, lo_page,
-                  hi_page, sm_scale: float, sliding_window: int | None, page_size: int,
-                  pages_per_chunk: int):
+                  hi_page, sm_scale: float, sliding_window: int | None, soft_cap: float | None,
+                  page_size: int, pages_per_chunk: int):
     """Online softmax of q's rows over page-table columns [lo_page, hi_page) of sequence seq.
 
     Returns float32 (m [R*Gp] running max, l [R*Gp] sum of exp, acc [R*Gp, H] unnormalised);
@@ -103,7 +103,7 @@ def _attend_pages(q, row_pos, page_table_ref, k_rows_ref, v_rows_ref, *, seq, kv
         if sliding_window is not None:
             mask &= kv_pos[None, :] > row_pos[:, None] - sliding_window
         s = plgpu.dot(q, k, trans_b=True) * sm_scale  # [R*Gp, L] float32
-        s = jnp.where(mask, s, -jnp.inf)
+        s = jnp.where(mask, cap_scores(s, soft_cap), -jnp.inf)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         # Rows with nothing visible yet (rows past the block's end, or a window that starts in a
         # later chunk) keep m = -inf: shift them by 0 to avoid inf - inf.
@@ -132,6 +132,7 @@ def ragged_paged_attention_gpu_kernel(
     *,
     sm_scale: float,
     sliding_window: int | None,
+    soft_cap: float | None,
     page_size: int,
     pages_per_chunk: int,
     group_padded: int,
@@ -141,7 +142,7 @@ def ragged_paged_attention_gpu_kernel(
     _, l, acc = _attend_pages(q, row_pos, page_table_ref, k_rows_ref, v_rows_ref,
                               seq=blocks_ref.seq[i], kv_head=h, lo_page=blocks_ref.lo_page[i],
                               hi_page=blocks_ref.hi_page[i], sm_scale=sm_scale,
-                              sliding_window=sliding_window, page_size=page_size,
+                              sliding_window=sliding_window, soft_cap=soft_cap, page_size=page_size,
                               pages_per_chunk=pages_per_chunk)
     out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
     o_ref[...] = out.astype(o_ref.dtype)
@@ -157,6 +158,7 @@ def ragged_paged_attention_gpu_split_kernel(
     *,
     sm_scale: float,
     sliding_window: int | None,
+    soft_cap: float | None,
     page_size: int,
     pages_per_chunk: int,
     group_padded: int,
@@ -173,7 +175,8 @@ def ragged_paged_attention_gpu_split_kernel(
     q, row_pos = _query_tile(blocks_ref, q_ref, i, h, rows=m_ref.shape[0], group_padded=group_padded)
     m, l, acc = _attend_pages(q, row_pos, page_table_ref, k_rows_ref, v_rows_ref,
                               seq=blocks_ref.seq[i], kv_head=h, lo_page=split_lo, hi_page=split_hi,
-                              sm_scale=sm_scale, sliding_window=sliding_window, page_size=page_size,
+                              sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                              page_size=page_size,
                               pages_per_chunk=pages_per_chunk)
     m_ref[...] = m
     l_ref[...] = l
@@ -210,22 +213,22 @@ def _kernel_operands(q, k_pages, v_pages, block_q: int):
     return q_rows, k_pages.reshape(P * S, K, H), v_pages.reshape(P * S, K, H)
 
 
-def _kernel_params(q, k_pages, *, sm_scale, sliding_window) -> dict:
+def _kernel_params(q, k_pages, *, sm_scale, sliding_window, soft_cap) -> dict:
     """The static keyword arguments both kernels take."""
     _, N, _ = q.shape
     _, S, K, _ = k_pages.shape
-    return dict(sm_scale=sm_scale, sliding_window=sliding_window, page_size=S,
+    return dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, page_size=S,
                 pages_per_chunk=max(1, CHUNK_KEYS // S), group_padded=pl.next_power_of_2(N // K))
 
 
 def ragged_paged_attention_gpu_blocks(q, k_pages, v_pages, page_table, blocks: QBlocks, *,
-                                      sm_scale: float, sliding_window: int | None, block_q: int,
-                                      interpret: bool) -> jax.Array:
+                                      sm_scale: float, sliding_window: int | None,
+                                      soft_cap: float | None, block_q: int, interpret: bool) -> jax.Array:
     """Runs the kernel over a grid of (q blocks, KV heads) -> [M, block_q, N, H]."""
     _, N, H = q.shape
     K = k_pages.shape[2]
     M = blocks.seq.shape[0]
-    params = _kernel_params(q, k_pages, sm_scale=sm_scale, sliding_window=sliding_window)
+    params = _kernel_params(q, k_pages, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     Gp, pages_per_chunk = params["group_padded"], params["pages_per_chunk"]
     hbm = pl.BlockSpec(memory_space=pl.ANY)  # read by index inside the kernel
     out = pl.pallas_call(
@@ -244,7 +247,7 @@ def ragged_paged_attention_gpu_blocks(q, k_pages, v_pages, page_table, blocks: Q
 
 def ragged_paged_attention_gpu_split_decodes(q, k_pages, v_pages, page_table, blocks: QBlocks, *,
                                              sm_scale: float, sliding_window: int | None,
-                                             tile_tokens: int, num_kv_splits: int,
+                                             soft_cap: float | None, tile_tokens: int, num_kv_splits: int,
                                              interpret: bool) -> jax.Array:
     """Runs the split kernel over (q blocks, KV heads, KV splits) and combines -> [M, 1, N, H].
 
@@ -254,7 +257,7 @@ def ragged_paged_attention_gpu_split_decodes(q, k_pages, v_pages, page_table, bl
     _, N, H = q.shape
     K = k_pages.shape[2]
     G, M, NS = N // K, blocks.seq.shape[0], num_kv_splits
-    params = _kernel_params(q, k_pages, sm_scale=sm_scale, sliding_window=sliding_window)
+    params = _kernel_params(q, k_pages, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     Gp, pages_per_chunk = params["group_padded"], params["pages_per_chunk"]
     rows = tile_tokens * Gp
     hbm = pl.BlockSpec(memory_space=pl.ANY)
@@ -281,10 +284,11 @@ def ragged_paged_attention_gpu_split_decodes(q, k_pages, v_pages, page_table, bl
     return out.reshape(M, 1, N, H).astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "interpret", "num_kv_splits"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret",
+                                             "num_kv_splits"))
 def ragged_paged_attention_gpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
                                sm_scale: float, sliding_window: int | None = None,
-                               interpret: bool = False, num_kv_splits: int | None = None) -> jax.Array:
+                               soft_cap: float | None = None, interpret: bool = False, num_kv_splits: int | None = None) -> jax.Array:
     """Ragged paged attention (the contract of ragged_paged_attention_reference) for NVIDIA GPUs.
 
     Args:
@@ -294,7 +298,8 @@ def ragged_paged_attention_gpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_le
       page_table: [B, W] int32 pages of each sequence.
       cu_q_lens: [B + 1] int32 token offsets of each sequence in q.
       num_seqs: [] int32 number of real sequences; later slots are padding.
-      sm_scale: softmax scale; sliding_window: attend only to the last this-many positions.
+      sm_scale: softmax scale; sliding_window: attend only to the last this-many positions;
+      soft_cap: scores become soft_cap * tanh(score / soft_cap) (Gemma 2), None: uncapped.
       interpret: True runs the kernel as XLA ops (the only way on CPU).
       num_kv_splits: programs that share each decode's KV pages (1: no split); None picks it
         from the static shapes (default_num_kv_splits).
@@ -306,7 +311,7 @@ def ragged_paged_attention_gpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_le
     other's tokens.
     """
     validate_attention_args(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-                            sm_scale, sliding_window)
+                            sm_scale, sliding_window, soft_cap)
     T, N, H = q.shape
     _, S, K, _ = k_pages.shape
     B, W = page_table.shape
@@ -330,7 +335,7 @@ def ragged_paged_attention_gpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_le
                                             block_q=1 if split else block_q, page_size=S,
                                             sliding_window=sliding_window, min_q_len=min_q_len,
                                             max_q_len=max_q_len)
-        common = dict(sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret)
+        common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret)
         if split:
             o = ragged_paged_attention_gpu_split_decodes(q, k_pages, v_pages, page_table, blocks,
                                                          tile_tokens=block_q,

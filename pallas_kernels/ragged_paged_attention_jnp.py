@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxserve.precision import unpack
-from jaxserve.pallas_kernels.ragged_batch import (QBlocks, gather_token_outputs, split_q_blocks,
+from jaxserve.pallas_kernels.ragged_batch import (QBlocks, cap_scores, gather_token_outputs, split_q_blocks,
                                                   validate_attention_args)
 
 
@@ -35,11 +35,11 @@ DECODE_CHUNK_KEYS = 32
 ONE_PASS_MAX_TOKENS = 16
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "pages_per_chunk", "block_q",
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "pages_per_chunk", "block_q",
                                              "rows_per_group"))
 def ragged_paged_attention_jnp(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
                                *, sm_scale: float, sliding_window: int | None = None,
-                               pages_per_chunk: int | None = None, block_q: int | None = None,
+                               soft_cap: float | None = None, pages_per_chunk: int | None = None, block_q: int | None = None,
                                rows_per_group: int = 256):
     """Flash-style attention over the pages each q block owns, pages_per_chunk pages at a time
     (None: DECODE_CHUNK_KEYS worth for blocks of one token, else as many as fit CHUNK_BYTES for
@@ -53,9 +53,9 @@ def ragged_paged_attention_jnp(q, k_pages, v_pages, kv_lens, page_table, cu_q_le
     real blocks run, so the static block bound (sized for the worst ragged batch) costs little.
     """
     validate_attention_args(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-                            sm_scale, sliding_window)
+                            sm_scale, sliding_window, soft_cap)
     attend = functools.partial(_attend_in_q_blocks, q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
-                               num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
+                               num_seqs, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                                pages_per_chunk=pages_per_chunk, rows_per_group=rows_per_group)
     if block_q is not None:
         return attend(block_q=block_q, min_q_len=1, max_q_len=None)
@@ -67,7 +67,7 @@ def ragged_paged_attention_jnp(q, k_pages, v_pages, kv_lens, page_table, cu_q_le
 
 
 def _attend_in_q_blocks(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale,
-                        sliding_window, pages_per_chunk, rows_per_group, block_q, min_q_len, max_q_len):
+                        sliding_window, soft_cap, pages_per_chunk, rows_per_group, block_q, min_q_len, max_q_len):
     """One pass over the sequences with q_len in [min_q_len, max_q_len]; zeros elsewhere."""
     T, N, H = q.shape
     _, S, _, _ = k_pages.shape
@@ -85,7 +85,7 @@ def _attend_in_q_blocks(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num
     def group(g, out):
         blk = QBlocks(*(lax.dynamic_slice_in_dim(x, g * Mg, Mg) for x in blocks))
         o = _flash_over_pages(q, k_pages, v_pages, page_table, blk, block_q=R, sm_scale=sm_scale,
-                              sliding_window=sliding_window, pages_per_chunk=pages_per_chunk)
+                              sliding_window=sliding_window, soft_cap=soft_cap, pages_per_chunk=pages_per_chunk)
         return lax.dynamic_update_slice_in_dim(out, o, g * Mg, axis=0)
 
     out = lax.fori_loop(0, real_groups, group, jnp.zeros((num_groups * Mg, R, N, H), jnp.float32))
@@ -93,7 +93,7 @@ def _attend_in_q_blocks(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num
 
 
 def _flash_over_pages(q, k_pages, v_pages, page_table, blocks: QBlocks, *, block_q, sm_scale,
-                      sliding_window, pages_per_chunk):
+                      sliding_window, soft_cap, pages_per_chunk):
     """Online softmax of Mg q blocks over their own pages, a chunk of pages per step -> [Mg, R, N, H]."""
     T, N, H = q.shape
     _, S, K, _ = k_pages.shape
@@ -132,7 +132,7 @@ def _flash_over_pages(q, k_pages, v_pages, page_table, blocks: QBlocks, *, block
             mask &= kv_idx > pos[:, :, None] - sliding_window
         mask = jnp.repeat(mask, G, axis=1)[:, None]  # [Mg, 1, R*G, C*S]
         s = jnp.einsum("MKQH,MKHL->MKQL", qb, k, preferred_element_type=jnp.float32) * sm_scale
-        s = jnp.where(mask, s, -jnp.inf)  # [Mg, K, R*G, C*S]
+        s = jnp.where(mask, cap_scores(s, soft_cap), -jnp.inf)  # [Mg, K, R*G, C*S]
         m_next = jnp.maximum(m_prev, s.max(axis=-1))
         # Rows with nothing visible yet (rows past the block's end, or a window that starts in a
         # later chunk) keep m = -inf: shift them by 0 to avoid inf - inf.

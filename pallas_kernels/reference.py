@@ -3,7 +3,8 @@
 Contract (shared with the Pallas kernels and the tuned jnp path): q [T, N, H]; k_pages, v_pages
 [P, S, K, H]; kv_lens [B] include this step's tokens, already written to the pages; page_table
 [B, W]; cu_q_lens [B + 1]; num_seqs []. Token i of sequence b sits at position
-kv_lens[b] - q_len_b + i and attends to KV 0..position (and > position - sliding_window).
+kv_lens[b] - q_len_b + i and attends to KV 0..position (and > position - sliding_window); scores
+are sm_scale * q.k, soft-capped to soft_cap * tanh(score / soft_cap) when soft_cap is set.
 Padding tokens give zeros. Returns [T, N, H] in q's dtype.
 """
 from __future__ import annotations
@@ -16,9 +17,10 @@ import jax.numpy as jnp
 from jaxserve.precision import unpack
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
 def ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-                                     *, sm_scale: float, sliding_window: int | None = None):
+                                     *, sm_scale: float, sliding_window: int | None = None,
+                                     soft_cap: float | None = None):
     """Dense softmax of every token over its sequence's whole page-table row (W * S keys).
 
     Deliberately shares no code with the kernels or the chunked jnp path, so the tests compare
@@ -36,6 +38,8 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, page_table, c
     v = unpack(v_pages[page_table[seq]]).reshape(T, W * S, K, H)
     qg = q.reshape(T, K, N // K, H).astype(jnp.float32)
     s = jnp.einsum("TKGH,TLKH->TKGL", qg, k.astype(jnp.float32)) * sm_scale
+    if soft_cap is not None:
+        s = jnp.tanh(s / soft_cap) * soft_cap
     kv_idx = jnp.arange(W * S)
     mask = kv_idx[None, :] <= pos[:, None]  # [T, W*S]
     if sliding_window is not None:

@@ -32,6 +32,11 @@ def test_kernel_matches_reference(make_case, scenario, window):
     assert_kernel_matches_reference(case, sliding_window=window)
 
 
+def test_kernel_soft_caps_scores(make_case):
+    case = make_case(**MIXED, num_heads=6, num_kv_heads=2, head_dim=64, seed=3)
+    assert_kernel_matches_reference(case, sliding_window=7, soft_cap=0.5)
+
+
 # GQA ratios 1, 4, 8 and head dim 128 (ratio 3 with head dim 64 is the default above).
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 4, 64), (8, 2, 64), (8, 1, 64), (4, 4, 128)])
 def test_kernel_gqa_and_head_dims(make_case, num_heads, num_kv_heads, head_dim):

@@ -38,7 +38,8 @@ NUM_PAGES, PAGES_PER_SEQ = 4096, 64
 
 
 def export_for_cuda(num_heads, num_kv_heads, head_dim, *, num_tokens, num_slots, page_size, dtype,
-                    sliding_window=None, pages_per_seq=PAGES_PER_SEQ, num_kv_splits=None) -> str:
+                    sliding_window=None, soft_cap=None, pages_per_seq=PAGES_PER_SEQ,
+                    num_kv_splits=None) -> str:
     """Lowers the kernel for CUDA from shapes alone; returns the exported module's text."""
     T, N, K, H = num_tokens, num_heads, num_kv_heads, head_dim
     B, S, W = num_slots, page_size, pages_per_seq
@@ -46,7 +47,8 @@ def export_for_cuda(num_heads, num_kv_heads, head_dim, *, num_tokens, num_slots,
     shapes = [((T, N, H), dtype), ((NUM_PAGES, S, K, H), dtype), ((NUM_PAGES, S, K, H), dtype),
               ((B,), i32), ((B, W), i32), ((B + 1,), i32), ((), i32)]
     fn = jax.jit(functools.partial(ragged_paged_attention_gpu, sm_scale=SM_SCALE,
-                                   sliding_window=sliding_window, num_kv_splits=num_kv_splits))
+                                   sliding_window=sliding_window, soft_cap=soft_cap,
+                                   num_kv_splits=num_kv_splits))
     # The Triton call has no serialization guarantee; the test only reads the module.
     checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in TRITON_CALL_TARGETS]
     exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(
@@ -86,6 +88,17 @@ def test_lowers_for_cuda_with_sliding_window_and_page_size_64():
     text = export_for_cuda(32, 8, 128, num_tokens=512, num_slots=64, page_size=64, dtype=jnp.bfloat16,
                            sliding_window=4096)
     assert_pages_reach_the_triton_call(text, num_kv_heads=8, head_dim=128, page_size=64, dtype=jnp.bfloat16)
+
+
+def test_lowers_for_cuda_at_gemma2s_shapes_with_soft_capping():
+    """Gemma 2 (2B): 8 heads over 4 KV heads of 256, a 4096-token window, scores soft-capped at 50;
+    the decode bucket splits its pages."""
+    for bucket, splits in (("decode", 4), ("prefill", None)):
+        T, B = BUCKETS[bucket]
+        text = export_for_cuda(8, 4, 256, num_tokens=T, num_slots=B, page_size=16, dtype=jnp.bfloat16,
+                               sliding_window=4096, soft_cap=50.0, num_kv_splits=splits)
+        assert_pages_reach_the_triton_call(text, num_kv_heads=4, head_dim=256, page_size=16, dtype=jnp.bfloat16)
+        assert "tanh" in text
 
 
 def lowered_kv_splits(text) -> int:
@@ -214,6 +227,12 @@ def test_split_decodes_match_reference(make_case, num_kv_splits):
 def test_split_decodes_with_sliding_window(make_case, window):
     case = make_case(**LONG_DECODES, num_heads=6, num_kv_heads=2, head_dim=64, seed=6)  # G = 3
     assert_kernel_matches_reference(case, sliding_window=window, num_kv_splits=4)
+
+
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+def test_kernel_soft_caps_scores(make_case, num_kv_splits):
+    case = make_case(**LONG_DECODES, num_heads=6, num_kv_heads=2, head_dim=64, seed=10)
+    assert_kernel_matches_reference(case, sliding_window=100, soft_cap=0.5, num_kv_splits=num_kv_splits)
 
 
 def test_split_decodes_beside_prefills(make_case):

@@ -13,7 +13,7 @@ MIXED = dict(seqs=[(1, 9), (6, 14), (1, 4), (5, 5), (3, 23)], num_tokens=24, num
              max_pages_per_seq=8)
 
 
-def numpy_attention(case, sm_scale, sliding_window=None):
+def numpy_attention(case, sm_scale, sliding_window=None, soft_cap=None):
     """Token-by-token float64 attention over each sequence's KV, read in page-table order."""
     q, kp, vp = (np.asarray(x, np.float64) for x in (case.q, case.k_pages, case.v_pages))
     cu, kv_lens, pt = np.asarray(case.cu_q_lens), np.asarray(case.kv_lens), np.asarray(case.page_table)
@@ -30,6 +30,8 @@ def numpy_attention(case, sm_scale, sliding_window=None):
             lo = 0 if sliding_window is None else max(0, pos - sliding_window + 1)
             for n in range(N):
                 s = k[lo:pos + 1, n // (N // K)] @ q[t, n] * sm_scale
+                if soft_cap is not None:
+                    s = soft_cap * np.tanh(s / soft_cap)
                 p = np.exp(s - s.max())
                 out[t, n] = (p / p.sum()) @ v[lo:pos + 1, n // (N // K)]
     return out
@@ -40,6 +42,18 @@ def test_reference_matches_numpy_loop(make_case, scenario, window):
     case = make_case(**scenario, num_heads=6, num_kv_heads=2, head_dim=64)
     got = ragged_paged_attention_reference(*case.args, sm_scale=SM_SCALE, sliding_window=window)
     np.testing.assert_allclose(np.asarray(got), numpy_attention(case, SM_SCALE, window), atol=1e-5, rtol=0)
+
+
+def test_soft_capping_in_the_reference_and_the_jnp_path(make_case):
+    """Gemma 2's soft-capped scores: the oracle against the numpy loop, the jnp path against the
+    oracle; a cap this low changes the output, so ignoring it would fail."""
+    case = make_case(**MIXED, num_heads=6, num_kv_heads=2, head_dim=64, seed=3)
+    capped = np.asarray(ragged_paged_attention_reference(*case.args, sm_scale=1.0, sliding_window=7, soft_cap=0.5))
+    np.testing.assert_allclose(capped, numpy_attention(case, 1.0, 7, soft_cap=0.5), atol=1e-5, rtol=0)
+    uncapped = np.asarray(ragged_paged_attention_reference(*case.args, sm_scale=1.0, sliding_window=7))
+    assert np.abs(capped - uncapped).max() > 1e-2
+    got = ragged_paged_attention_jnp(*case.poisoned_args, sm_scale=1.0, sliding_window=7, soft_cap=0.5)
+    np.testing.assert_allclose(np.asarray(got), capped, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("window", [None, 5])
