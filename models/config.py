@@ -11,6 +11,10 @@ from typing import Any
 from jaxserve.models import registry
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ACTIVATIONS = ("silu", "gelu_tanh")
+# HF's names of the gated MLP's activation -> ours.
+_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,13 +42,24 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class LayerSpec:
+    """One layer's attention as far as it differs between layers: static, so layers with the same
+    spec share one traced body (models/layers.py: decoder_forward)."""
+
+    sliding_window: int | None  # attend to the last this-many positions only; None: all
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """Shape and numerics of a decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3)."""
+    """Shape and numerics of a decoder-only transformer: what the shared decoder layer
+    (models/decoder.py) reads to run any family the registry lists."""
 
     architecture: str  # HF class name, an entry of models/registry.py; selects the family
     vocab_size: int  # V, rows of the embedding table
     hidden_size: int  # D, model width
-    intermediate_size: int  # F, SwiGLU hidden width
+    intermediate_size: int  # F, gated MLP hidden width
     num_layers: int  # L, decoder layers
     num_heads: int  # N, query heads
     num_kv_heads: int  # K, key/value heads (GQA when K < N)
@@ -55,7 +70,17 @@ class ModelConfig:
     tie_word_embeddings: bool = False  # logits reuse the embedding table (no lm_head)
     attention_bias: bool = False  # bias on the q/k/v projections (Qwen2)
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
-    sliding_window: int | None = None  # attend to the last this-many positions only (Mistral)
+    sliding_window: int | None = None  # attend to the last this-many positions only (Mistral; Gemma's local layers)
+    # Per layer "full_attention" or "sliding_attention" (Gemma 2 / 3, Qwen with use_sliding_window);
+    # () = every layer slides when sliding_window is set.
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3); None = rope_theta
+    hidden_activation: str = "silu"  # the gated MLP's: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+    query_pre_attn_scalar: float | None = None  # scores scale by this ** -0.5, not head_dim ** -0.5 (Gemma)
+    attn_logit_softcap: float | None = None  # attention scores soft-capped at this (Gemma 2)
+    final_logit_softcap: float | None = None  # logits soft-capped at this (Gemma 2)
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+    sandwich_norms: bool = False  # an RMSNorm after attention and after the MLP too (Gemma 2 / 3)
     max_position_embeddings: int = 4096  # longest context the model was trained for
     bos_token_id: int | None = None  # token prepended to prompts, if any
     eos_token_ids: tuple[int, ...] = ()  # tokens that end generation
@@ -82,6 +107,21 @@ class ModelConfig:
                              f"expected head_dim // 2 = {self.head_dim // 2}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window}")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            unknown = set(self.layer_types) - set(LAYER_TYPES)
+            if unknown:
+                raise ValueError(f"layer_types {sorted(unknown)} are not supported; supported: {', '.join(LAYER_TYPES)}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        if self.hidden_activation not in ACTIVATIONS:
+            raise ValueError(f"hidden_activation {self.hidden_activation!r} is not supported; "
+                             f"supported: {', '.join(ACTIVATIONS)}")
+        for name in ("local_rope_theta", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {value!r}")
         if not isinstance(self.eos_token_ids, tuple):
             raise ValueError(f"eos_token_ids must be a tuple, got {self.eos_token_ids!r}")
 
@@ -89,6 +129,20 @@ class ModelConfig:
     def num_queries_per_kv(self) -> int:
         """G = N / K."""
         return self.num_heads // self.num_kv_heads
+
+    def layer_specs(self) -> tuple[LayerSpec, ...]:
+        """What each layer's attention does differently, layer by layer."""
+        if not self.layer_types:
+            return (LayerSpec(self.sliding_window, self.rope_theta, self.rope_scaling),) * self.num_layers
+        full = LayerSpec(None, self.rope_theta, self.rope_scaling)
+        local = (LayerSpec(self.sliding_window, self.rope_theta, self.rope_scaling) if self.local_rope_theta is None
+                 else LayerSpec(self.sliding_window, self.local_rope_theta, None))
+        return tuple(local if t == "sliding_attention" else full for t in self.layer_types)
+
+    @property
+    def sm_scale(self) -> float:
+        """The attention scores' scale."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -105,10 +159,15 @@ class ModelConfig:
             raise ValueError(f"{architecture} with attention_bias=True is not supported")
 
         num_heads = hf["num_attention_heads"]
-        rope_theta, rope_scaling = _parse_rope(hf)
+        rope_theta, rope_scaling, local_rope_theta = _parse_rope(hf)
+        sliding_window, layer_types = _parse_layer_types(hf, arch.sliding_pattern)
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        return cls(
+        activation = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+        if activation not in _HF_ACTIVATIONS:
+            raise ValueError(f"{architecture} with activation {activation!r} is not supported; "
+                             f"supported: {', '.join(_HF_ACTIVATIONS)}")
+        fields = dict(
             architecture=architecture,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -120,29 +179,54 @@ class ModelConfig:
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
+            local_rope_theta=local_rope_theta,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=implied.get("attention_bias", False),
-            qk_norm=implied.get("qk_norm", False),
-            sliding_window=_parse_sliding_window(architecture, hf),
+            sliding_window=sliding_window,
+            layer_types=layer_types,
+            hidden_activation=_HF_ACTIVATIONS[activation],
+            query_pre_attn_scalar=_positive_or_none(hf.get("query_pre_attn_scalar")),
+            attn_logit_softcap=_positive_or_none(hf.get("attn_logit_softcapping")),
+            final_logit_softcap=_positive_or_none(hf.get("final_logit_softcapping")),
             max_position_embeddings=hf.get("max_position_embeddings") or 4096,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(int(i) for i in eos_ids),
         )
+        fields.update(implied)
+        return cls(**fields)
 
 
-def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    # transformers 5 nests everything under rope_parameters (and leaves rope_theta None at the top);
-    # transformers 4 has rope_theta at the top and an optional rope_scaling dict ("type" or "rope_type").
+def _positive_or_none(value) -> float | None:
+    return float(value) if value else None
+
+
+def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]:
+    """(rope_theta, rope_scaling, local_rope_theta) of a config.json. transformers 5 nests RoPE
+    under rope_parameters (per layer type where they differ, as Gemma 3's: "full_attention" and
+    "sliding_attention") and leaves rope_theta None at the top; transformers 4 has rope_theta at
+    the top, an optional rope_scaling dict ("type" or "rope_type") for the global layers, and
+    Gemma 3's rope_local_base_freq."""
     params = dict(hf.get("rope_scaling") or {})
     params.update(hf.get("rope_parameters") or {})
-    theta = params.get("rope_theta") or hf.get("rope_theta") or 10000.0
+    local_theta = hf.get("rope_local_base_freq")
+    if "full_attention" in params or "sliding_attention" in params:
+        local = params.get("sliding_attention") or {}
+        if (local.get("rope_type") or "default") != "default":
+            raise ValueError(f"RoPE scaling on sliding layers ({local.get('rope_type')!r}) is not supported")
+        local_theta = local.get("rope_theta", local_theta)
+        params = dict(params.get("full_attention") or {})
+    theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+    local_theta = None if local_theta is None else float(local_theta)
+    return theta, _parse_rope_scaling(params), local_theta
+
+
+def _parse_rope_scaling(params: dict[str, Any]) -> RopeScaling | None:
     rope_type = params.get("rope_type") or params.get("type") or "default"
     if rope_type == "default":
-        return float(theta), None
+        return None
     if rope_type == "linear":
-        return float(theta), RopeScaling("linear", factor=float(params["factor"]))
+        return RopeScaling("linear", factor=float(params["factor"]))
     if rope_type == "llama3":
-        return float(theta), RopeScaling(
+        return RopeScaling(
             "llama3",
             factor=float(params["factor"]),
             low_freq_factor=float(params["low_freq_factor"]),
@@ -152,22 +236,25 @@ def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     raise ValueError(f"rope_type {rope_type!r} is not supported; supported: default, linear, llama3")
 
 
-def _parse_sliding_window(architecture: str, hf: dict[str, Any]) -> int | None:
+def _parse_layer_types(hf: dict[str, Any], sliding_pattern: int | None) -> tuple[int | None, tuple[str, ...]]:
+    """(sliding_window, layer_types): which layers slide, and over how many positions. Mistral
+    slides on every layer; Qwen only with use_sliding_window (then layers from max_window_layers
+    on, unless layer_types says); Gemma has one full layer in every sliding_window_pattern (the
+    architecture's sliding_pattern: 2 for Gemma 2, 6 for Gemma 3), unless layer_types says.
+    Uniform layers give ()."""
     window = hf.get("sliding_window")
-    if architecture == "MistralForCausalLM":
-        return window
-    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        # Qwen only slides when use_sliding_window is set, and then per layer (layer_types, by default
-        # layers >= max_window_layers); the layer scan runs one attention graph for every layer, so
-        # only all-or-nothing sliding is supported.
-        if not hf.get("use_sliding_window") or window is None:
-            return None
-        num_layers = hf["num_hidden_layers"]
-        first_sliding = hf.get("max_window_layers", 28)
-        layer_types = hf.get("layer_types") or [
-            "sliding_attention" if i >= first_sliding else "full_attention" for i in range(num_layers)]
-        if len(set(layer_types)) > 1:
-            raise ValueError(f"{architecture} with a sliding window on some layers only "
-                             f"(layer_types={sorted(set(layer_types))}) is not supported")
-        return window if layer_types[0] == "sliding_attention" else None
-    return None
+    num_layers = hf["num_hidden_layers"]
+    layer_types = list(hf.get("layer_types") or ())
+    if "use_sliding_window" in hf and not hf["use_sliding_window"]:
+        return None, ()
+    if window is None:
+        return None, ()
+    if not layer_types and "max_window_layers" in hf:
+        first = hf["max_window_layers"]
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    every = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or sliding_pattern
+    if not layer_types and every:
+        layer_types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(num_layers)]
+    if len(set(layer_types)) == 1:
+        return (window if layer_types[0] == "sliding_attention" else None), ()
+    return window, tuple(layer_types)

@@ -1,6 +1,7 @@
-"""The decoder every generating family runs: one pre-norm layer driven by the ModelConfig (q/k/v
-bias, q/k norm, sliding window), the model API the engine calls (`DecoderLM`), and the HF tensor
-names of the Llama layout that Mistral and Qwen checkpoints share.
+"""The decoder every generating family runs: one pre-norm layer driven by the ModelConfig and its
+layer's LayerSpec (q/k/v bias, q/k norm, sliding window and RoPE base per layer, score scale and
+soft-capping, sandwich norms, the gated MLP's activation), the model API the engine calls
+(`DecoderLM`), and the HF tensor names of the Llama layout that Mistral and Qwen checkpoints share.
 
 A family that differs only in what its config says (Llama, Mistral, Qwen2, Qwen3) is a registry
 entry pointing at `DecoderLM`; a family file holds only what really differs.
@@ -13,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxserve.models.config import ModelConfig
-from jaxserve.models.layers import (AttentionFn, HFTensor, PagedAttention, Params, RMSNorm, SwiGLU,
+from jaxserve.models.config import LayerSpec, ModelConfig
+from jaxserve.models.layers import (AttentionFn, GatedMLP, HFTensor, PagedAttention, Params, RMSNorm,
                                     decoder_forward, decoder_logits, init_decoder_params)
 from jaxserve.models.metadata import AttentionMetadata, KVCache
 from jaxserve.pallas_kernels.ragged_paged_attention_jnp import ragged_paged_attention_jnp
@@ -22,24 +23,33 @@ from jaxserve.precision import pack
 
 
 class DecoderLayer(nn.Module):
-    """x + attention(norm(x)), then x + mlp(norm(x)); what varies between families is in `config`."""
+    """x + attention(norm(x)), then x + mlp(norm(x)), each branch normed again on its way out
+    where the config has sandwich norms (Gemma); what varies between families is in `config`,
+    what varies between layers in `spec`."""
 
     config: ModelConfig
+    spec: LayerSpec
     attention_fn: AttentionFn
 
     @nn.compact
     def __call__(self, x: jax.Array, kv_cache: KVCache, layer: jax.Array,
                  md: AttentionMetadata) -> tuple[jax.Array, KVCache]:  # x [T, D]
-        cfg = self.config
+        cfg, spec = self.config, self.spec
         h = RMSNorm(cfg.rms_norm_eps, name="attn_norm")(x)
         h, kv_cache = PagedAttention(
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-            rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, qkv_bias=cfg.attention_bias,
-            qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None, sliding_window=cfg.sliding_window,
+            rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling, qkv_bias=cfg.attention_bias,
+            qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None, sliding_window=spec.sliding_window,
+            sm_scale=cfg.sm_scale, soft_cap=cfg.attn_logit_softcap,
             attention_fn=self.attention_fn, name="attn")(h, kv_cache, layer, md)
+        if cfg.sandwich_norms:
+            h = RMSNorm(cfg.rms_norm_eps, name="post_attn_norm")(h)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, name="mlp_norm")(x)
-        return x + SwiGLU(cfg.intermediate_size, name="mlp")(h), kv_cache
+        h = GatedMLP(cfg.intermediate_size, cfg.hidden_activation, name="mlp")(h)
+        if cfg.sandwich_norms:
+            h = RMSNorm(cfg.rms_norm_eps, name="post_mlp_norm")(h)
+        return x + h, kv_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +59,9 @@ class DecoderLM:
 
     config: ModelConfig
 
-    def decoder_layer(self, attention_fn: AttentionFn) -> nn.Module:
-        return DecoderLayer(self.config, attention_fn)
+    def decoder_layer(self, attention_fn: AttentionFn, spec: LayerSpec | None = None) -> nn.Module:
+        """The layer module of `spec` (default: the first layer's; every spec has the same params)."""
+        return DecoderLayer(self.config, spec or self.config.layer_specs()[0], attention_fn)
 
     def hf_tensor_map(self) -> dict[tuple[str, ...], HFTensor]:
         return decoder_tensor_map(self.config)
@@ -61,8 +72,9 @@ class DecoderLM:
     def forward(self, params: Params, tokens: jax.Array, kv_cache: KVCache, md: AttentionMetadata,
                 *, attention_fn: AttentionFn = ragged_paged_attention_jnp) -> tuple[jax.Array, KVCache]:
         """tokens [T] int32 -> hidden [T, D] after the final norm, and the cache with this step's K/V."""
-        return decoder_forward(self.decoder_layer(attention_fn), params, tokens, kv_cache, md,
-                               self.config.rms_norm_eps)
+        return decoder_forward(lambda spec: self.decoder_layer(attention_fn, spec), self.config.layer_specs(),
+                               params, tokens, kv_cache, md, rms_norm_eps=self.config.rms_norm_eps,
+                               scale_embeddings=self.config.scale_embeddings)
 
     def storage_form(self, params: Params) -> Params:
         """The params as the step reads them: the stacked layers packed where bf16 is (see
@@ -72,7 +84,7 @@ class DecoderLM:
 
     def compute_logits(self, params: Params, hidden: jax.Array) -> jax.Array:
         """hidden [R, D] -> logits [R, V] float32."""
-        return decoder_logits(params, hidden, self.config.tie_word_embeddings)
+        return decoder_logits(params, hidden, self.config.tie_word_embeddings, self.config.final_logit_softcap)
 
 
 def decoder_tensor_map(cfg: ModelConfig) -> dict[tuple[str, ...], HFTensor]:

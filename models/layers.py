@@ -8,6 +8,7 @@ F MLP hidden dim, V vocab, P pages, S page size, L layers, W page-table width.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -16,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.models.config import ModelConfig, RopeScaling
+from jaxserve.models.config import LayerSpec, ModelConfig, RopeScaling
 from jaxserve.models.metadata import AttentionMetadata, KVCache
+from jaxserve.pallas_kernels.ragged_batch import cap_scores
 from jaxserve.precision import PACKED, activation_dtype, unpack
 
-# (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale, sliding_window) -> out,
+# (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale, sliding_window, soft_cap) -> out,
 # see pallas_kernels/ragged_paged_attention.py for the contract.
 AttentionFn = Callable[..., jax.Array]
 Params = dict[str, Any]
@@ -94,8 +96,15 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return x * cos + rotated * sin
 
 
-class SwiGLU(nn.Module):
+# The gated MLP's activations (ModelConfig.hidden_activation): SwiGLU's SiLU, GeGLU's tanh GELU.
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU with SiLU, GeGLU with GELU (Gemma)."""
+
     intermediate_size: int
+    activation: str = "silu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, D]
@@ -104,7 +113,7 @@ class SwiGLU(nn.Module):
         up = self.param("up_proj", _kernel_init, (D, F))
         down = self.param("down_proj", _kernel_init, (F, D))
         with jax.named_scope("mlp"):
-            h = jax.nn.silu(dense("TD,DF->TF", x, gate)) * dense("TD,DF->TF", x, up)
+            h = ACTIVATIONS[self.activation](dense("TD,DF->TF", x, gate)) * dense("TD,DF->TF", x, up)
             return dense("TF,FD->TD", h, down)
 
 
@@ -141,6 +150,8 @@ class PagedAttention(nn.Module):
     qkv_bias: bool = False
     qk_norm_eps: float | None = None  # set -> Qwen3-style RMSNorm on each q and k head
     sliding_window: int | None = None
+    sm_scale: float | None = None  # None: head_dim ** -0.5
+    soft_cap: float | None = None  # scores soft-capped at this (Gemma 2)
 
     @nn.compact
     def __call__(self, x: jax.Array, kv_cache: KVCache, layer: jax.Array,
@@ -168,7 +179,8 @@ class PagedAttention(nn.Module):
                 out = self.attention_fn(
                     q, kv_cache.k.reshape(L * P, S, K, H), kv_cache.v.reshape(L * P, S, K, H),
                     md.kv_lens, md.page_table + layer * P, md.cu_q_lens, md.num_seqs,
-                    sm_scale=H ** -0.5, sliding_window=self.sliding_window)  # [T, N, H]
+                    sm_scale=self.sm_scale or H ** -0.5, sliding_window=self.sliding_window,
+                    soft_cap=self.soft_cap)  # [T, N, H]
             o_proj = self.param("o_proj", _kernel_init, (N, H, D))
             with jax.named_scope("o_proj"):
                 return dense("TNH,NHD->TD", out, o_proj), kv_cache
@@ -183,35 +195,71 @@ class PagedAttention(nn.Module):
 
 # ----------------------------------------------------------------------------- decoder driver
 
-def decoder_forward(layer: nn.Module, params: Params, tokens: jax.Array, kv_cache: KVCache,
-                    md: AttentionMetadata, rms_norm_eps: float) -> tuple[jax.Array, KVCache]:
-    """embed -> lax.scan of `layer` over params["layers"] (stacked on axis 0) -> final norm.
+def layer_period(specs: tuple[LayerSpec, ...]) -> int:
+    """The shortest p with specs[i] == specs[i % p] for every layer: 1 when all layers are alike,
+    2 for Gemma 2's alternating layers, 6 for Gemma 3's five local to one global."""
+    return next(p for p in range(1, len(specs) + 1) if all(s == specs[i % p] for i, s in enumerate(specs)))
 
-    The cache rides in the scan carry: as xs/ys it would be sliced and re-stacked (copied) every
-    layer. `layer` is a linen module called as layer(x, kv_cache, layer_index, md).
+
+def decoder_forward(make_layer: Callable[[LayerSpec], nn.Module], specs: tuple[LayerSpec, ...], params: Params,
+                    tokens: jax.Array, kv_cache: KVCache, md: AttentionMetadata, *, rms_norm_eps: float,
+                    scale_embeddings: bool = False) -> tuple[jax.Array, KVCache]:
+    """embed -> the layers -> final norm. `make_layer(spec)` is a linen module called as
+    layer(x, kv_cache, layer_index, md); params["layers"] are stacked on axis 0.
+
+    The layers run as a lax.scan over whole periods of their specs (one traced body per distinct
+    spec in a period, so a model whose layers alternate compiles each kind once), then the layers
+    past the last whole period. The cache rides in the scan carry: as xs/ys it would be sliced and
+    re-stacked (copied) every layer.
     """
-    x = params["embed"][tokens].astype(activation_dtype(params["embed"].dtype))  # [T, D]
-    num_layers = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
+    embed = params["embed"]
+    x = embed[tokens].astype(activation_dtype(embed.dtype))  # [T, D]
+    if scale_embeddings:  # Gemma: by sqrt(D) rounded to the activations' dtype, as transformers does
+        x = x * jnp.asarray(x.shape[-1] ** 0.5, x.dtype)
+    layers = params["layers"]
+    num_layers = len(specs)
+    period = layer_period(specs)
+    modules = [make_layer(spec) for spec in specs[:period]]
 
-    def body(carry, xs):
-        x, cache = carry
-        layer_params, index = xs
+    def run(j, layer_params, x, cache, index):
         with jax.named_scope("decoder_layer"):
-            x, cache = layer.apply({"params": layer_params}, x, cache, index, md)
-        return (x, cache), None
+            return modules[j].apply({"params": layer_params}, x, cache, index, md)
 
-    (x, kv_cache), _ = jax.lax.scan(
-        body, (x, kv_cache), (params["layers"], jnp.arange(num_layers, dtype=jnp.int32)))
+    if period == 1:
+        def body(carry, xs):
+            layer_params, index = xs
+            return run(0, layer_params, *carry, index), None
+
+        (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache), (layers, jnp.arange(num_layers, dtype=jnp.int32)))
+    else:
+        num_periods, tail = divmod(num_layers, period)
+
+        def layer_at(index):
+            return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), layers)
+
+        def body(carry, first):
+            for j in range(period):
+                carry = run(j, layer_at(first + j), *carry, first + j)
+            return carry, None
+
+        firsts = jnp.arange(num_periods, dtype=jnp.int32) * period
+        (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache), firsts)
+        for j in range(tail):
+            index = num_periods * period + j
+            x, kv_cache = run(j, layer_at(index), x, kv_cache, jnp.int32(index))
     x = rms_norm(x, params["final_norm"]["scale"].astype(x.dtype), rms_norm_eps)
     return x, kv_cache
 
 
-def decoder_logits(params: Params, hidden: jax.Array, tie_word_embeddings: bool) -> jax.Array:
-    """[R, D] -> [R, V] float32, through lm_head or the tied embedding table."""
+def decoder_logits(params: Params, hidden: jax.Array, tie_word_embeddings: bool,
+                   soft_cap: float | None = None) -> jax.Array:
+    """[R, D] -> [R, V] float32, through lm_head or the tied embedding table; soft-capped at
+    soft_cap (Gemma 2's final_logit_softcapping) where set."""
     weight = params["embed"] if tie_word_embeddings else params["lm_head"]
     # In the weight's dtype, float32 result: a bf16 table is never converted per step.
     spec = "RD,VD->RV" if tie_word_embeddings else "RD,DV->RV"
-    return jnp.einsum(spec, hidden.astype(weight.dtype), weight, preferred_element_type=jnp.float32)
+    return cap_scores(jnp.einsum(spec, hidden.astype(weight.dtype), weight, preferred_element_type=jnp.float32),
+                      soft_cap)
 
 
 def init_decoder_params(layer: nn.Module, config: ModelConfig, rng: jax.Array,
@@ -246,9 +294,11 @@ class HFTensor:
 
     `name` has "{l}" for per-layer tensors (stacked on axis 0 of ours); `shape` is the HF shape
     (checked on load); `transpose` turns an HF Linear weight [out, in] into our [in, out] order
-    before it is reshaped to our shape (e.g. [N*H, D] -> [D, N*H] -> [D, N, H]).
+    before it is reshaped to our shape (e.g. [N*H, D] -> [D, N*H] -> [D, N, H]); `offset` is
+    added to the values (Gemma stores its RMSNorm scales minus one).
     """
 
     name: str
     shape: tuple[int, ...]
     transpose: bool = False
+    offset: float = 0.0

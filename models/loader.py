@@ -230,7 +230,10 @@ def host_params(model: DecoderModel, source: TensorSource, dtype: jnp.dtype, whe
                              f"expected {entry.shape}")
         used.add(name)
         # Reshaping on the host in numpy: one device transfer per parameter, no per-shape jit.
-        array = np.asarray(array).astype(dtype, copy=False)
+        array = np.asarray(array)
+        if entry.offset:
+            array = array.astype(np.float32) + np.float32(entry.offset)
+        array = array.astype(dtype, copy=False)
         return (array.T if entry.transpose else array).reshape(shape)
 
     flat = {}

@@ -42,16 +42,35 @@ _BLOCK_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Gemma's sandwich norms: llama.cpp's ffn_norm is the norm before the MLP, not after attention.
+_GEMMA_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+_BLOCK_NAMES_BY_ARCH = {"gemma2": _GEMMA_BLOCK_NAMES, "gemma3": _GEMMA_BLOCK_NAMES}
+# llama.cpp stores Gemma's RMSNorm scales with the one its norm adds already added; HF does not.
+_NORMS_PLUS_ONE = ("gemma2", "gemma3")
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
+# config.json fields a GGUF of the architecture does not store: what transformers' config classes
+# default to (its GGUF loader leaves them so), or llama.cpp's fixed values (Gemma 3's local RoPE base).
+_GGUF_CONFIG_DEFAULTS = {
+    "gemma2": {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
+               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "gemma3": {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
+               "rope_local_base_freq": 10000.0},
+}
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     """llama.cpp tensor name -> HF name, None for tensors without one (e.g. rope_freqs.weight)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    block_names = _BLOCK_NAMES_BY_ARCH.get(arch, _BLOCK_NAMES)
     match = _BLOCK_RE.fullmatch(gguf_name)
-    if match and match.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}"
+    if match and match.group(2) in block_names:
+        return f"model.layers.{match.group(1)}.{block_names[match.group(2)]}"
     return None
 
 
@@ -69,14 +88,17 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 class GGUFTensors:
     """Dequantised float32 tensors of a GGUF file, by HF name and in HF layout."""
 
-    def __init__(self, reader: Any, config: ModelConfig, unpermute_qk: bool):
+    def __init__(self, reader: Any, config: ModelConfig, arch: str):
         self._tensors = {}
         for tensor in reader.tensors:
-            name = hf_tensor_name(tensor.name)
+            name = hf_tensor_name(tensor.name, arch)
             if name is not None:
                 self._tensors[name] = tensor
         self._config = config
-        self._unpermute_qk = unpermute_qk
+        # transformers un-permutes q/k for general.architecture "llama" only (qwen2/qwen3 use NeoX
+        # RoPE, which llama.cpp stores unpermuted); follow it exactly.
+        self._unpermute_qk = arch == "llama"
+        self._norms_minus_one = arch in _NORMS_PLUS_ONE
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -91,6 +113,8 @@ class GGUFTensors:
             weight = unpermute_rope_rows(weight, self._config.num_heads)
         elif self._unpermute_qk and name.endswith("self_attn.k_proj.weight"):
             weight = unpermute_rope_rows(weight, self._config.num_kv_heads)
+        elif self._norms_minus_one and name.endswith("norm.weight"):
+            weight = weight - np.float32(1)
         return weight
 
 
@@ -122,9 +146,7 @@ def open_gguf(path: str) -> tuple[ModelConfig, GGUFTensors, Any]:
     load_gguf_tokenizer takes)."""
     reader = open_reader(path)
     config = config_from_gguf(reader)
-    # transformers un-permutes q/k for general.architecture "llama" only (qwen2/qwen3 use NeoX RoPE,
-    # which llama.cpp stores unpermuted); follow it exactly.
-    source = GGUFTensors(reader, config, unpermute_qk=_field(reader, "general.architecture") == "llama")
+    source = GGUFTensors(reader, config, _field(reader, "general.architecture"))
     return config, source, reader
 
 
@@ -162,6 +184,10 @@ def config_from_gguf(reader: Any) -> ModelConfig:
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": list(dict.fromkeys(i for i in eos_ids if i is not None)),
     }
+    hf.update(_GGUF_CONFIG_DEFAULTS.get(arch, {}))
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2's, where the file has them
+        if meta(key) is not None:
+            hf[key] = meta(key)
     scaling_type = meta("rope.scaling.type", "none")
     if scaling_type == "linear":
         hf["rope_scaling"] = {"rope_type": "linear", "factor": meta("rope.scaling.factor")}

@@ -25,6 +25,9 @@ class Architecture:
     # ModelConfig fields every checkpoint of this architecture has (Qwen2's q/k/v bias, Gemma's norms).
     implies: tuple[tuple[str, Any], ...] = ()
     gguf_tokenizer: str = "TokenizersBackend"  # the transformers class AutoTokenizer picks for its GGUFs
+    # Every this-many-th layer attends globally, the others through the sliding window, where a
+    # config does not list layer_types (Gemma 2: 2, Gemma 3: 6); None: every layer alike.
+    sliding_pattern: int | None = None
 
     def load_class(self) -> type:
         module, _, cls = self.model_class.partition(":")
@@ -40,6 +43,12 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  implies=(("attention_bias", True),), gguf_tokenizer="Qwen2Tokenizer"),
     Architecture("Qwen3ForCausalLM", "qwen3", "decoder:DecoderLM", ("qwen3",), ("qwen3",),
                  implies=(("qk_norm", True),), gguf_tokenizer="Qwen2Tokenizer"),
+    Architecture("Gemma2ForCausalLM", "gemma2", "gemma:GemmaLM", ("gemma2",), ("gemma2",),
+                 implies=(("scale_embeddings", True), ("sandwich_norms", True)),
+                 gguf_tokenizer="GemmaTokenizer", sliding_pattern=2),
+    Architecture("Gemma3ForCausalLM", "gemma3", "gemma:GemmaLM", ("gemma3_text",), ("gemma3",),
+                 implies=(("scale_embeddings", True), ("sandwich_norms", True), ("qk_norm", True)),
+                 gguf_tokenizer="GemmaTokenizer", sliding_pattern=6),
 )
 _BY_NAME = {a.name: a for a in ARCHITECTURES}
 _BY_MODEL_TYPE = {t: a for a in ARCHITECTURES for t in a.model_types}

@@ -27,6 +27,19 @@ TINY_CONFIGS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0)),
     # head_dim 32 != hidden / heads = 16: Qwen3's explicit head_dim must be honoured.
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, rope_theta=1000000.0)),
+    # Alternating sliding (window 5) and full layers; soft-capping low enough to bend the tiny
+    # model's scores and logits; a score scale that is not head_dim's.
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=16, sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+        final_logit_softcapping=10.0)),
+    # Five layers, one global: a period of three layers (local, local, global) and two past it;
+    # local RoPE base 10k, global 1M scaled linearly; q/k norm; head_dim 32 != D / N.
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_hidden_layers=5, head_dim=32, sliding_window=5, query_pre_attn_scalar=32,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                     "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})),
 }
 
 
@@ -49,7 +62,7 @@ def make_hf_model(kind: str, seed: int = 0):
     import transformers
 
     config_cls, model_cls, extra = TINY_CONFIGS[kind]
-    config = getattr(transformers, config_cls)(**_COMMON, **extra)
+    config = getattr(transformers, config_cls)(**{**_COMMON, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).to(torch.float32).eval()
     with torch.no_grad():

@@ -44,9 +44,11 @@ def test_family_specific_fields():
     mistral = ModelConfig.from_hf_config({**_BASE, "architectures": ["MistralForCausalLM"],
                                           "sliding_window": 4096, "eos_token_id": 2})
     assert mistral.sliding_window == 4096 and mistral.eos_token_ids == (2,)
-    with pytest.raises(ValueError, match="sliding window on some layers"):
-        ModelConfig.from_hf_config({**_BASE, "architectures": ["Qwen2ForCausalLM"],
-                                    "use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1})
+    # Qwen slides from max_window_layers on: per layer, one traced body per kind of layer.
+    partial = ModelConfig.from_hf_config({**_BASE, "architectures": ["Qwen2ForCausalLM"],
+                                          "use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1})
+    assert partial.layer_types == ("full_attention", "sliding_attention") and partial.sliding_window == 64
+    assert [s.sliding_window for s in partial.layer_specs()] == [None, 64]
 
 
 def test_validation_names_bad_values():

@@ -95,10 +95,10 @@ def test_attention_fn_receives_all_layers_pages(family, ragged_batch, kv_cache_f
     lm, _, step = family("mistral")
     seen = []
 
-    def spy(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale, sliding_window):
-        seen.append((q.shape, k_pages.shape, page_table.shape, sm_scale, sliding_window))
+    def spy(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale, sliding_window, soft_cap):
+        seen.append((q.shape, k_pages.shape, page_table.shape, sm_scale, sliding_window, soft_cap))
         return ragged_paged_attention_jnp(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
-                                                num_seqs, sm_scale=sm_scale, sliding_window=sliding_window)
+                                          num_seqs, sm_scale=sm_scale, sliding_window=sliding_window)
 
     batch = ragged_batch([(PROMPTS[0], 0)], [[4, 1, 6]])
     cache = kv_cache_factory(lm.config, NUM_PAGES)
@@ -108,6 +108,6 @@ def test_attention_fn_receives_all_layers_pages(family, ragged_batch, kv_cache_f
     cfg = lm.config
     # Traced once inside the layer scan, with every layer's pages flattened to [L*P, S, K, H].
     assert seen == [((32, cfg.num_heads, cfg.head_dim), (cfg.num_layers * NUM_PAGES, 4, cfg.num_kv_heads,
-                                                          cfg.head_dim), (4, 8), cfg.head_dim ** -0.5, 5)]
+                                                          cfg.head_dim), (4, 8), cfg.head_dim ** -0.5, 5, None)]
     np.testing.assert_allclose(np.asarray(lm.model.compute_logits(lm.params, hidden)), np.asarray(expected),
                                atol=1e-6)
