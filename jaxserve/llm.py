@@ -55,10 +55,11 @@ class LLM:
             enable_compile_logging()
         compile_cfg = args.compile_config()
         enable_persistent_compilation_cache(compile_cfg.resolved_cache_dir())
-        self.loaded = load_model(args.model, args.dtype)
-        limit = self.loaded.config.max_position_embeddings
+        loaded = load_model(args.model, args.dtype)
+        limit = loaded.config.max_position_embeddings
         if args.max_model_len is not None and args.max_model_len > limit:
             raise ValueError(f"max_model_len ({args.max_model_len}) exceeds the model's context length ({limit})")
+        self.loaded = loaded.for_max_model_len(args.max_model_len or limit)
         parallel = args.parallel_config()
         check_divisible(self.loaded.config, parallel.tensor_parallel_size)
         replicas = [LLMEngine(self.loaded, cache=args.cache_config(),

@@ -83,6 +83,7 @@ def lower_step_graphs(args: EngineArgs, platform: str, *, num_pages: int | None 
     check_divisible(config, parallel.tensor_parallel_size)
     mesh = replica_meshes(build_mesh(parallel))[0]  # data-parallel replicas run the same graphs
     scheduler = args.scheduler_config(args.max_model_len or limit)
+    config = config.for_max_model_len(scheduler.max_model_len)
     with targeting(platform):
         dtype = resolve_dtype(args.dtype)
         attention_fn = attention_backend(args.attention_backend)

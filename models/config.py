@@ -6,11 +6,12 @@ and the transformers 5 ``rope_parameters`` form) or, by the GGUF loader, from GG
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from jaxserve.models import registry
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ACTIVATIONS = ("silu", "gelu_tanh")
 # HF's names of the gated MLP's activation -> ours.
@@ -21,15 +22,24 @@ _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_t
 class RopeScaling:
     """How RoPE inverse frequencies are rescaled; hashable so the config can be a static jit arg."""
 
-    rope_type: str  # "linear", "llama3" or "freq_factors" (llama.cpp's per-frequency divisors)
+    rope_type: str  # "linear", "llama3", "freq_factors" (llama.cpp's per-frequency divisors) or "longrope"
     factor: float = 1.0  # linear / llama3: context extension factor
     low_freq_factor: float = 1.0  # llama3: wavelengths above original_max / this are divided by factor
     high_freq_factor: float = 4.0  # llama3: wavelengths below original_max / this are kept as is
-    original_max_position_embeddings: int = 8192  # llama3: pre-training context length
+    original_max_position_embeddings: int = 8192  # llama3, longrope: pre-training context length
     freq_factors: tuple[float, ...] = ()  # freq_factors: inv_freq[i] is divided by freq_factors[i]
+    # longrope (Phi-3): per-frequency divisors for contexts within original_max_position_embeddings
+    # and for longer ones, which of them this engine uses (`long`), and the factor every cos / sin
+    # is multiplied by. As vLLM, the choice is made once for the engine, by its max_model_len
+    # (ModelConfig.for_max_model_len), not per sequence as transformers switches (recomputing the
+    # cache): the KV cache and prefix cache then hold one kind of key.
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    long: bool = False
+    attention_factor: float = 1.0
 
     def __post_init__(self):
-        if self.rope_type not in ("linear", "llama3", "freq_factors"):
+        if self.rope_type not in SUPPORTED_ROPE_TYPES[1:]:
             raise ValueError(f"rope_type {self.rope_type!r} is not supported; "
                              f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
         if self.rope_type in ("linear", "llama3") and not self.factor > 0:
@@ -39,6 +49,8 @@ class RopeScaling:
                              f"low_freq_factor ({self.low_freq_factor})")
         if self.rope_type == "freq_factors" and not self.freq_factors:
             raise ValueError("rope_type 'freq_factors' needs a non-empty freq_factors tuple")
+        if self.rope_type == "longrope" and not (self.short_factor and len(self.short_factor) == len(self.long_factor)):
+            raise ValueError("rope_type 'longrope' needs short_factor and long_factor of the same length")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -76,6 +88,7 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()
     local_rope_theta: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3); None = rope_theta
     hidden_activation: str = "silu"  # the gated MLP's: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first head_dim * this dims of each head
     query_pre_attn_scalar: float | None = None  # scores scale by this ** -0.5, not head_dim ** -0.5 (Gemma)
     attn_logit_softcap: float | None = None  # attention scores soft-capped at this (Gemma 2)
     final_logit_softcap: float | None = None  # logits soft-capped at this (Gemma 2)
@@ -101,10 +114,14 @@ class ModelConfig:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
-        if (self.rope_scaling is not None and self.rope_scaling.rope_type == "freq_factors"
-                and len(self.rope_scaling.freq_factors) != self.head_dim // 2):
-            raise ValueError(f"rope freq_factors has {len(self.rope_scaling.freq_factors)} entries, "
-                             f"expected head_dim // 2 = {self.head_dim // 2}")
+        if not (0 < self.partial_rotary_factor <= 1 and self.rotary_dim % 2 == 0):
+            raise ValueError(f"partial_rotary_factor must be in (0, 1] and leave an even rotary dim, "
+                             f"got {self.partial_rotary_factor} of head_dim {self.head_dim}")
+        for name in ("freq_factors", "short_factor", "long_factor"):
+            factors = getattr(self.rope_scaling, name, ())
+            if factors and len(factors) != self.rotary_dim // 2:
+                raise ValueError(f"rope {name} has {len(factors)} entries, expected the rotary dim / 2 = "
+                                 f"{self.rotary_dim // 2}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window}")
         if self.layer_types:
@@ -138,6 +155,20 @@ class ModelConfig:
         local = (LayerSpec(self.sliding_window, self.rope_theta, self.rope_scaling) if self.local_rope_theta is None
                  else LayerSpec(self.sliding_window, self.local_rope_theta, None))
         return tuple(local if t == "sliding_attention" else full for t in self.layer_types)
+
+    def for_max_model_len(self, max_model_len: int) -> ModelConfig:
+        """This config as an engine of that context length runs it: longrope takes its long
+        factors when the engine may go past the pre-training length (vLLM's rule)."""
+        scaling = self.rope_scaling
+        if scaling is None or scaling.rope_type != "longrope":
+            return self
+        long = max_model_len > scaling.original_max_position_embeddings
+        return dataclasses.replace(self, rope_scaling=dataclasses.replace(scaling, long=long))
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many dims of each head RoPE rotates (Phi-3.5 / Phi-4 rotate part of them)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def sm_scale(self) -> float:
@@ -184,6 +215,8 @@ class ModelConfig:
             sliding_window=sliding_window,
             layer_types=layer_types,
             hidden_activation=_HF_ACTIVATIONS[activation],
+            partial_rotary_factor=float((hf.get("rope_parameters") or {}).get("partial_rotary_factor")
+                                        or hf.get("partial_rotary_factor") or 1.0),
             query_pre_attn_scalar=_positive_or_none(hf.get("query_pre_attn_scalar")),
             attn_logit_softcap=_positive_or_none(hf.get("attn_logit_softcapping")),
             final_logit_softcap=_positive_or_none(hf.get("final_logit_softcapping")),
@@ -216,13 +249,24 @@ def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None, float | 
         params = dict(params.get("full_attention") or {})
     theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
     local_theta = None if local_theta is None else float(local_theta)
-    return theta, _parse_rope_scaling(params), local_theta
+    return theta, _parse_rope_scaling(params, hf), local_theta
 
 
-def _parse_rope_scaling(params: dict[str, Any]) -> RopeScaling | None:
+def _parse_rope_scaling(params: dict[str, Any], hf: dict[str, Any]) -> RopeScaling | None:
     rope_type = params.get("rope_type") or params.get("type") or "default"
     if rope_type == "default":
         return None
+    if rope_type in ("longrope", "su"):  # "su": Phi-3's first name for it
+        # Phi-3 keeps the pre-training length beside rope_scaling; it wins, as in transformers.
+        original = int(hf.get("original_max_position_embeddings") or params["original_max_position_embeddings"])
+        factor = params.get("factor") or hf["max_position_embeddings"] / original
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:  # the LongRoPE paper's default
+            attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return RopeScaling("longrope", original_max_position_embeddings=original,
+                           short_factor=tuple(map(float, params["short_factor"])),
+                           long_factor=tuple(map(float, params["long_factor"])),
+                           attention_factor=float(attention_factor))
     if rope_type == "linear":
         return RopeScaling("linear", factor=float(params["factor"]))
     if rope_type == "llama3":
@@ -233,7 +277,7 @@ def _parse_rope_scaling(params: dict[str, Any]) -> RopeScaling | None:
             high_freq_factor=float(params["high_freq_factor"]),
             original_max_position_embeddings=int(params["original_max_position_embeddings"]),
         )
-    raise ValueError(f"rope_type {rope_type!r} is not supported; supported: default, linear, llama3")
+    raise ValueError(f"rope_type {rope_type!r} is not supported; supported: default, linear, llama3, longrope")
 
 
 def _parse_layer_types(hf: dict[str, Any], sliding_pattern: int | None) -> tuple[int | None, tuple[str, ...]]:

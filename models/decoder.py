@@ -40,7 +40,7 @@ class DecoderLayer(nn.Module):
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling, qkv_bias=cfg.attention_bias,
             qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None, sliding_window=spec.sliding_window,
-            sm_scale=cfg.sm_scale, soft_cap=cfg.attn_logit_softcap,
+            sm_scale=cfg.sm_scale, soft_cap=cfg.attn_logit_softcap, rotary_dim=cfg.rotary_dim,
             attention_fn=self.attention_fn, name="attn")(h, kv_cache, layer, md)
         if cfg.sandwich_norms:
             h = RMSNorm(cfg.rms_norm_eps, name="post_attn_norm")(h)

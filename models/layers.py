@@ -61,8 +61,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
-    """Inverse RoPE frequencies [H/2], float32, computed step by step as transformers does."""
+    """Inverse RoPE frequencies [H/2] (H: the rotated dims), float32, computed step by step as
+    transformers does; longrope's with its short or long factors, as scaling.long says."""
     exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)  # [H/2]
+    if scaling is not None and scaling.rope_type == "longrope":
+        factors = np.asarray(scaling.long_factor if scaling.long else scaling.short_factor, dtype=np.float32)
+        return (1.0 / (factors * np.float32(theta) ** exponents)).astype(np.float32)
     inv_freq = 1.0 / (np.float32(theta) ** exponents)
     if scaling is None:
         return inv_freq
@@ -84,16 +88,24 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
     return np.where(is_medium, smoothed, inv_freq_llama).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate [T, N, H] by each token's position, HF "rotate_half" layout (pairs i and i + H/2)."""
-    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, H/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [T, H]
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, attention_factor: float = 1.0) -> jax.Array:
+    """Rotate the first 2 * len(inv_freq) dims of [T, N, H] by each token's position, HF
+    "rotate_half" layout (pairs i and i + R/2); the rest pass through (partial rotary). cos and
+    sin are scaled by attention_factor (longrope's)."""
+    R = 2 * inv_freq.shape[-1]
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, R/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [T, R]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
     # transformers casts cos/sin to the activation dtype before rotating; do the same.
-    cos = jnp.cos(emb).astype(x.dtype)[:, None, :]  # [T, 1, H]
-    sin = jnp.sin(emb).astype(x.dtype)[:, None, :]  # [T, 1, H]
-    x1, x2 = jnp.split(x, 2, axis=-1)  # [T, N, H/2] each
-    rotated = jnp.concatenate([-x2, x1], axis=-1)  # [T, N, H]
-    return x * cos + rotated * sin
+    cos = cos.astype(x.dtype)[:, None, :]  # [T, 1, R]
+    sin = sin.astype(x.dtype)[:, None, :]  # [T, 1, R]
+    x_rot, x_pass = x[..., :R], x[..., R:]
+    x1, x2 = jnp.split(x_rot, 2, axis=-1)  # [T, N, R/2] each
+    rotated = jnp.concatenate([-x2, x1], axis=-1)  # [T, N, R]
+    out = x_rot * cos + rotated * sin
+    return out if R == x.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)
 
 
 # The gated MLP's activations (ModelConfig.hidden_activation): SwiGLU's SiLU, GeGLU's tanh GELU.
@@ -152,6 +164,7 @@ class PagedAttention(nn.Module):
     sliding_window: int | None = None
     sm_scale: float | None = None  # None: head_dim ** -0.5
     soft_cap: float | None = None  # scores soft-capped at this (Gemma 2)
+    rotary_dim: int | None = None  # dims of each head RoPE rotates; None: all of them
 
     @nn.compact
     def __call__(self, x: jax.Array, kv_cache: KVCache, layer: jax.Array,
@@ -167,9 +180,10 @@ class PagedAttention(nn.Module):
                 q = RMSNorm(self.qk_norm_eps, name="q_norm")(q)
                 k = RMSNorm(self.qk_norm_eps, name="k_norm")(k)
             with jax.named_scope("rope"):
-                inv_freq = rope_inv_freq(H, self.rope_theta, self.rope_scaling)
-                q = apply_rope(q, md.positions, inv_freq)
-                k = apply_rope(k, md.positions, inv_freq)
+                inv_freq = rope_inv_freq(self.rotary_dim or H, self.rope_theta, self.rope_scaling)
+                factor = self.rope_scaling.attention_factor if self.rope_scaling is not None else 1.0
+                q = apply_rope(q, md.positions, inv_freq, factor)
+                k = apply_rope(k, md.positions, inv_freq, factor)
             with jax.named_scope("kv_write"):
                 kv_cache = write_kv(kv_cache, layer, md.slot_mapping, k, v)
             L, P, S, _, _ = kv_cache.k.shape
@@ -295,10 +309,12 @@ class HFTensor:
     `name` has "{l}" for per-layer tensors (stacked on axis 0 of ours); `shape` is the HF shape
     (checked on load); `transpose` turns an HF Linear weight [out, in] into our [in, out] order
     before it is reshaped to our shape (e.g. [N*H, D] -> [D, N*H] -> [D, N, H]); `offset` is
-    added to the values (Gemma stores its RMSNorm scales minus one).
+    added to the values (Gemma stores its RMSNorm scales minus one); `rows` takes rows [start,
+    stop) of a fused HF tensor (Phi-3's qkv_proj and gate_up_proj) before that.
     """
 
     name: str
     shape: tuple[int, ...]
     transpose: bool = False
     offset: float = 0.0
+    rows: tuple[int, int] | None = None

@@ -51,6 +51,13 @@ class LoadedModel:
     # The tokenizer, or a Future of it while it still loads in the background (a GGUF's: see _load_gguf).
     tokenizer_or_future: Any = dataclasses.field(repr=False)
 
+    def for_max_model_len(self, max_model_len: int) -> LoadedModel:
+        """The model as an engine of that context length runs it (ModelConfig.for_max_model_len)."""
+        config = self.config.for_max_model_len(max_model_len)
+        if config == self.config:
+            return self
+        return dataclasses.replace(self, config=config, model=model_class(config.architecture)(config))
+
     @property
     def tokenizer(self) -> Any:
         """transformers PreTrainedTokenizerFast, chat_template set when the source has one (waits
@@ -231,6 +238,8 @@ def host_params(model: DecoderModel, source: TensorSource, dtype: jnp.dtype, whe
         used.add(name)
         # Reshaping on the host in numpy: one device transfer per parameter, no per-shape jit.
         array = np.asarray(array)
+        if entry.rows is not None:
+            array = array[entry.rows[0]:entry.rows[1]]
         if entry.offset:
             array = array.astype(np.float32) + np.float32(entry.offset)
         array = array.astype(dtype, copy=False)

@@ -43,6 +43,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  implies=(("attention_bias", True),), gguf_tokenizer="Qwen2Tokenizer"),
     Architecture("Qwen3ForCausalLM", "qwen3", "decoder:DecoderLM", ("qwen3",), ("qwen3",),
                  implies=(("qk_norm", True),), gguf_tokenizer="Qwen2Tokenizer"),
+    Architecture("Phi3ForCausalLM", "phi3", "phi3:Phi3LM", ("phi3",), ("phi3",), gguf_tokenizer="LlamaTokenizer"),
     Architecture("Gemma2ForCausalLM", "gemma2", "gemma:GemmaLM", ("gemma2",), ("gemma2",),
                  implies=(("scale_embeddings", True), ("sandwich_norms", True)),
                  gguf_tokenizer="GemmaTokenizer", sliding_pattern=2),

@@ -12,8 +12,9 @@ from jaxserve.engine_args import EngineArgs
 from jaxserve.lowering import DEFAULT_NUM_PAGES, lower_step_graphs
 from jaxserve.runner import ModelRunner
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]  # plain, sliding window, q/k/v bias,
-# head_dim != D / N, alternating layers with soft-capping, a period of local and global layers
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]  # plain, sliding window,
+# q/k/v bias, head_dim != D / N, alternating layers with soft-capping, a period of local and global
+# layers, fused checkpoints with longrope and partial rotary
 SMALL = dict(max_num_seqs=16, max_num_batched_tokens=64, max_model_len=256)
 
 

@@ -27,6 +27,14 @@ TINY_CONFIGS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0)),
     # head_dim 32 != hidden / heads = 16: Qwen3's explicit head_dim must be honoured.
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, rope_theta=1000000.0)),
+    # Fused q/k/v and gate/up checkpoints; longrope with a pre-training length of 64 (the short
+    # factors for the usual test prompts and engines; tests/models/test_families.py runs the long
+    # ones), cos / sin scaled by sqrt(1 + ln 4 / ln 64); half of each head rotated; every layer
+    # sliding over 6 positions.
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        original_max_position_embeddings=64, sliding_window=6, pad_token_id=0,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 1.3, 1.7, 2.2], "long_factor": [1.5, 2.5, 4.0, 7.0]})),
     # Alternating sliding (window 5) and full layers; soft-capping low enough to bend the tiny
     # model's scores and logits; a score scale that is not head_dim's.
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(

@@ -101,3 +101,23 @@ def test_llama_cpp_freq_factors_reproduce_llama3():
     llama3 = rope_inv_freq(head_dim, theta, RopeScaling("llama3", factor, low, high, old))
     assert not np.allclose(llama3, plain)
     np.testing.assert_allclose(from_factors, llama3, rtol=1e-6)
+
+
+def test_phi3_longrope_in_the_legacy_su_form_and_the_engines_choice():
+    """Phi-3-mini-128k's config.json: rope_scaling {"type": "su", ...} beside a top-level
+    original_max_position_embeddings; cos / sin scaled by sqrt(1 + ln(128k / 4k) / ln 4k); the long
+    factors only for an engine whose context passes 4k."""
+    import math
+
+    hf = {**_BASE, "architectures": ["Phi3ForCausalLM"], "max_position_embeddings": 131072,
+          "original_max_position_embeddings": 4096,
+          "rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}}
+    cfg = ModelConfig.from_hf_config(hf)
+    scaling = cfg.rope_scaling
+    assert scaling.rope_type == "longrope" and scaling.original_max_position_embeddings == 4096
+    assert math.isclose(scaling.attention_factor, math.sqrt(1 + math.log(32) / math.log(4096)))
+    assert not scaling.long and not cfg.for_max_model_len(4096).rope_scaling.long
+    assert cfg.for_max_model_len(4097).rope_scaling.long
+    with pytest.raises(ValueError, match="short_factor has 3 entries, expected the rotary dim / 2 = 8"):
+        ModelConfig.from_hf_config({**hf, "rope_scaling": {"type": "su", "short_factor": [1.0] * 3,
+                                                           "long_factor": [2.0] * 3}})

@@ -111,3 +111,19 @@ def test_attention_fn_receives_all_layers_pages(family, ragged_batch, kv_cache_f
                                                           cfg.head_dim), (4, 8), cfg.head_dim ** -0.5, 5, None)]
     np.testing.assert_allclose(np.asarray(lm.model.compute_logits(lm.params, hidden)), np.asarray(expected),
                                atol=1e-6)
+
+
+def test_phi3_longrope_takes_the_long_factors_when_the_engine_context_passes_pretraining(
+        tiny_checkpoint, ragged_batch, kv_cache_factory):
+    """As vLLM, the factors are chosen once by the engine's context length: past the pre-training
+    length (64 here) every sequence takes the long ones, which transformers uses for a prompt
+    longer than that; within it, the short ones (the tests above)."""
+    folder, hf_model = tiny_checkpoint("phi3")
+    lm = load_model(folder, "float32").for_max_model_len(256)
+    assert lm.config.rope_scaling.long and not load_model(folder, "float32").config.rope_scaling.long
+    prompt = list(_rng.integers(3, 300, 70))  # 70 > 64: transformers switches to the long factors
+    pages = list(range(1, 19))  # 18 pages of 4
+    batch = ragged_batch([(prompt, 0)], [pages], num_tokens=72, max_seqs=1, width=18)
+    hidden, _ = jax.jit(lm.model.forward)(lm.params, batch.tokens, kv_cache_factory(lm.config, 19), batch.md)
+    logits = np.asarray(lm.model.compute_logits(lm.params, hidden))[batch.q_slices[0]]
+    np.testing.assert_allclose(logits, hf_logits(hf_model, prompt), atol=TOL, rtol=0)
