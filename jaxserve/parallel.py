@@ -60,9 +60,14 @@ def check_divisible(model_config, tensor_parallel_size: int) -> None:
     if tp == 1:
         return
     c = model_config
-    problems = [f"{what} ({n})" for what, n in (("attention heads", c.num_heads),
-                                                ("MLP intermediate size", c.intermediate_size),
-                                                ("vocabulary size", c.vocab_size)) if n % tp]
+    sizes = [("attention heads", c.num_heads), ("vocabulary size", c.vocab_size)]
+    if c.num_experts:
+        sizes += [("expert intermediate size", c.moe_intermediate_size)]
+        if c.shared_expert_intermediate_size:
+            sizes += [("shared expert intermediate size", c.shared_expert_intermediate_size)]
+    else:
+        sizes += [("MLP intermediate size", c.intermediate_size)]
+    problems = [f"{what} ({n})" for what, n in sizes if n % tp]
     if c.num_kv_heads % tp and tp % c.num_kv_heads:
         problems.append(f"KV heads ({c.num_kv_heads}: must divide or be a multiple of it)")
     if problems:
@@ -74,8 +79,12 @@ def kv_heads_sharded(model_config, tensor_parallel_size: int) -> bool:
 
 
 # Which axis of each parameter (layers stacked on axis 0) the "model" axis splits; absent: replicated.
-_COLUMN_AXIS = {"q_proj": 2, "q_bias": 1, "gate_proj": 2, "up_proj": 2, "lm_head": 1}
-_ROW_AXIS = {"o_proj": 1, "down_proj": 1, "embed": 0}
+# MoE experts [L, E, D, F] / [L, E, F, D] split as the dense MLP does, each expert's hidden units
+# over the shards, so routing stays local and a layer still needs one all-reduce; the router is
+# replicated.
+_COLUMN_AXIS = {"q_proj": 2, "q_bias": 1, "gate_proj": 2, "up_proj": 2, "lm_head": 1,
+                "experts_gate": 3, "experts_up": 3}
+_ROW_AXIS = {"o_proj": 1, "down_proj": 1, "embed": 0, "experts_down": 2}
 _KV_AXIS = {"k_proj": 2, "v_proj": 2, "k_bias": 1, "v_bias": 1}
 
 

@@ -94,6 +94,12 @@ class ModelConfig:
     final_logit_softcap: float | None = None  # logits soft-capped at this (Gemma 2)
     scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
     sandwich_norms: bool = False  # an RMSNorm after attention and after the MLP too (Gemma 2 / 3)
+    # Mixture of experts (models/moe.py): 0 experts = a dense gated MLP in every layer.
+    num_experts: int = 0  # E, routed experts per MoE layer
+    num_experts_per_tok: int = 0  # k, experts each token goes to
+    moe_intermediate_size: int = 0  # each expert's hidden width
+    norm_topk_prob: bool = False  # renormalise the k routing weights to sum to 1 (Mixtral always)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on, sigmoid-gated expert; 0: none
     max_position_embeddings: int = 4096  # longest context the model was trained for
     bos_token_id: int | None = None  # token prepended to prompts, if any
     eos_token_ids: tuple[int, ...] = ()  # tokens that end generation
@@ -135,6 +141,10 @@ class ModelConfig:
         if self.hidden_activation not in ACTIVATIONS:
             raise ValueError(f"hidden_activation {self.hidden_activation!r} is not supported; "
                              f"supported: {', '.join(ACTIVATIONS)}")
+        if self.num_experts and not (0 < self.num_experts_per_tok <= self.num_experts and self.moe_intermediate_size > 0):
+            raise ValueError(f"an MoE model needs 0 < num_experts_per_tok ({self.num_experts_per_tok}) <= "
+                             f"num_experts ({self.num_experts}) and moe_intermediate_size > 0 "
+                             f"(got {self.moe_intermediate_size})")
         for name in ("local_rope_theta", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -223,9 +233,27 @@ class ModelConfig:
             max_position_embeddings=hf.get("max_position_embeddings") or 4096,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(int(i) for i in eos_ids),
+            **_parse_experts(hf, architecture),
         )
         fields.update(implied)
         return cls(**fields)
+
+
+def _parse_experts(hf: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """The MoE fields: Mixtral names its experts num_local_experts, each as wide as
+    intermediate_size; Qwen-MoE num_experts (transformers 5 saves Qwen3-MoE's as
+    num_local_experts), each moe_intermediate_size wide, plus Qwen2-MoE's shared expert."""
+    num_experts = hf.get("num_local_experts") or hf.get("num_experts") or 0
+    if not num_experts:
+        return {}
+    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+        raise ValueError(f"{architecture} with dense MLP layers among the MoE ones (mlp_only_layers="
+                         f"{hf.get('mlp_only_layers')}, decoder_sparse_step={hf.get('decoder_sparse_step')}) "
+                         f"is not supported")
+    return dict(num_experts=int(num_experts), num_experts_per_tok=int(hf["num_experts_per_tok"]),
+                moe_intermediate_size=int(hf.get("moe_intermediate_size") or hf["intermediate_size"]),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0))
 
 
 def _positive_or_none(value) -> float | None:

@@ -1,6 +1,6 @@
 """The decoder every generating family runs: one pre-norm layer driven by the ModelConfig and its
 layer's LayerSpec (q/k/v bias, q/k norm, sliding window and RoPE base per layer, score scale and
-soft-capping, sandwich norms, the gated MLP's activation), the model API the engine calls
+soft-capping, sandwich norms, a gated MLP or a mixture of experts), the model API the engine calls
 (`DecoderLM`), and the HF tensor names of the Llama layout that Mistral and Qwen checkpoints share.
 
 A family that differs only in what its config says (Llama, Mistral, Qwen2, Qwen3) is a registry
@@ -18,6 +18,7 @@ from jaxserve.models.config import LayerSpec, ModelConfig
 from jaxserve.models.layers import (AttentionFn, GatedMLP, HFTensor, PagedAttention, Params, RMSNorm,
                                     decoder_forward, decoder_logits, init_decoder_params)
 from jaxserve.models.metadata import AttentionMetadata, KVCache
+from jaxserve.models.moe import SparseMoE
 from jaxserve.pallas_kernels.ragged_paged_attention_jnp import ragged_paged_attention_jnp
 from jaxserve.precision import pack
 
@@ -46,7 +47,11 @@ class DecoderLayer(nn.Module):
             h = RMSNorm(cfg.rms_norm_eps, name="post_attn_norm")(h)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, name="mlp_norm")(x)
-        h = GatedMLP(cfg.intermediate_size, cfg.hidden_activation, name="mlp")(h)
+        if cfg.num_experts:
+            h = SparseMoE(cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.hidden_activation,
+                          cfg.norm_topk_prob, cfg.shared_expert_intermediate_size, name="mlp")(h)
+        else:
+            h = GatedMLP(cfg.intermediate_size, cfg.hidden_activation, name="mlp")(h)
         if cfg.sandwich_norms:
             h = RMSNorm(cfg.rms_norm_eps, name="post_mlp_norm")(h)
         return x + h, kv_cache

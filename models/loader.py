@@ -205,11 +205,15 @@ def _check_host_params(model: DecoderModel, host: HostParams, dtype: jnp.dtype) 
     """Whether cached arrays are the params this family maps from a checkpoint, in `dtype`: the same
     paths and sizes. (Not jax.eval_shape of init_params: that traces the whole init, about 0.5 s.)"""
     mapping = model.hf_tensor_map()
-    layers = model.config.num_layers
+    layers, experts = model.config.num_layers, model.config.num_experts
+
+    def size(path, entry: HFTensor) -> int:
+        rows = entry.shape[0] if entry.rows is None else entry.rows[1] - entry.rows[0]
+        return (rows * math.prod(entry.shape[1:]) * (layers if path[0] == "layers" else 1)
+                * (experts if "{e}" in entry.name else 1))
+
     return set(host) == set(mapping) and all(
-        host[path].dtype == dtype
-        and host[path].size == math.prod(entry.shape) * (layers if path[0] == "layers" else 1)
-        for path, entry in mapping.items())
+        host[path].dtype == dtype and host[path].size == size(path, entry) for path, entry in mapping.items())
 
 
 def device_params(host: HostParams) -> Params:
@@ -245,11 +249,17 @@ def host_params(model: DecoderModel, source: TensorSource, dtype: jnp.dtype, whe
         array = array.astype(dtype, copy=False)
         return (array.T if entry.transpose else array).reshape(shape)
 
+    def fetch_layer(name: str, entry: HFTensor, shape: tuple[int, ...]) -> np.ndarray:
+        if "{e}" not in name:
+            return fetch(name, entry, shape)
+        return np.stack([fetch(name.format(e=e), entry, shape[1:]) for e in range(shape[0])])  # [E, ...]
+
     flat = {}
     for path, entry in mapping.items():
         shape = expected[path].shape
         if path[0] == "layers":
-            array = np.stack([fetch(entry.name.format(l=l), entry, shape[1:])
+            # "{l}" stacks over the layers, then "{e}" over the experts (left for format to keep).
+            array = np.stack([fetch_layer(entry.name.format(l=l, e="{e}"), entry, shape[1:])
                               for l in range(model.config.num_layers)])  # [L, ...]
         else:
             array = fetch(entry.name, entry, shape)

@@ -43,6 +43,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  implies=(("attention_bias", True),), gguf_tokenizer="Qwen2Tokenizer"),
     Architecture("Qwen3ForCausalLM", "qwen3", "decoder:DecoderLM", ("qwen3",), ("qwen3",),
                  implies=(("qk_norm", True),), gguf_tokenizer="Qwen2Tokenizer"),
+    # Mixtral renormalises its top-k routing weights always; llama.cpp converts it to "llama" with
+    # experts (models/loader_gguf.py tells them apart).
+    Architecture("MixtralForCausalLM", "llama", "mixtral:MixtralLM", ("mixtral",),
+                 implies=(("norm_topk_prob", True),)),
+    Architecture("Qwen2MoeForCausalLM", "qwen2moe", "qwen_moe:QwenMoeLM", ("qwen2_moe",), ("qwen2moe",),
+                 implies=(("attention_bias", True),), gguf_tokenizer="Qwen2Tokenizer"),
+    Architecture("Qwen3MoeForCausalLM", "qwen3moe", "qwen_moe:QwenMoeLM", ("qwen3_moe",), ("qwen3moe",),
+                 implies=(("qk_norm", True),), gguf_tokenizer="Qwen2Tokenizer"),
     Architecture("Phi3ForCausalLM", "phi3", "phi3:Phi3LM", ("phi3",), ("phi3",), gguf_tokenizer="LlamaTokenizer"),
     Architecture("Gemma2ForCausalLM", "gemma2", "gemma:GemmaLM", ("gemma2",), ("gemma2",),
                  implies=(("scale_embeddings", True), ("sandwich_norms", True)),

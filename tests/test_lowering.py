@@ -12,9 +12,10 @@ from jaxserve.engine_args import EngineArgs
 from jaxserve.lowering import DEFAULT_NUM_PAGES, lower_step_graphs
 from jaxserve.runner import ModelRunner
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]  # plain, sliding window,
-# q/k/v bias, head_dim != D / N, alternating layers with soft-capping, a period of local and global
-# layers, fused checkpoints with longrope and partial rotary
+# Plain, sliding window, q/k/v bias, head_dim != D / N, alternating layers with soft-capping, a
+# period of local and global layers, fused checkpoints with longrope and partial rotary, experts
+# (a grouped matmul: ragged_dot on GPUs) with and without a shared one.
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe"]
 SMALL = dict(max_num_seqs=16, max_num_batched_tokens=64, max_model_len=256)
 
 
@@ -44,6 +45,7 @@ def test_every_family_lowers_for_cuda(tiny_checkpoint, kind, dtype):
     # The target's storage: real bf16 / fp16 pages and weights, not CPU's packed uint16 form.
     element = "bf16" if dtype == "auto" else "f16"
     assert f"x{element}>" in forward.module and "xui16>" not in forward.module
+    assert ("ragged_dot" in forward.module) == (kind in ("mixtral", "qwen2_moe"))
 
 
 def test_lowering_for_cpu_keeps_the_cpu_forms(tiny_checkpoint):

@@ -62,6 +62,21 @@ def test_tensor_parallel_tiny_matches_one_device(tiny_folder, tiny_one_device, t
     assert tokens(llm, TINY_PROMPTS) == tiny_one_device
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_tensor_parallel_2_on_experts_matches_one_device(tiny_checkpoint, kind):
+    """Each expert's hidden units split over the shards (a shared expert's too), the router whole."""
+    folder = tiny_checkpoint(kind)[0]
+    want = tokens(LLM(folder, **TINY_ARGS), TINY_PROMPTS)
+    llm = LLM(folder, tensor_parallel_size=2, **TINY_ARGS)
+    mlp = llm.engine.runner.params["layers"]["mlp"]
+    assert spec(mlp["experts_gate"]) == P(None, None, None, "model")  # [L, E, D, F] by columns
+    assert spec(mlp["experts_down"]) == P(None, None, "model", None)  # [L, E, F, D] by rows
+    assert spec(mlp["router"]) == P()
+    if kind == "qwen2_moe":
+        assert spec(mlp["shared_expert"]["gate_proj"]) == P(None, None, "model")
+    assert tokens(llm, TINY_PROMPTS) == want
+
+
 def test_tensor_parallel_3_on_smollm2_matches_one_device(smollm2_llm):
     tok = smollm2_llm.get_tokenizer()
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)

@@ -35,6 +35,14 @@ TINY_CONFIGS = {
         original_max_position_embeddings=64, sliding_window=6, pad_token_id=0,
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                          "short_factor": [1.0, 1.3, 1.7, 2.2], "long_factor": [1.5, 2.5, 4.0, 7.0]})),
+    # Mixture of experts: 4 experts, 2 per token (Mixtral renormalises their weights; Qwen2-MoE
+    # does not, and adds a sigmoid-gated shared expert; Qwen3-MoE renormalises, with q/k norm).
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=32, norm_topk_prob=True)),
     # Alternating sliding (window 5) and full layers; soft-capping low enough to bend the tiny
     # model's scores and logits; a score scale that is not head_dim's.
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
