@@ -49,7 +49,33 @@ _GEMMA_BLOCK_NAMES = {
     "ffn_norm.weight": "pre_feedforward_layernorm.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
-_BLOCK_NAMES_BY_ARCH = {"gemma2": _GEMMA_BLOCK_NAMES, "gemma3": _GEMMA_BLOCK_NAMES}
+# Phi-3 keeps q/k/v and gate/up fused; llama.cpp's ffn_up is the fused gate_up.
+_PHI3_BLOCK_NAMES = {**_BLOCK_NAMES, "attn_qkv.weight": "self_attn.qkv_proj.weight",
+                     "ffn_up.weight": "mlp.gate_up_proj.weight"}
+# Experts: the router, merged [E, ...] expert tensors (ffn_*_exps: one per projection, sliced per
+# expert on read) and Qwen2-MoE's shared expert. Mixtral's HF names (block_sparse_moe, w1 / w3 / w2)
+# replace Qwen's (mlp, gate / up / down_proj) where the GGUF is "llama" with experts.
+_QWEN_MOE_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_exps.weight": "mlp.experts.{e}.gate_proj.weight",
+    "ffn_up_exps.weight": "mlp.experts.{e}.up_proj.weight",
+    "ffn_down_exps.weight": "mlp.experts.{e}.down_proj.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+}
+_MIXTRAL_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
+    "ffn_gate_exps.weight": "block_sparse_moe.experts.{e}.w1.weight",
+    "ffn_up_exps.weight": "block_sparse_moe.experts.{e}.w3.weight",
+    "ffn_down_exps.weight": "block_sparse_moe.experts.{e}.w2.weight",
+}
+_BLOCK_NAMES_BY_ARCH = {"gemma2": _GEMMA_BLOCK_NAMES, "gemma3": _GEMMA_BLOCK_NAMES, "phi3": _PHI3_BLOCK_NAMES,
+                        "qwen2moe": _QWEN_MOE_BLOCK_NAMES, "qwen3moe": _QWEN_MOE_BLOCK_NAMES,
+                        "mixtral": _MIXTRAL_BLOCK_NAMES}
 # llama.cpp stores Gemma's RMSNorm scales with the one its norm adds already added; HF does not.
 _NORMS_PLUS_ONE = ("gemma2", "gemma3")
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
@@ -60,11 +86,15 @@ _GGUF_CONFIG_DEFAULTS = {
                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
     "gemma3": {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
                "rope_local_base_freq": 10000.0},
+    # llama.cpp renormalises Qwen3-MoE's top-k weights (transformers' GGUF loader says so too),
+    # not Qwen2-MoE's.
+    "qwen3moe": {"norm_topk_prob": True},
 }
 
 
 def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
-    """llama.cpp tensor name -> HF name, None for tensors without one (e.g. rope_freqs.weight)."""
+    """llama.cpp tensor name -> HF name, None for tensors without one (e.g. rope_freqs.weight).
+    A merged expert tensor's name has "{e}" for the expert. arch "mixtral": "llama" with experts."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     block_names = _BLOCK_NAMES_BY_ARCH.get(arch, _BLOCK_NAMES)
@@ -86,14 +116,21 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 class GGUFTensors:
-    """Dequantised float32 tensors of a GGUF file, by HF name and in HF layout."""
+    """Dequantised float32 tensors of a GGUF file, by HF name and in HF layout. A merged expert
+    tensor [E, ...] answers for each expert's HF tensor."""
 
     def __init__(self, reader: Any, config: ModelConfig, arch: str):
-        self._tensors = {}
+        self._tensors: dict[str, tuple[Any, int | None]] = {}  # HF name -> (tensor, expert or None)
         for tensor in reader.tensors:
-            name = hf_tensor_name(tensor.name, arch)
-            if name is not None:
-                self._tensors[name] = tensor
+            name = hf_tensor_name(tensor.name, "mixtral" if arch == "llama" and config.num_experts else arch)
+            if name is None:
+                continue
+            if "{e}" in name:
+                for e in range(int(tensor.shape[-1])):  # GGUF lists the expert axis last
+                    self._tensors[name.format(e=e)] = (tensor, e)
+            else:
+                self._tensors[name] = (tensor, None)
+        self._merged: tuple[str, np.ndarray] | None = None  # the last merged tensor read, dequantised
         self._config = config
         # transformers un-permutes q/k for general.architecture "llama" only (qwen2/qwen3 use NeoX
         # RoPE, which llama.cpp stores unpermuted); follow it exactly.
@@ -104,11 +141,15 @@ class GGUFTensors:
         return list(self._tensors)
 
     def get(self, name: str) -> np.ndarray:
-        from gguf import quants
-        tensor = self._tensors[name]
-        # GGUF shapes list the fastest axis first; numpy (and HF) order is the reverse.
-        shape = tuple(int(d) for d in reversed(tensor.shape))
-        weight = quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        tensor, expert = self._tensors[name]
+        if expert is None:
+            weight = _dequantize(tensor)
+        else:  # the loader asks for the experts in turn: dequantise the merged tensor once
+            if self._merged is None or self._merged[0] != tensor.name:
+                self._merged = (tensor.name, _dequantize(tensor))
+            weight = self._merged[1][expert]
+        if name.endswith("shared_expert_gate.weight"):  # GGUF keeps it as a vector, HF as [1, D]
+            weight = weight.reshape(1, -1)
         if self._unpermute_qk and name.endswith("self_attn.q_proj.weight"):
             weight = unpermute_rope_rows(weight, self._config.num_heads)
         elif self._unpermute_qk and name.endswith("self_attn.k_proj.weight"):
@@ -116,6 +157,13 @@ class GGUFTensors:
         elif self._norms_minus_one and name.endswith("norm.weight"):
             weight = weight - np.float32(1)
         return weight
+
+
+def _dequantize(tensor) -> np.ndarray:
+    """A GGUF tensor as float32 in numpy (HF) axis order: GGUF lists the fastest axis first."""
+    from gguf import quants
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    return quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
 
 
 def open_reader(path: str) -> Any:
@@ -152,16 +200,22 @@ def open_gguf(path: str) -> tuple[ModelConfig, GGUFTensors, Any]:
 
 def config_from_gguf(reader: Any) -> ModelConfig:
     arch = _field(reader, "general.architecture")
-    architecture = registry.from_gguf(arch)
     tensors = {t.name: t for t in reader.tensors}
 
     def meta(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
 
+    num_experts = meta("expert_count", 0)
+    # llama.cpp converts Mixtral to "llama" with experts.
+    architecture = registry.get("MixtralForCausalLM") if arch == "llama" and num_experts else registry.from_gguf(arch)
     num_heads = meta("attention.head_count")
+    num_kv_heads = meta("attention.head_count_kv", num_heads)
     head_dim = meta("attention.key_length")
     if head_dim is None:  # llama.cpp omits key_length when it is D / N; q rows say it either way
-        head_dim = int(tensors["blk.0.attn_q.weight"].shape[1]) // num_heads
+        if "blk.0.attn_q.weight" in tensors:
+            head_dim = int(tensors["blk.0.attn_q.weight"].shape[1]) // num_heads
+        else:  # Phi-3's fused q/k/v rows
+            head_dim = int(tensors["blk.0.attn_qkv.weight"].shape[1]) // (num_heads + 2 * num_kv_heads)
     vocab_size = meta("vocab_size") or int(tensors["token_embd.weight"].shape[1])
     # End of generation: eos, plus end-of-turn / end-of-message where the model has them (Llama 3).
     eos_ids = [_field(reader, f"tokenizer.ggml.{key}")
@@ -173,7 +227,7 @@ def config_from_gguf(reader: Any) -> ModelConfig:
         "intermediate_size": meta("feed_forward_length"),
         "num_hidden_layers": meta("block_count"),
         "num_attention_heads": num_heads,
-        "num_key_value_heads": meta("attention.head_count_kv", num_heads),
+        "num_key_value_heads": num_kv_heads,
         "head_dim": head_dim,
         "rms_norm_eps": meta("attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": meta("rope.freq_base", 10000.0),
@@ -184,12 +238,34 @@ def config_from_gguf(reader: Any) -> ModelConfig:
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": list(dict.fromkeys(i for i in eos_ids if i is not None)),
     }
+    if meta("rope.dimension_count") not in (None, head_dim):  # partial rotary (Phi-3.5, Phi-4-mini)
+        hf["partial_rotary_factor"] = meta("rope.dimension_count") / head_dim
+    if num_experts:
+        hf.update(num_local_experts=num_experts, num_experts_per_tok=meta("expert_used_count"),
+                  moe_intermediate_size=meta("expert_feed_forward_length") or meta("feed_forward_length"),
+                  shared_expert_intermediate_size=meta("expert_shared_feed_forward_length", 0))
     hf.update(_GGUF_CONFIG_DEFAULTS.get(arch, {}))
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2's, where the file has them
+    # What newer files say themselves, over those defaults: Gemma 2's soft caps, which layers slide
+    # (a period, or a flag per layer), the sliding layers' RoPE base.
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if meta(key) is not None:
             hf[key] = meta(key)
+    pattern = meta("attention.sliding_window_pattern")
+    if isinstance(pattern, int):
+        hf["sliding_window_pattern"] = pattern
+    elif pattern is not None:
+        hf["layer_types"] = ["sliding_attention" if sliding else "full_attention" for sliding in pattern]
+    if meta("rope.freq_base_swa") is not None:
+        hf["rope_local_base_freq"] = meta("rope.freq_base_swa")
     scaling_type = meta("rope.scaling.type", "none")
-    if scaling_type == "linear":
+    if "rope_factors_long.weight" in tensors:  # Phi-3's longrope keeps its factors as tensors
+        hf["rope_scaling"] = {
+            "rope_type": "longrope", "original_max_position_embeddings": meta("rope.scaling.original_context_length"),
+            "short_factor": _dequantize(tensors["rope_factors_short.weight"]).tolist(),
+            "long_factor": _dequantize(tensors["rope_factors_long.weight"]).tolist()}
+        if meta("rope.scaling.attn_factor") is not None:
+            hf["rope_scaling"]["attention_factor"] = meta("rope.scaling.attn_factor")
+    elif scaling_type == "linear":
         hf["rope_scaling"] = {"rope_type": "linear", "factor": meta("rope.scaling.factor")}
     elif scaling_type not in ("none", None):
         raise ValueError(f"GGUF rope scaling {scaling_type!r} is not supported (supported: none, linear)")

@@ -71,14 +71,14 @@ def save_tiny_tokenizer(path) -> None:
                             eos_token="w2").save_pretrained(str(path))
 
 
-def make_hf_model(kind: str, seed: int = 0):
+def make_hf_model(kind: str, seed: int = 0, **overrides):
     """A random tiny transformers model; weights are re-drawn large enough that logits are O(1-10)
     and norms/biases differ from their 1/0 defaults, so a mis-mapped tensor changes the output."""
     import torch
     import transformers
 
     config_cls, model_cls, extra = TINY_CONFIGS[kind]
-    config = getattr(transformers, config_cls)(**{**_COMMON, **extra})
+    config = getattr(transformers, config_cls)(**{**_COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).to(torch.float32).eval()
     with torch.no_grad():
