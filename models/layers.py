@@ -1,4 +1,4 @@
-"""Building blocks shared by every model family: RMSNorm, RoPE, SwiGLU MLP, the paged attention
+"""Building blocks shared by every model family: RMSNorm, RoPE, the gated MLP, the paged attention
 block, the decoder driver that scans stacked layers with the whole KV cache in the carry, and the
 HF checkpoint mapping entry.
 
@@ -228,8 +228,8 @@ def decoder_forward(make_layer: Callable[[LayerSpec], nn.Module], specs: tuple[L
     """
     embed = params["embed"]
     x = embed[tokens].astype(activation_dtype(embed.dtype))  # [T, D]
-    if scale_embeddings:  # Gemma: by sqrt(D) rounded to the activations' dtype, as transformers does
-        x = x * jnp.asarray(x.shape[-1] ** 0.5, x.dtype)
+    if scale_embeddings:  # Gemma: by sqrt(D) rounded to the weights' dtype, as transformers does
+        x = x * jnp.asarray(x.shape[-1] ** 0.5, embed.dtype).astype(x.dtype)
     layers = params["layers"]
     num_layers = len(specs)
     period = layer_period(specs)

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 # Bump whenever the loader would produce different arrays or config for the same file and dtype
 # (a GGUF conversion fix, a new params layout): old entries then miss instead of being served.
-LOADER_VERSION = 1
+LOADER_VERSION = 2  # 2: the registry's families (Gemma norms, experts, Phi-3), new config fields
 _FORMAT = 1  # of manifest.json and params.bin
 _ALIGN = 64  # bytes: every array starts at a multiple, so numpy views and device copies are aligned
 
@@ -140,12 +140,12 @@ def _drop_older_entries(parent: str, key: str, source: str, dtypes: list[str]) -
 
 def config_from_dict(fields: dict[str, Any]) -> ModelConfig:
     """The inverse of dataclasses.asdict for ModelConfig (JSON turns tuples into lists)."""
-    fields = dict(fields)
+    def tuples(d: dict) -> dict:
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+    fields = tuples(fields)
     if fields.get("rope_scaling") is not None:
-        scaling = dict(fields["rope_scaling"])
-        scaling["freq_factors"] = tuple(scaling.get("freq_factors", ()))
-        fields["rope_scaling"] = RopeScaling(**scaling)
-    fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
+        fields["rope_scaling"] = RopeScaling(**tuples(fields["rope_scaling"]))
     return ModelConfig(**fields)
 
 
