@@ -40,6 +40,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  implies=(("attention_bias", True),), gguf_tokenizer="Qwen2Tokenizer"),
     Architecture("Qwen3ForCausalLM", "qwen3", "decoder:DecoderLM", ("qwen3",), ("qwen3",),
                  implies=(("qk_norm", True),), gguf_tokenizer="Qwen2Tokenizer"),
+    # Encoders embed only (sentence-transformers checkpoints such as all-MiniLM-L6-v2).
+    Architecture("BertModel", "bert", "bert:BertEncoder", ("bert",), capabilities=(EMBED,)),
 )
 _BY_NAME = {a.name: a for a in ARCHITECTURES}
 _BY_MODEL_TYPE = {t: a for a in ARCHITECTURES for t in a.model_types}
@@ -75,6 +77,11 @@ def from_gguf(gguf_name: str) -> Architecture:
     if arch is None:
         raise ValueError(f"GGUF architecture {gguf_name!r} is not supported; supported: {', '.join(_BY_GGUF)}")
     return arch
+
+
+def can(name: str, capability: str) -> bool:
+    """Whether an architecture can `capability` (GENERATE, EMBED) as it is."""
+    return capability in get(name).capabilities
 
 
 def model_class(name: str) -> type:
