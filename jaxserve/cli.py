@@ -175,7 +175,8 @@ def _serve(args: argparse.Namespace) -> int:
     card = ModelCard.build(names, source=loaded.source, model_config=loaded.config,
                            num_params=sum(int(x.size) for x in leaves), dtype_name=str(leaves[0].dtype),
                            max_model_len=engine.max_model_len, chat_template=config.chat_template or tok.chat_template,
-                           stop=tuple(tok.decode([t]) for t in loaded.config.eos_token_ids))
+                           stop=tuple(tok.decode([t]) for t in loaded.config.eos_token_ids),
+                           capabilities=("embed",) if llm.runner_type == "pooling" else ("generate",))
     async_engine = AsyncEngine(engine, max_queue=config.max_queue)
     app = create_app(async_engine, card, config)
     log.info("model %s loaded and compiled in %.1f s; serving as %s on %s://%s:%d", loaded.source,
