@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import subprocess
 
 import httpx
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from openai import OpenAI
 
 from serverlib import MODEL, ServerProcess, scrape
+from test_readme import README
 from testlib import MINILM_ENGINE_ARGS, sentence_embeddings
 
 NAME = "all-minilm"
@@ -211,3 +213,37 @@ def test_concurrent_requests_compile_nothing_and_get_their_own_vectors(embed_ser
     together, alone = asyncio.run(main())
     assert np.allclose(together, alone, atol=1e-5)
     assert scrape(embed_server.url)['jaxserve:num_compiled_graphs{model_name="all-minilm"}'] == compiled
+
+
+# The fuzz of tests/server/test_fuzz.py, aimed at the embedding routes of this server.
+FUZZ_BASES = {"/v1/embeddings": {"model": NAME, "input": TEXTS[:2], "encoding_format": "float"},
+              "/api/embed": {"model": NAME, "input": TEXTS[0]},
+              "/api/embeddings": {"model": NAME, "prompt": TEXTS[0]}}
+FUZZ_FIELDS = {"/v1/embeddings": ["model", "input", "encoding_format", "dimensions", "truncate_prompt_tokens", "user"],
+               "/api/embed": ["model", "input", "truncate", "dimensions", "keep_alive", "options"],
+               "/api/embeddings": ["model", "prompt", "keep_alive", "options"]}
+
+
+def test_fuzzed_embedding_bodies_get_no_5xx_and_errors_in_the_api_format(embed_server, monkeypatch):
+    import test_fuzz
+
+    monkeypatch.setattr(test_fuzz, "BASES", FUZZ_BASES)
+    monkeypatch.setattr(test_fuzz, "FIELDS", FUZZ_FIELDS)
+    log_start = len(embed_server.read_log())
+    cases = test_fuzz.make_cases(test_fuzz.SEED, 150, model=NAME)
+    failures, statuses = test_fuzz.run_cases(embed_server.url, cases)
+    assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures[:30])
+    assert sum(n for (_, status), n in statuses.items() if status == 200) >= len(cases) // 30, statuses
+    assert _post(embed_server, "/v1/embeddings", {"model": NAME, "input": "still here"}).status_code == 200
+    log = embed_server.read_log()[log_start:]
+    assert "Traceback" not in log, log[max(0, log.index("Traceback") - 500):][:3000]
+
+
+def test_readme_embedding_curl_examples_work(embed_server):
+    section = open(README).read().split("## Embeddings", 1)[1].split("\n## ", 1)[0]
+    commands = [c for c in section.splitlines() if c.startswith("curl ")]
+    assert {"/v1/embeddings", "/api/embed"} <= {c.split("8000", 1)[1].split()[0] for c in commands}
+    for command in commands:
+        command = command.replace("http://127.0.0.1:8000", embed_server.url).replace("curl ", "curl -sS --fail-with-body ")
+        done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and '"embedding' in done.stdout, (command, done.stdout[-300:], done.stderr[-300:])
