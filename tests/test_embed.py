@@ -121,6 +121,12 @@ def test_each_api_refuses_the_other_kind_of_model(minilm, minilm_llm, tiny_check
         LLM(minilm, runner="generate")
     with pytest.raises(ValueError, match="max_model_len \\(512\\) exceeds this model's input limit \\(256"):
         LLM(minilm, max_model_len=512)
+    with pytest.raises(ValueError, match="runner 'pooling' runs on one device"):
+        LLM(minilm, tensor_parallel_size=2)
+    from jaxserve.engine_args import EngineArgs
+    from jaxserve.lowering import lower_step_graphs
+    with pytest.raises(ValueError, match="runner 'pooling' \\(BertModel\\) is not supported yet"):
+        lower_step_graphs(EngineArgs(model=minilm), "cuda")
 
 
 @pytest.fixture(scope="module")
