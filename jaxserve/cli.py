@@ -175,7 +175,8 @@ def _serve(args: argparse.Namespace) -> int:
     card = ModelCard.build(names, source=loaded.source, model_config=loaded.config,
                            num_params=sum(int(x.size) for x in leaves), dtype_name=str(leaves[0].dtype),
                            max_model_len=engine.max_model_len, chat_template=config.chat_template or tok.chat_template,
-                           stop=tuple(tok.decode([t]) for t in loaded.config.eos_token_ids))
+                           stop=tuple(tok.decode([t]) for t in loaded.config.eos_token_ids),
+                           capabilities=("embed",) if llm.runner_type == "pooling" else ("generate",))
     async_engine = AsyncEngine(engine, max_queue=config.max_queue)
     app = create_app(async_engine, card, config)
     log.info("model %s loaded and compiled in %.1f s; serving as %s on %s://%s:%d", loaded.source,
@@ -257,8 +258,18 @@ def _format_constraint(fmt: str | None):
     return StructuredOutputsParams(json=schema)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _generating_llm(engine_args):
+    """The LLM of `run` and `generate`, refused when the model only embeds."""
     from jaxserve.llm import LLM
+
+    llm = LLM.from_engine_args(engine_args)
+    if llm.runner_type != "generate":
+        raise ValueError(f"{llm.loaded.name} runs as a pooling model (it embeds): it cannot generate text; "
+                         f"embed with `jaxserve serve` (/v1/embeddings, /api/embed) or LLM.embed()")
+    return llm
+
+
+def _run(args: argparse.Namespace) -> int:
     from jaxserve.sampling_params import SamplingParams
 
     words = list(args.words)
@@ -268,7 +279,7 @@ def _run(args: argparse.Namespace) -> int:
     engine_args = engine_args_from(resolve_options_for(args))
     _log_to_stderr("warning")  # a chat in the terminal: only what went wrong
     started = time.monotonic()
-    llm = LLM.from_engine_args(engine_args)
+    llm = _generating_llm(engine_args)
     load_seconds = time.monotonic() - started
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sample_seed,
                             structured_outputs=_format_constraint(args.format))
@@ -294,13 +305,12 @@ def _run(args: argparse.Namespace) -> int:
 # ---- jaxserve generate ---------------------------------------------------------------------------
 
 def _generate(args: argparse.Namespace) -> int:
-    from jaxserve.llm import LLM
     from jaxserve.sampling_params import SamplingParams
 
     # With --distributed every process runs this same prompt: the steps stay in lockstep.
     engine_args = engine_args_from(resolve_options_for(args))
     _log_to_stderr("info")  # stdout carries only the completion
-    llm = LLM.from_engine_args(engine_args)
+    llm = _generating_llm(engine_args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.sample_seed)
     engine = llm.engine

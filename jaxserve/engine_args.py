@@ -19,6 +19,8 @@ from typing import Any, Mapping
 ENV_PREFIX = "JAXSERVE_"
 CACHE_ROOT_ENV = "JAXSERVE_CACHE_ROOT"
 ATTENTION_BACKENDS = ("auto", "pallas", "jnp")  # pallas_kernels.backend.BACKENDS, without importing jax
+RUNNERS = ("auto", "generate", "pooling")  # vLLM's --runner
+POOLING_TYPES = ("auto", "last", "mean", "cls")  # "auto" and models.pooling.POOLING_TYPES, without importing jax
 
 
 def default_cache_root(environ: Mapping[str, str] = os.environ) -> str:
@@ -134,6 +136,12 @@ class EngineArgs:
 
     model: str | None = option(None, "HF folder, .gguf file or 'smollm2' (default: the bundled "
                                      "SmolLM2-135M-Instruct)", group=_ENGINE)
+    runner: str = option("auto", "generate (a decoder that writes text) or pooling (a model that embeds: "
+                                 "LLM.embed, /v1/embeddings, /api/embed); auto: pooling for embedding-only "
+                                 "architectures (BERT), else generate", group=_ENGINE, choices=RUNNERS)
+    pooling_type: str = option("auto", "how a pooling model turns token states into one vector: last, mean or "
+                                       "cls; auto: what the model's sentence-transformers files say, else cls "
+                                       "for encoders and last for decoders", group=_ENGINE, choices=POOLING_TYPES)
     dtype: str = option("auto", "auto | float32 | bfloat16 | float16; auto: bfloat16 on accelerators and on "
                                 "CPUs that multiply bf16 natively, else float32", group=_ENGINE)
     max_model_len: int | None = option(None, "longest prompt + output (default: the model's context length)",

@@ -1,8 +1,10 @@
-"""The offline API, as vLLM's: ``LLM(model).generate(prompts, SamplingParams(...))`` and ``chat``."""
+"""The offline API, as vLLM's: ``LLM(model).generate(prompts, SamplingParams(...))`` and ``chat`` on
+generating models, ``LLM(model).embed(texts)`` on pooling models (vLLM's ``--runner``)."""
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 from typing import Sequence
 
@@ -11,16 +13,32 @@ from tqdm.auto import tqdm
 from jaxserve.data_parallel import DataParallelEngine
 from jaxserve.engine import LLMEngine, enable_persistent_compilation_cache
 from jaxserve.engine_args import ENGINE_OPTIONS, EngineArgs, signature
-from jaxserve.outputs import RequestOutput
+from jaxserve.outputs import EmbeddingRequestOutput, RequestOutput
 from jaxserve.parallel import build_mesh, check_divisible, initialize_distributed, replica_meshes
+from jaxserve.pooling_params import PoolingParams
 from jaxserve.profiling import enable_compile_logging
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
 PromptType = str | Sequence[int]
 
 
+def resolve_runner(runner: str, architecture: str) -> str:
+    """vLLM's --runner: "generate" or "pooling"; "auto" pools with architectures that cannot
+    generate (encoders) and generates with the rest. A decoder may pool; an encoder cannot generate."""
+    from jaxserve.models import registry
+
+    can_generate = registry.can(architecture, registry.GENERATE)
+    if runner == "auto":
+        return "generate" if can_generate else "pooling"
+    if runner == "generate" and not can_generate:
+        raise ValueError(f"{architecture} cannot generate text, it only embeds: run it with runner 'pooling' "
+                         f"(or 'auto')")
+    return runner
+
+
 class LLM:
-    """Load a model once, then generate for batches of prompts with continuous batching.
+    """Load a model once, then generate for batches of prompts with continuous batching, or embed
+    texts with a pooling model (``runner``: "auto" pools with embedding-only architectures).
 
     The keyword arguments are jaxserve/engine_args.py's EngineArgs, the same options as the CLI
     flags (``max_num_seqs`` is ``--max-num-seqs``); one not given falls back to its ``JAXSERVE_*``
@@ -55,11 +73,16 @@ class LLM:
             enable_compile_logging()
         compile_cfg = args.compile_config()
         enable_persistent_compilation_cache(compile_cfg.resolved_cache_dir())
-        loaded = load_model(args.model, args.dtype)
-        limit = loaded.config.max_position_embeddings
+        self.loaded = load_model(args.model, args.dtype)
+        self.runner_type = resolve_runner(args.runner, self.loaded.config.architecture)
+        self._ids = itertools.count()
+        if self.runner_type == "pooling":
+            self.engine = self._pooling_engine(args, get_attention(args.attention_backend))
+            return
+        limit = self.loaded.config.max_position_embeddings
         if args.max_model_len is not None and args.max_model_len > limit:
             raise ValueError(f"max_model_len ({args.max_model_len}) exceeds the model's context length ({limit})")
-        self.loaded = loaded.for_max_model_len(args.max_model_len or limit)
+        self.loaded = self.loaded.for_max_model_len(args.max_model_len or limit)
         parallel = args.parallel_config()
         check_divisible(self.loaded.config, parallel.tensor_parallel_size)
         replicas = [LLMEngine(self.loaded, cache=args.cache_config(),
@@ -69,7 +92,29 @@ class LLM:
                               structured_outputs_timeout=args.structured_outputs_timeout)
                     for i, mesh in enumerate(replica_meshes(build_mesh(parallel)))]
         self.engine = replicas[0] if len(replicas) == 1 else DataParallelEngine(replicas)
-        self._ids = itertools.count()
+
+    def _pooling_engine(self, args: EngineArgs, attention_fn):
+        """The engine of runner "pooling". Its input limit is the model's sentence-transformers
+        max_seq_length where it names one, else its position limit; max_model_len may lower it."""
+        from jaxserve.models import registry
+        from jaxserve.models.pooling import pooler_config
+        from jaxserve.pooling_engine import PoolingEngine
+
+        if args.tensor_parallel_size > 1 or args.data_parallel_size > 1 or args.distributed:
+            raise ValueError("runner 'pooling' runs on one device: tensor_parallel_size and data_parallel_size "
+                             "must be 1, and distributed is not supported")
+        loaded = self.loaded
+        folder = loaded.source if os.path.isdir(loaded.source) else None
+        pooler = pooler_config(folder, encoder=not registry.can(loaded.config.architecture, registry.GENERATE),
+                               pooling_type=args.pooling_type)
+        limit = min(loaded.config.max_position_embeddings, pooler.max_seq_length or math.inf)
+        if args.max_model_len is not None and args.max_model_len > limit:
+            raise ValueError(f"max_model_len ({args.max_model_len}) exceeds this model's input limit ({limit} "
+                             f"tokens: its sentence-transformers max_seq_length, else its position limit)")
+        return PoolingEngine(loaded, pooler=pooler, max_input_tokens=args.max_model_len or limit,
+                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                             block_size=args.block_size, attention_fn=attention_fn,
+                             warmup=args.compile_config().warmup, profiler_dir=args.profiler_dir)
 
     def get_tokenizer(self):
         return self.loaded.tokenizer
@@ -78,6 +123,7 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt (strings or token-id lists); outputs come back in input order."""
+        self._require("generate", "LLM.generate()")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         return self._run(list(prompts), sampling_params, use_tqdm, prompt_texts=None)
@@ -86,12 +132,37 @@ class LLM:
              use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
         """Apply the chat template to one conversation (a list of messages) or a list of them."""
+        self._require("generate", "LLM.chat()")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self.loaded.tokenizer
         texts = [tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                chat_template=chat_template) for conv in conversations]
         token_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
         return self._run(token_ids, sampling_params, use_tqdm, prompt_texts=texts)
+
+    def embed(self, prompts: PromptType | Sequence[PromptType], *, truncate_prompt_tokens: int | None = None,
+              use_tqdm: bool = True, pooling_params: PoolingParams | None = None) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (strings or token-id lists), in input order, as vLLM's
+        ``LLM.embed``: ``out.outputs.embedding`` is a list of floats. ``truncate_prompt_tokens``:
+        a longer prompt keeps only its last N tokens (-1: the model's input limit); without it a
+        prompt past the limit is refused. ``use_tqdm`` is accepted and ignored (one call, no steps
+        to show)."""
+        self._require("pooling", "LLM.embed()")
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = pooling_params or PoolingParams()
+        if truncate_prompt_tokens is not None:
+            params = dataclasses.replace(params, truncate_prompt_tokens=truncate_prompt_tokens)
+        return self.engine.embed(list(prompts), params)
+
+    def _require(self, runner: str, what: str) -> None:
+        if self.runner_type == runner:
+            return
+        if runner == "pooling":
+            raise ValueError(f"{what} is only supported for pooling models; this model runs with runner "
+                             f"'generate'. Pass runner='pooling' (--runner pooling) to embed with it")
+        raise ValueError(f"{what} is only supported for generating models; this model runs with runner "
+                         f"'pooling' (it embeds): use LLM.embed()")
 
     def _run(self, prompts: list, sampling_params, use_tqdm: bool, prompt_texts) -> list[RequestOutput]:
         if isinstance(sampling_params, Sequence):
@@ -131,6 +202,8 @@ class LLM:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (as vLLM's LLM.reset_prefix_cache): later prompts prefill in full."""
+        if self.runner_type != "generate":  # a pooling model caches no prefixes
+            return
         for engine in getattr(self.engine, "replicas", [self.engine]):
             engine.pool.reset_prefix_cache()
 

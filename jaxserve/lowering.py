@@ -75,7 +75,12 @@ def lower_step_graphs(args: EngineArgs, platform: str, *, num_pages: int | None 
     from jaxserve.precision import targeting
     from jaxserve.runner import ModelRunner
 
+    from jaxserve.llm import resolve_runner
+
     config, path = load_model_config(args.model)
+    if resolve_runner(args.runner, config.architecture) != "generate":  # the pooling runner's graphs: not yet
+        raise ValueError(f"jaxserve lower lowers the generation graphs; runner 'pooling' ({config.architecture}) "
+                         f"is not supported yet")
     limit = config.max_position_embeddings
     if args.max_model_len is not None and args.max_model_len > limit:
         raise ValueError(f"max_model_len ({args.max_model_len}) exceeds the model's context length ({limit})")

@@ -1,4 +1,5 @@
-"""What generation returns, shaped as vLLM's ``RequestOutput`` / ``CompletionOutput``."""
+"""What generation and embedding return, shaped as vLLM's ``RequestOutput`` / ``CompletionOutput``
+and ``EmbeddingRequestOutput``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,3 +36,21 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]           # the text's vector (unit length when the model normalises)
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """One embedded text, as vLLM's ``EmbeddingRequestOutput``."""
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]      # what was embedded, after any truncation
+    finished: bool = True

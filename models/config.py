@@ -65,8 +65,9 @@ class LayerSpec:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """Shape and numerics of a decoder-only transformer: what the shared decoder layer
-    (models/decoder.py) reads to run any family the registry lists."""
+    """Shape and numerics of a transformer: what the shared decoder layer (models/decoder.py) reads
+    to run any generating family the registry lists, or a BERT encoder (no RoPE, biases everywhere,
+    LayerNorms: models/bert.py)."""
 
     architecture: str  # HF class name, an entry of models/registry.py; selects the family
     vocab_size: int  # V, rows of the embedding table
@@ -76,7 +77,7 @@ class ModelConfig:
     num_heads: int  # N, query heads
     num_kv_heads: int  # K, key/value heads (GQA when K < N)
     head_dim: int  # H, per-head width (explicit in Qwen3, usually D / N elsewhere)
-    rms_norm_eps: float = 1e-6  # epsilon inside every RMSNorm
+    rms_norm_eps: float = 1e-6  # epsilon inside every norm (BERT: its LayerNorms' layer_norm_eps)
     rope_theta: float = 10000.0  # RoPE base frequency
     rope_scaling: RopeScaling | None = None  # None = plain RoPE ("default")
     tie_word_embeddings: bool = False  # logits reuse the embedding table (no lm_head)
@@ -103,6 +104,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096  # longest context the model was trained for
     bos_token_id: int | None = None  # token prepended to prompts, if any
     eos_token_ids: tuple[int, ...] = ()  # tokens that end generation
+    type_vocab_size: int = 0  # rows of BERT's token-type embedding (0: the model has none)
 
     def __post_init__(self):
         registry.get(self.architecture)  # raises for an architecture jaxserve does not run
@@ -190,6 +192,8 @@ class ModelConfig:
         """Build from a parsed HF ``config.json`` (transformers 4 or 5 layout)."""
         arch = registry.find(hf)
         architecture = arch.name
+        if arch.family == "bert":
+            return _from_bert_config(architecture, hf)
         implied = dict(arch.implies)
         if hf.get("mlp_bias"):
             raise ValueError(f"{architecture} with mlp_bias=True is not supported")
@@ -258,6 +262,31 @@ def _parse_experts(hf: dict[str, Any], architecture: str) -> dict[str, Any]:
 
 def _positive_or_none(value) -> float | None:
     return float(value) if value else None
+
+
+def _from_bert_config(architecture: str, hf: dict[str, Any]) -> ModelConfig:
+    """A BERT config.json: post-norm layers with exact GELU and learned absolute positions."""
+    act = hf.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"{architecture} with hidden_act={act!r} is not supported (only 'gelu')")
+    position = hf.get("position_embedding_type", "absolute")
+    if position != "absolute":
+        raise ValueError(f"{architecture} with position_embedding_type={position!r} is not supported "
+                         f"(only 'absolute')")
+    num_heads = hf["num_attention_heads"]
+    return ModelConfig(
+        architecture=architecture,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=num_heads,
+        head_dim=hf["hidden_size"] // num_heads,
+        rms_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        max_position_embeddings=hf.get("max_position_embeddings") or 512,
+        type_vocab_size=hf.get("type_vocab_size", 2),
+    )
 
 
 def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]:

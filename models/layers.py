@@ -1,6 +1,7 @@
-"""Building blocks shared by every model family: RMSNorm, RoPE, the gated MLP, the paged attention
-block, the decoder driver that scans stacked layers with the whole KV cache in the carry, and the
-HF checkpoint mapping entry.
+"""Building blocks shared by every model family: RMSNorm and LayerNorm, RoPE, the gated MLP, the
+paged attention block, the encoders' attention within each text of a ragged batch, the decoder
+driver that scans stacked layers with the whole KV cache in the carry, and the HF checkpoint
+mapping entry.
 
 Axis legend: B batch/sequences, T tokens, N heads, K kv heads, G = N/K, H head dim, D model dim,
 F MLP hidden dim, V vocab, P pages, S page size, L layers, W page-table width.
@@ -58,6 +59,25 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., D] -> [..., D]
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
         return rms_norm(x, unpack(scale).astype(x.dtype), self.eps)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis, computed in float32 (BERT's norms)."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    normed = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., D] -> [..., D]
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        return layer_norm(x, unpack(scale), unpack(bias), self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
@@ -205,6 +225,23 @@ class PagedAttention(nn.Module):
         if self.qkv_bias:
             y = y + unpack(self.param(f"{name}_bias", nn.initializers.zeros, (heads, self.head_dim))).astype(x.dtype)
         return y
+
+
+# ----------------------------------------------------------------------------- encoder attention
+
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                      sm_scale: float) -> jax.Array:
+    """Bidirectional attention over a ragged batch of whole texts: every token attends to every
+    token of its own text (a block-diagonal mask over the flat batch), padding to padding.
+
+    q, k, v [T, N, H]; segment_ids [T] (the text of each token) -> [T, N, H]. Dense in T: the
+    pooling runner keeps T to its token budget, so the wasted off-diagonal blocks stay bounded.
+    """
+    scores = jnp.einsum("TNH,SNH->NTS", q, k, preferred_element_type=jnp.float32) * sm_scale
+    same_text = segment_ids[:, None] == segment_ids[None, :]  # [T, S]
+    scores = jnp.where(same_text[None], scores, -jnp.inf)  # the diagonal is always allowed: no empty row
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("NTS,SNH->TNH", probs, v)
 
 
 # ----------------------------------------------------------------------------- decoder driver

@@ -264,10 +264,12 @@ def host_params(model: DecoderModel, source: TensorSource, dtype: jnp.dtype, whe
         else:
             array = fetch(entry.name, entry, shape)
         flat[path] = array
-    # Tied checkpoints sometimes still carry lm_head; old ones carry RoPE buffers. Anything else
-    # unused may mean a feature this family does not implement, so say so.
+    # Tied checkpoints sometimes still carry lm_head; old ones carry RoPE buffers; a family may
+    # name tensors it knowingly leaves out. Anything else unused may mean a feature this family
+    # does not implement, so say so.
+    ignored = getattr(model, "ignored_tensors", ())
     unused = sorted(n for n in available - used
-                    if n != "lm_head.weight" and not n.endswith("rotary_emb.inv_freq"))
+                    if n != "lm_head.weight" and not n.endswith("rotary_emb.inv_freq") and not n.startswith(ignored))
     if unused:
         logger.warning("ignoring %d checkpoint tensors not used by %s: %s", len(unused),
                        model.config.architecture, ", ".join(unused[:8]))

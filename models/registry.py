@@ -58,6 +58,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("Gemma3ForCausalLM", "gemma3", "gemma:GemmaLM", ("gemma3_text",), ("gemma3",),
                  implies=(("scale_embeddings", True), ("sandwich_norms", True), ("qk_norm", True)),
                  gguf_tokenizer="GemmaTokenizer", sliding_pattern=6),
+    # Encoders embed only (sentence-transformers checkpoints such as all-MiniLM-L6-v2).
+    Architecture("BertModel", "bert", "bert:BertEncoder", ("bert",), capabilities=(EMBED,)),
 )
 _BY_NAME = {a.name: a for a in ARCHITECTURES}
 _BY_MODEL_TYPE = {t: a for a in ARCHITECTURES for t in a.model_types}
@@ -93,6 +95,11 @@ def from_gguf(gguf_name: str) -> Architecture:
     if arch is None:
         raise ValueError(f"GGUF architecture {gguf_name!r} is not supported; supported: {', '.join(_BY_GGUF)}")
     return arch
+
+
+def can(name: str, capability: str) -> bool:
+    """Whether an architecture can `capability` (GENERATE, EMBED) as it is."""
+    return capability in get(name).capabilities
 
 
 def model_class(name: str) -> type:

@@ -44,10 +44,12 @@ class ModelCard:
     chat_template: str | None
     model_info: dict                # Ollama /api/show model_info, GGUF-style keys
     stop: tuple[str, ...]           # the tokens that end generation, as text (Ollama "parameters")
+    capabilities: tuple[str, ...] = ("generate",)  # what the served engine does: "generate" or "embed"
 
     @classmethod
     def build(cls, names, *, source: str, model_config, num_params: int, dtype_name: str, max_model_len: int,
-              chat_template: str | None, stop: tuple[str, ...]) -> "ModelCard":
+              chat_template: str | None, stop: tuple[str, ...],
+              capabilities: tuple[str, ...] = ("generate",)) -> "ModelCard":
         family = registry.get(model_config.architecture).family
         is_gguf = source.endswith(".gguf")
         found = _QUANT.search(os.path.basename(source)) if is_gguf else None
@@ -69,14 +71,18 @@ class ModelCard:
             f"{family}.attention.head_count_kv": c.num_kv_heads,
             f"{family}.attention.key_length": c.head_dim,
             f"{family}.attention.value_length": c.head_dim,
-            f"{family}.attention.layer_norm_rms_epsilon": c.rms_norm_eps,
-            f"{family}.rope.freq_base": c.rope_theta,
             f"{family}.vocab_size": c.vocab_size,
         }
+        if family == "bert":  # LayerNorms and learned positions (GGUF's bert keys)
+            info[f"{family}.attention.layer_norm_epsilon"] = c.rms_norm_eps
+        else:
+            info[f"{family}.attention.layer_norm_rms_epsilon"] = c.rms_norm_eps
+            info[f"{family}.rope.freq_base"] = c.rope_theta
         return cls(names=tuple(names), source=source, family=family, format="gguf" if is_gguf else "safetensors",
                    num_params=num_params, quantization=quant, size_bytes=size, digest=digest,
                    modified_at=modified.isoformat().replace("+00:00", "Z"), created=int(stat.st_mtime),
-                   max_model_len=max_model_len, chat_template=chat_template, model_info=info, stop=tuple(stop))
+                   max_model_len=max_model_len, chat_template=chat_template, model_info=info, stop=tuple(stop),
+                   capabilities=tuple(capabilities))
 
     @property
     def parameter_size(self) -> str:

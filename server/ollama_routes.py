@@ -1,5 +1,5 @@
 """Ollama-compatible routes on the same port: /api/generate and /api/chat (NDJSON stream by default),
-/api/tags, /api/show, /api/ps, /api/version.
+/api/tags, /api/show, /api/ps, /api/version (the embedding routes are server/embedding_routes.py).
 """
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from sanic import Blueprint, Request
 from sanic.response import json as json_response
 
 import jaxserve
-from jaxserve.async_engine import RequestRefusedError
+from jaxserve.async_engine import GENERATE, RequestRefusedError
 from jaxserve.input_processor import RequestValidationError, check_token_ids
 from jaxserve.server import logprobs
 from jaxserve.server import ollama_protocol as proto
 from jaxserve.server.chat import ChoiceParser, normalize_messages, render_chat
 from jaxserve.server.streaming import NDJSON, Shape, respond
 from jaxserve.server.tool_calls import parse_tools
-from jaxserve.server.validation import RequestError, get, parse_json_body
+from jaxserve.server.validation import RequestError, get, parse_json_body, require_capability
 
 bp = Blueprint("ollama")
 
@@ -165,8 +165,9 @@ def _thinking(body: dict, model: str, formats) -> tuple[dict, bool]:
 async def generate(request: Request):
     body = parse_json_body(request.body)
     model = _model(request, body)
-    proto.refuse_unsupported(body)
     engine, config = request.app.ctx.engine, request.app.ctx.config
+    require_capability(engine, GENERATE, f'"{model}" does not support generate')
+    proto.refuse_unsupported(body)
     prompt = get(body, "prompt", "str", "")
     system = get(body, "system", "str")
     context = get(body, "context", "int_list", [])
@@ -200,8 +201,9 @@ async def generate(request: Request):
 async def chat(request: Request):
     body = parse_json_body(request.body)
     model = _model(request, body)
-    proto.refuse_unsupported(body)
     engine, config = request.app.ctx.engine, request.app.ctx.config
+    require_capability(engine, GENERATE, f'"{model}" does not support chat')
+    proto.refuse_unsupported(body)
     messages = normalize_messages(get(body, "messages", "array", []))
     if not messages:
         return json_response(_loaded(model, "message", {"role": config.response_role, "content": ""}))

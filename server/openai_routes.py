@@ -1,5 +1,5 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (JSON or SSE), and
-vLLM's /tokenize, /detokenize, /health, /version.
+vLLM's /tokenize, /detokenize, /health, /version (/v1/embeddings is server/embedding_routes.py).
 """
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
 
 import jaxserve
-from jaxserve.async_engine import RequestRefusedError
+from jaxserve.async_engine import GENERATE, RequestRefusedError
 from jaxserve.input_processor import RequestValidationError, check_token_ids
 from jaxserve.server import logprobs
 from jaxserve.server import openai_protocol as proto
 from jaxserve.server.chat import normalize_messages, render_chat
 from jaxserve.server.streaming import Shape, respond
 from jaxserve.server.tool_calls import ParsedText
-from jaxserve.server.validation import RequestError, get, parse_json_body
+from jaxserve.server.validation import RequestError, get, parse_json_body, require_capability
 
 bp = Blueprint("openai")
 
@@ -30,6 +30,10 @@ def _model(request: Request, name: str | None) -> str:
         raise RequestError(f"The model `{name}` does not exist.", param="model", status=404,
                            code="model_not_found")
     return name
+
+
+def _embedding_only(model: str, api: str) -> str:
+    return f"The model `{model}` does not support the {api} API: it is an embedding model (use /v1/embeddings)"
 
 
 def _tokenize(tokenizer, prompts) -> list[tuple[list[int], str | None]]:
@@ -217,6 +221,7 @@ async def completions(request: Request):
     req = proto.parse_completion(parse_json_body(request.body))
     model = _model(request, req.model)
     engine = request.app.ctx.engine
+    require_capability(engine, GENERATE, _embedding_only(model, "Completions"))
     # Places are held (or refused) before the prompts wait for the tokenizer thread.
     with engine.admit(len(req.prompts) * req.params.n,
                       what="n" if len(req.prompts) == 1 else "n times the number of prompts") as admission:
@@ -236,6 +241,7 @@ async def chat_completions(request: Request):
     req = proto.parse_chat(parse_json_body(request.body), formats)
     model = _model(request, req.model)
     engine, config = request.app.ctx.engine, request.app.ctx.config
+    require_capability(engine, GENERATE, _embedding_only(model, "Chat Completions"))
     # tool_choice none: the prompt leaves the tools out, so the model answers in words.
     tools = req.tools if req.parses_tools else None
     with engine.admit(req.params.n) as admission:  # before the template waits for the tokenizer thread

