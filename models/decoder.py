@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.layers import (AttentionFn, HFTensor, PagedAttention, Params, RMSNorm, SwiGLU,
                                     decoder_forward, decoder_logits, init_decoder_params)
+from jaxserve.models.lora import LoRALayer, LoRAWeights
 from jaxserve.models.metadata import AttentionMetadata, KVCache
 from jaxserve.pallas_kernels.ragged_paged_attention_jnp import ragged_paged_attention_jnp
 from jaxserve.precision import pack
@@ -28,18 +29,18 @@ class DecoderLayer(nn.Module):
     attention_fn: AttentionFn
 
     @nn.compact
-    def __call__(self, x: jax.Array, kv_cache: KVCache, layer: jax.Array,
-                 md: AttentionMetadata) -> tuple[jax.Array, KVCache]:  # x [T, D]
+    def __call__(self, x: jax.Array, kv_cache: KVCache, layer: jax.Array, md: AttentionMetadata,
+                 lora: LoRALayer | None = None) -> tuple[jax.Array, KVCache]:  # x [T, D]
         cfg = self.config
         h = RMSNorm(cfg.rms_norm_eps, name="attn_norm")(x)
         h, kv_cache = PagedAttention(
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, qkv_bias=cfg.attention_bias,
             qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None, sliding_window=cfg.sliding_window,
-            attention_fn=self.attention_fn, name="attn")(h, kv_cache, layer, md)
+            attention_fn=self.attention_fn, name="attn")(h, kv_cache, layer, md, lora)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, name="mlp_norm")(x)
-        return x + SwiGLU(cfg.intermediate_size, name="mlp")(h), kv_cache
+        return x + SwiGLU(cfg.intermediate_size, name="mlp")(h, lora), kv_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,7 @@ class DecoderLM:
     in the params pytree passed to each call)."""
 
     config: ModelConfig
+    supports_lora = True  # its projections take per-token LoRA updates (models/lora.py)
 
     def decoder_layer(self, attention_fn: AttentionFn) -> nn.Module:
         return DecoderLayer(self.config, attention_fn)
@@ -59,10 +61,12 @@ class DecoderLM:
         return init_decoder_params(self.decoder_layer(ragged_paged_attention_jnp), self.config, rng, dtype)
 
     def forward(self, params: Params, tokens: jax.Array, kv_cache: KVCache, md: AttentionMetadata,
-                *, attention_fn: AttentionFn = ragged_paged_attention_jnp) -> tuple[jax.Array, KVCache]:
-        """tokens [T] int32 -> hidden [T, D] after the final norm, and the cache with this step's K/V."""
+                *, attention_fn: AttentionFn = ragged_paged_attention_jnp, lora: LoRAWeights | None = None,
+                lora_slots: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """tokens [T] int32 -> hidden [T, D] after the final norm, and the cache with this step's K/V.
+        lora / lora_slots: the resident adapters and each token's slot (models/lora.py)."""
         return decoder_forward(self.decoder_layer(attention_fn), params, tokens, kv_cache, md,
-                               self.config.rms_norm_eps)
+                               self.config.rms_norm_eps, lora, lora_slots)
 
     def storage_form(self, params: Params) -> Params:
         """The params as the step reads them: the stacked layers packed where bf16 is (see

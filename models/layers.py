@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.models.config import ModelConfig, RopeScaling
+from jaxserve.models.lora import LoRALayer, LoRAWeights, add_lora, token_slot_mask
 from jaxserve.models.metadata import AttentionMetadata, KVCache
 from jaxserve.precision import PACKED, activation_dtype, unpack
 
@@ -98,14 +99,15 @@ class SwiGLU(nn.Module):
     intermediate_size: int
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, D]
+    def __call__(self, x: jax.Array, lora: LoRALayer | None = None) -> jax.Array:  # [T, D] -> [T, D]
         D, F = x.shape[-1], self.intermediate_size
         gate = self.param("gate_proj", _kernel_init, (D, F))
         up = self.param("up_proj", _kernel_init, (D, F))
         down = self.param("down_proj", _kernel_init, (F, D))
         with jax.named_scope("mlp"):
-            h = jax.nn.silu(dense("TD,DF->TF", x, gate)) * dense("TD,DF->TF", x, up)
-            return dense("TF,FD->TD", h, down)
+            h = (jax.nn.silu(add_lora(dense("TD,DF->TF", x, gate), lora, "gate_proj", x))
+                 * add_lora(dense("TD,DF->TF", x, up), lora, "up_proj", x))
+            return add_lora(dense("TF,FD->TD", h, down), lora, "down_proj", h)
 
 
 # ----------------------------------------------------------------------------- paged attention
@@ -144,13 +146,13 @@ class PagedAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, kv_cache: KVCache, layer: jax.Array,
-                 md: AttentionMetadata) -> tuple[jax.Array, KVCache]:
+                 md: AttentionMetadata, lora: LoRALayer | None = None) -> tuple[jax.Array, KVCache]:
         D, N, K, H = x.shape[-1], self.num_heads, self.num_kv_heads, self.head_dim
         with jax.named_scope("attention"):
             with jax.named_scope("qkv_proj"):
-                q = self._project(x, "q", N)  # [T, N, H]
-                k = self._project(x, "k", K)  # [T, K, H]
-                v = self._project(x, "v", K)  # [T, K, H]
+                q = self._project(x, "q", N, lora)  # [T, N, H]
+                k = self._project(x, "k", K, lora)  # [T, K, H]
+                v = self._project(x, "v", K, lora)  # [T, K, H]
             if self.qk_norm_eps is not None:
                 # Qwen3 normalises each head before RoPE.
                 q = RMSNorm(self.qk_norm_eps, name="q_norm")(q)
@@ -171,11 +173,12 @@ class PagedAttention(nn.Module):
                     sm_scale=H ** -0.5, sliding_window=self.sliding_window)  # [T, N, H]
             o_proj = self.param("o_proj", _kernel_init, (N, H, D))
             with jax.named_scope("o_proj"):
-                return dense("TNH,NHD->TD", out, o_proj), kv_cache
+                y = dense("TNH,NHD->TD", out, o_proj)
+                return add_lora(y, lora, "o_proj", out.reshape(out.shape[0], N * H)), kv_cache
 
-    def _project(self, x: jax.Array, name: str, heads: int) -> jax.Array:
+    def _project(self, x: jax.Array, name: str, heads: int, lora: LoRALayer | None) -> jax.Array:
         kernel = self.param(f"{name}_proj", _kernel_init, (x.shape[-1], heads, self.head_dim))
-        y = dense("TD,DNH->TNH", x, kernel)
+        y = add_lora(dense("TD,DNH->TNH", x, kernel), lora, f"{name}_proj", x)
         if self.qkv_bias:
             y = y + unpack(self.param(f"{name}_bias", nn.initializers.zeros, (heads, self.head_dim))).astype(x.dtype)
         return y
@@ -184,24 +187,29 @@ class PagedAttention(nn.Module):
 # ----------------------------------------------------------------------------- decoder driver
 
 def decoder_forward(layer: nn.Module, params: Params, tokens: jax.Array, kv_cache: KVCache,
-                    md: AttentionMetadata, rms_norm_eps: float) -> tuple[jax.Array, KVCache]:
+                    md: AttentionMetadata, rms_norm_eps: float, lora: LoRAWeights | None = None,
+                    lora_slots: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """embed -> lax.scan of `layer` over params["layers"] (stacked on axis 0) -> final norm.
 
     The cache rides in the scan carry: as xs/ys it would be sliced and re-stacked (copied) every
-    layer. `layer` is a linen module called as layer(x, kv_cache, layer_index, md).
+    layer. `layer` is a linen module called as layer(x, kv_cache, layer_index, md, lora). With
+    `lora` (every slot's adapters, stacked like the layers) and `lora_slots` ([T] the slot of each
+    token), each layer gets its slice and the step's token mask (models/lora.py).
     """
     x = params["embed"][tokens].astype(activation_dtype(params["embed"].dtype))  # [T, D]
     num_layers = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
+    token_mask = None if lora is None else token_slot_mask(lora_slots, lora.num_slots, x.dtype)  # [T, S]
 
     def body(carry, xs):
         x, cache = carry
-        layer_params, index = xs
+        layer_params, index, layer_lora = xs
+        lora_layer = None if layer_lora is None else LoRALayer(layer_lora.a, layer_lora.b, token_mask)
         with jax.named_scope("decoder_layer"):
-            x, cache = layer.apply({"params": layer_params}, x, cache, index, md)
+            x, cache = layer.apply({"params": layer_params}, x, cache, index, md, lora_layer)
         return (x, cache), None
 
     (x, kv_cache), _ = jax.lax.scan(
-        body, (x, kv_cache), (params["layers"], jnp.arange(num_layers, dtype=jnp.int32)))
+        body, (x, kv_cache), (params["layers"], jnp.arange(num_layers, dtype=jnp.int32), lora))
     x = rms_norm(x, params["final_norm"]["scale"].astype(x.dtype), rms_norm_eps)
     return x, kv_cache
 

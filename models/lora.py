@@ -1,0 +1,96 @@
+"""LoRA on the device: the A/B matrices of every resident adapter stacked in fixed-shape slots, and
+the per-token low-rank update the decoder adds at its projections.
+
+Slot 0 is all zeros (the base model); slots 1..max_loras hold adapters, each padded with zeros to
+the engine's max rank, alpha/r folded into B. A step's tokens each name a slot. Every token's
+input meets the A of every slot in one matmul ([T, in] x [in, S*R]); a one-hot mask keeps only
+its own slot's R columns, and one more matmul against all the Bs ([S*R, out]) gives its update.
+Dense over the few slots, no per-token gather: on XLA:CPU (2 vCPU EPYC) a 576 -> 1536 projection
+with 3 slots of rank 16 took 0.86 / 11.2 ms (32 / 512 tokens) masked, 1.16 / 43.4 ms gathering
+each token's [in, R] matrix (the base matmul alone: 0.71 / 9.0 ms).
+Loading an adapter writes one slot (`write_slot`), so no shape changes and nothing recompiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+# The projections an adapter may target, as PEFT names them (their HF module names).
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+LORA_MODULES = ATTENTION_MODULES + MLP_MODULES
+
+
+def module_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each target module, as the HF Linear it replaces."""
+    D, N, K, H, F = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
+    return {"q_proj": (D, N * H), "k_proj": (D, K * H), "v_proj": (D, K * H), "o_proj": (N * H, D),
+            "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoRAWeights:
+    """Every slot's adapter, layers stacked on axis 0 (the decoder scan slices them with its own
+    weights). Axes: L layers, I in features, S slots (max_loras + 1), R max rank, O out features."""
+
+    a: dict[str, jax.Array]  # module -> [L, I, S, R]: [I, S*R] per layer is a free reshape
+    b: dict[str, jax.Array]  # module -> [L, S, R, O], alpha/r folded in
+
+    @property
+    def num_slots(self) -> int:
+        return next(iter(self.a.values())).shape[-2]
+
+    @property
+    def max_rank(self) -> int:
+        return next(iter(self.a.values())).shape[-1]
+
+    @classmethod
+    def zeros(cls, config, num_slots: int, max_rank: int, dtype) -> "LoRAWeights":
+        L = config.num_layers
+        shapes = module_shapes(config)
+        return cls(a={m: jnp.zeros((L, i, num_slots, max_rank), dtype) for m, (i, o) in shapes.items()},
+                   b={m: jnp.zeros((L, num_slots, max_rank, o), dtype) for m, (i, o) in shapes.items()})
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoRALayer:
+    """One layer's slots and the step's token-to-slot mask: what a projection needs to add its update."""
+
+    a: dict[str, jax.Array]  # module -> [I, S, R]
+    b: dict[str, jax.Array]  # module -> [S, R, O]
+    token_mask: jax.Array    # [T, S] 1.0 at each token's slot (slot 0 = base: its weights are zeros)
+
+
+def token_slot_mask(slots: jax.Array, num_slots: int, dtype) -> jax.Array:
+    """[T] slot per token -> [T, S] one-hot, built once per step outside the layer scan."""
+    return jax.nn.one_hot(slots, num_slots, dtype=dtype)
+
+
+def add_lora(y: jax.Array, lora: LoRALayer | None, module: str, x: jax.Array) -> jax.Array:
+    """y (the base projection of x [T, I], any [T, ...] shape) plus each token's update through its
+    own slot's B @ A; y itself when LoRA is off, so an engine without LoRA builds the same graph."""
+    if lora is None:
+        return y
+    a, b = lora.a[module], lora.b[module]
+    I, S, R = a.shape
+    with jax.named_scope(f"lora_{module}"):
+        xa = jnp.einsum("TI,IK->TK", x, a.reshape(I, S * R).astype(x.dtype))  # [T, S*R]
+        xa = (xa.reshape(-1, S, R) * lora.token_mask[:, :, None].astype(x.dtype)).reshape(-1, S * R)
+        update = jnp.einsum("TK,KO->TO", xa, b.reshape(S * R, -1).astype(x.dtype))  # [T, O]
+        return y + update.reshape(y.shape).astype(y.dtype)
+
+
+def write_slot(weights: LoRAWeights, slot: jax.Array, a: dict[str, jax.Array],
+               b: dict[str, jax.Array]) -> LoRAWeights:
+    """`weights` with slot `slot` replaced by one adapter's a [L, I, R] and b [L, R, O] per module
+    (every module written, zeros where the adapter has none, so nothing of the slot's last
+    occupant survives). `slot` is traced: one compiled graph serves every slot."""
+    new_a = {m: jax.lax.dynamic_update_slice_in_dim(weights.a[m], a[m][:, :, None, :].astype(weights.a[m].dtype),
+                                                    slot, axis=2) for m in weights.a}
+    new_b = {m: jax.lax.dynamic_update_slice_in_dim(weights.b[m], b[m][:, None].astype(weights.b[m].dtype),
+                                                    slot, axis=1) for m in weights.b}
+    return LoRAWeights(a=new_a, b=new_b)
