@@ -18,7 +18,7 @@ os.environ.setdefault("JAXSERVE_DTYPE", "float32")
 
 import pytest
 
-from testlib import SMOLLM2_ENGINE_ARGS, TINY_CONFIGS, make_hf_model, save_tiny_tokenizer
+from testlib import SMOLLM2_ENGINE_ARGS, TINY_ADAPTERS, TINY_CONFIGS, make_hf_model, make_peft_adapter, save_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +36,16 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_checkpoint, tmp_path_factory):
+    """TINY_ADAPTERS of the tiny llama: name -> (PEFT adapter folder, transformers model with the
+    adapter merged, the oracle)."""
+    _, hf = tiny_checkpoint("llama")
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: (str(root / name), make_peft_adapter(hf, root / name, seed=i + 1, **config))
+            for i, (name, config) in enumerate(TINY_ADAPTERS.items())}
 
 
 def pytest_generate_tests(metafunc):

@@ -1,0 +1,60 @@
+"""models/lora.py against numpy: each token gets x @ W + (x @ A_s) @ B_s of its own slot s (slot 0,
+all zeros, the base model), and a slot write replaces that slot only, in every layer."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.models.lora import LoRALayer, LoRAWeights, add_lora, module_shapes, token_slot_mask, write_slot
+
+CONFIG = SimpleNamespace(hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=12, num_layers=3)
+SLOTS, RANK = 3, 4
+
+
+def _random_slot(rng, layers: int) -> tuple[dict, dict]:
+    shapes = module_shapes(CONFIG)
+    return ({m: rng.standard_normal((layers, i, RANK)).astype(np.float32) for m, (i, o) in shapes.items()},
+            {m: rng.standard_normal((layers, RANK, o)).astype(np.float32) for m, (i, o) in shapes.items()})
+
+
+def test_each_token_gets_its_own_slots_update_and_slot_zero_none():
+    rng = np.random.default_rng(0)
+    weights = LoRAWeights.zeros(CONFIG, SLOTS, RANK, jnp.float32)
+    slots = {s: _random_slot(rng, CONFIG.num_layers) for s in (1, 2)}
+    write = jax.jit(write_slot, donate_argnums=(0,))
+    for s, (a, b) in slots.items():
+        weights = write(weights, np.int32(s), a, b)
+    token_slots = np.array([0, 2, 1, 1, 0, 2], np.int32)
+    x = rng.standard_normal((len(token_slots), 12)).astype(np.float32)  # into down_proj: in = F
+    base = rng.standard_normal((len(token_slots), 8)).astype(np.float32)
+    layer = 1
+    lora = LoRALayer(a={m: w[layer] for m, w in weights.a.items()}, b={m: w[layer] for m, w in weights.b.items()},
+                     token_mask=token_slot_mask(jnp.asarray(token_slots), SLOTS, jnp.float32))
+    got = np.asarray(jax.jit(lambda y, x: add_lora(y, lora, "down_proj", x))(base, x))
+    want = base.copy()
+    for t, s in enumerate(token_slots):
+        if s:
+            a, b = slots[s][0]["down_proj"][layer], slots[s][1]["down_proj"][layer]
+            want[t] += x[t] @ a @ b
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[token_slots == 0], base[token_slots == 0])
+    assert add_lora(base, None, "down_proj", x) is base  # LoRA off: the graph is left as it was
+
+
+def test_a_slot_write_replaces_that_slot_in_every_layer_and_nothing_else():
+    rng = np.random.default_rng(1)
+    weights = LoRAWeights.zeros(CONFIG, SLOTS, RANK, jnp.float32)
+    first, second = _random_slot(rng, CONFIG.num_layers), _random_slot(rng, CONFIG.num_layers)
+    weights = write_slot(weights, jnp.int32(1), *first)
+    weights = write_slot(weights, jnp.int32(2), *second)
+    weights = write_slot(weights, jnp.int32(1), *second)  # the slot reused by another adapter
+    for m in module_shapes(CONFIG):
+        a, b = np.asarray(weights.a[m]), np.asarray(weights.b[m])  # [L, I, S, R], [L, S, R, O]
+        assert not a[:, :, 0].any() and not b[:, 0].any()
+        for s in (1, 2):
+            np.testing.assert_array_equal(a[:, :, s], second[0][m])
+            np.testing.assert_array_equal(b[:, s], second[1][m])
+    assert (weights.num_slots, weights.max_rank) == (SLOTS, RANK)
