@@ -19,7 +19,7 @@ runs up to three graphs back to back on the device; the host waits only for the 
   such a step's second host->device transfer, queued ahead of the masked sampler.
 
 With LoRA on, the forward graph also reads the resident adapters (`lora_weights`, stacked in
-max_loras + 1 fixed-shape slots, models/lora.py) and the step's slot of each token; loading an
+max_loras fixed-shape slots, models/lora.py) and the step's slot of each token; loading an
 adapter into a slot runs the **lora_write** graph, compiled at warm-up like the rest, before the
 step that first uses it.
 
@@ -55,7 +55,7 @@ from jaxserve.models.metadata import AttentionMetadata, KVCache
 from jaxserve.pallas_kernels.ragged_paged_attention_gpu import TRITON_CALL_TARGETS
 from jaxserve.parallel import (ParallelConfig, build_mesh, kv_cache_sharding, param_shardings,
                                replicated, shard_attention)
-from jaxserve.precision import activation_dtype, storage_dtype
+from jaxserve.precision import storage_dtype
 from jaxserve.profiling import DEVICE_STEP, PREPARE, annotate
 from jaxserve.sampling.core import (DEFAULT_SAMPLER, SamplingRow, SamplingTensors, build_sampling_tensors,
                               compute_logprobs, needs_penalties, penalise, sample_penalised)
@@ -240,9 +240,9 @@ class ModelRunner:
         self.kv_cache = jax.tree_util.tree_map(_with_sharding, jax.eval_shape(zeros), kv_sharding) if abstract else zeros()
         self.lora_config = lora
         self.lora_weights: LoRAWeights | None = None
-        if lora is not None:  # small (rank x features per slot): replicated on every shard
-            lora_zeros = jax.jit(lambda: LoRAWeights.zeros(cfg, lora.max_loras + 1, lora.max_lora_rank,
-                                                           activation_dtype(dtype)), out_shardings=replicated(self.mesh))
+        if lora is not None:  # small (rank x features per slot): replicated on every shard, stored as the weights
+            lora_zeros = jax.jit(lambda: LoRAWeights.zeros(cfg, lora.max_loras, lora.max_lora_rank, dtype),
+                                 out_shardings=replicated(self.mesh))
             self.lora_weights = (jax.tree_util.tree_map(lambda x: _with_sharding(x, replicated(self.mesh)),
                                                         jax.eval_shape(lora_zeros)) if abstract else lora_zeros())
         self.batch_sizes = batch_buckets(max_num_seqs)
@@ -357,7 +357,7 @@ class ModelRunner:
             return self.params, self.kv_cache, self._empty_inputs(key.shape).model, targets, self.lora_weights
         if key.kind == "lora_write":
             a, b = self._empty_slot()
-            return self.lora_weights, np.int32(0), a, b
+            return self.lora_weights, np.int32(1), a, b
         logits, tensors = self._logits_type(key.shape), self._empty_inputs((key.shape, key.shape)).sampling
         if key.kind == "penalties":  # the one graph reading the token history, [B, max_model_len]
             history = np.full((key.shape, self.max_model_len), -1, np.int32)
@@ -469,16 +469,17 @@ class ModelRunner:
     def _empty_slot(self) -> tuple[dict, dict]:
         """An all-zero slot's contents (the lora_write graph's example arguments)."""
         cfg = self.model.config
-        return {m: np.zeros((cfg.num_layers, i, self.lora_config.max_lora_rank), self.lora_weights.a[m].dtype)
+        return {m: np.zeros((cfg.num_layers, i, self.lora_config.max_lora_rank), np.float32)
                 for m, (i, o) in module_shapes(cfg).items()}, \
-               {m: np.zeros((cfg.num_layers, self.lora_config.max_lora_rank, o), self.lora_weights.b[m].dtype)
+               {m: np.zeros((cfg.num_layers, self.lora_config.max_lora_rank, o), np.float32)
                 for m, (i, o) in module_shapes(cfg).items()}
 
     def write_lora(self, slot: int, adapter: LoRAAdapter) -> None:
         """Put `adapter` in device slot `slot` (1..max_loras): one run of the lora_write graph,
         compiled at warm-up; the slot's arrays keep their shape, so no step graph changes."""
         cfg, rank = self.model.config, self.lora_config.max_lora_rank
-        a, b = adapter.slot_arrays(module_shapes(cfg), cfg.num_layers, rank, self.lora_weights.a["q_proj"].dtype)
+        # float32 on the way in: the graph stores them as the weights are (packed bf16 on CPU)
+        a, b = adapter.slot_arrays(module_shapes(cfg), cfg.num_layers, rank, np.float32)
         write = self._executable(LORA_WRITE, (self.lora_weights, np.int32(slot), a, b))
         self.lora_weights = write(self.lora_weights, np.int32(slot), a, b)
 
