@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import copy
 import dataclasses
+import itertools
 import logging
 import queue
 import threading
@@ -272,6 +273,7 @@ class AsyncEngine:
         self._num_seqs = 0
         self.lora_enabled: bool = engine.lora_enabled
         self.loras: dict[str, LoRARequest] = {r.lora_name: r for r in engine.list_loras()}
+        self._lora_ids = itertools.count(1 + max((r.lora_int_id for r in self.loras.values()), default=0))
         # Engine-thread side only.
         self._progress: dict[str, _Progress] = {}
         self._stats = dataclasses.replace(engine.refresh_stats(), step_seconds=[])
@@ -379,7 +381,7 @@ class AsyncEngine:
         """Register an adapter under a new id: its files are read and checked on a worker thread,
         then the engine thread registers it between steps. Raises the engine's LoRAAdapterError
         (a ValueError; ``not_found`` when its files are missing)."""
-        request = LoRARequest(lora_name, 1 + max((r.lora_int_id for r in self.loras.values()), default=0), lora_path)
+        request = LoRARequest(lora_name, next(self._lora_ids), lora_path)  # taken now: concurrent loads differ
         adapter = await asyncio.to_thread(self.engine.read_lora, request)
         await self._on_engine_thread(lambda: self.engine.add_lora(request, adapter))
         self.loras[lora_name] = request

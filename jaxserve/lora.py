@@ -25,8 +25,10 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-# layers.<l>.<self_attn|mlp>.<module>.lora_<A|B>.weight, under any prefix (PEFT's base_model.model.model.)
-_TENSOR = re.compile(r"^(?P<prefix>.*\.)?layers\.(?P<layer>\d+)\.(?P<block>\w+)\.(?P<module>\w+)\.lora_(?P<ab>[AB])\.weight$")
+# layers.<l>.<self_attn|mlp>.<module>.lora_<A|B>[.<adapter name>].weight, under any prefix (PEFT's
+# base_model.model.model.; older saves kept the adapter's name before .weight)
+_TENSOR = re.compile(r"^(?P<prefix>.*\.)?layers\.(?P<layer>\d+)\.(?P<block>\w+)\.(?P<module>\w+)"
+                     r"\.lora_(?P<ab>[AB])(\.\w+)?\.weight$")
 # PEFT options whose adapters compute something else than x + scale * B @ A x.
 _UNSUPPORTED = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out (Conv1D weights)", "lora_bias": "lora_bias",
                 "modules_to_save": "modules_to_save (fully trained modules)", "layer_replication": "layer_replication",

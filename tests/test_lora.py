@@ -1,6 +1,7 @@
 """Multi-LoRA through the whole engine against transformers + PEFT: two adapters of different ranks,
 scalings and target modules give the greedy tokens of the model with the adapter merged
-(merge_and_unload), alone and mixed in one batch with base-model rows; the prefix cache never
+(merge_and_unload), alone and mixed in one batch with base-model rows (and one adapter on every
+projection of Qwen2 and Qwen3, whose q/k/v have a bias or a norm after them); the prefix cache never
 hands one adapter's pages to another; more adapters than slots wait their turn; loading,
 swapping and unloading compile nothing; bad adapters are refused by name and the engine carries on.
 """
@@ -65,6 +66,20 @@ def test_each_adapter_alone_and_mixed_with_the_base_model_matches_peft_merged(lo
     log = list(lora_llm.engine.step_log)[-(lora_llm.stats().steps - steps_before):]
     assert any({adapter_of[rid] for rid in record.scheduled} == {None, *loras} for record in log), \
         "some step should run base rows and both adapters together"
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])  # q/k/v bias; per-head q/k norm after the projection
+def test_an_adapter_on_all_seven_projections_of_other_families_matches_peft_merged(kind, tiny_checkpoint, tmp_path):
+    folder, hf = tiny_checkpoint(kind)
+    merged = make_peft_adapter(hf, tmp_path / "all", seed=3, r=4, lora_alpha=4, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    llm = LLM(folder, dtype="float32", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
+              enable_lora=True, max_lora_rank=4)
+    lora = LoRARequest("all", 1, str(tmp_path / "all"))
+    outs = llm.generate(PROMPTS, GREEDY, lora_request=[lora, None, lora], use_tqdm=False)
+    for i, (model, out) in enumerate(zip((merged, hf, merged), outs)):
+        assert out.outputs[0].token_ids == hf_greedy(model, PROMPTS[i], NEW_TOKENS), i
+    assert outs[0].outputs[0].token_ids != hf_greedy(hf, PROMPTS[0], NEW_TOKENS)
 
 
 def test_the_prefix_cache_keys_pages_by_adapter(lora_llm, tiny_adapters, oracle):
