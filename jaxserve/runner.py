@@ -21,7 +21,7 @@ runs up to three graphs back to back on the device; the host waits only for the 
 With LoRA on, the forward graph also reads the resident adapters (`lora_weights`, stacked in
 max_loras fixed-shape slots, models/lora.py) and the step's slot of each token; loading an
 adapter into a slot runs the **lora_write** graph, compiled at warm-up like the rest, before the
-step that first uses it.
+step that first uses it (the slot's arrays are that step's one extra host->device transfer).
 
 The sampling stages are graphs of their own because they depend on B only and are about half of
 a fused step's ops: built once per batch size instead of once per token bucket, the 17 warm-up
@@ -248,7 +248,8 @@ class ModelRunner:
         self.batch_sizes = batch_buckets(max_num_seqs)
         self.buckets = [(t, next(b for b in self.batch_sizes if b >= min(t, max_num_seqs)))
                         for t in token_buckets(max_num_batched_tokens)]
-        # What warm-up builds: every bucket's forward graph, every batch size's penalties and default sampler.
+        # What warm-up builds: every bucket's forward graph, every batch size's penalties and default
+        # sampler, and with LoRA the slot write.
         self.warmup_keys = ([forward_key(b) for b in self.buckets]
                             + [key(b) for b in self.batch_sizes
                                for key in (penalties_key, sampler_key, masked_sampler_key)]
@@ -368,6 +369,7 @@ class ModelRunner:
 
     def _lower(self, key: GraphKey, args: tuple, samplers: sampling.Snapshot | None = None) -> jax.stages.Lowered:
         """A graph lowered: the Python half of building it (XLA's compile() is the other)."""
+        # The slot write is not exported: it is small, and the store's replay donates only the forward's cache.
         if self._exported is not None and key in self.warmup_keys and key != LORA_WRITE:
             lowered = self._lower_through_store(key, args)
             if lowered is not None:
