@@ -15,6 +15,9 @@ def __getattr__(name):
     if name in ("SamplingParams", "RequestOutputKind", "StructuredOutputsParams"):
         from jaxserve import sampling_params
         return getattr(sampling_params, name)
+    if name == "LoRARequest":
+        from jaxserve.lora import LoRARequest
+        return LoRARequest
     if name in ("RequestOutput", "CompletionOutput"):
         from jaxserve import outputs
         return getattr(outputs, name)

@@ -3,11 +3,12 @@
 The thread owns all engine state. The event loop hands it adds and aborts through a thread-safe
 inbox, applied at the top of each loop iteration, and gets back per request an asyncio.Queue of
 output deltas (via ``call_soon_threadsafe``). A second thread does the tokenising and chat-template
-rendering, so the event loop stays free to refuse a burst's overflow at once (``admit``), and
-compiles a request's structured-output constraint before the request is queued, so the engine
-thread never stops its steps to compile one. Embedding requests (``embed``, on a pooling model)
-are tokenised there too, then embedded on the engine thread, every request waiting in the inbox
-in one batch.
+rendering, so the event loop stays free to refuse a burst's overflow at once (``admit``); a
+request's structured-output constraint is compiled on a worker thread before the request is
+queued, so the engine thread never stops its steps to compile one. Embedding requests (``embed``,
+on a pooling model) are tokenised on the tokenizer thread too, then embedded on the engine thread,
+every request waiting in the inbox in one batch. LoRA adapters loaded at runtime are read and
+checked on a worker thread; the engine thread only registers them.
 ``server/`` reaches the engine only through this class, so it never imports JAX.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import concurrent.futures
 import copy
 import dataclasses
+import itertools
 import logging
 import queue
 import threading
@@ -23,6 +25,7 @@ import time
 import uuid
 from typing import Any, Callable, TypeVar
 
+from jaxserve.lora import LoRARequest
 from jaxserve.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from jaxserve.pooling_params import PoolingParams
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
@@ -273,9 +276,12 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
-        # Event-loop side only: the open streams and the sequences they hold.
+        # Event-loop side only: the open streams and the sequences they hold, the registered adapters.
         self._streams: dict[str, RequestStream] = {}
         self._num_seqs = 0
+        self.lora_enabled: bool = engine.lora_enabled
+        self.loras: dict[str, LoRARequest] = {r.lora_name: r for r in engine.list_loras()}
+        self._lora_ids = itertools.count(1 + max((r.lora_int_id for r in self.loras.values()), default=0))
         # Engine-thread side only.
         self._progress: dict[str, _Progress] = {}
         self._stats = dataclasses.replace(engine.refresh_stats(), step_seconds=[])
@@ -329,7 +335,8 @@ class AsyncEngine:
 
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
                           prompt_text: str | None = None, log_id: str | None = None,
-                          admission: Admission | None = None, stream: bool = True) -> RequestStream:
+                          admission: Admission | None = None, stream: bool = True,
+                          lora_request: LoRARequest | None = None) -> RequestStream:
         """Queue a request and return its stream once the engine accepted it. stream=False: the
         caller wants the finished output only, which is all the stream then yields (the engine
         builds no output per step for it: RequestOutputKind.FINAL_ONLY).
@@ -356,7 +363,7 @@ class AsyncEngine:
             if params.structured_outputs is not None:
                 await self._compile(params.structured_outputs)
             accepted = self._loop.create_future()
-            self._post(("add", request_id, prompt, params, prompt_text, accepted, arrival))
+            self._post(("add", request_id, prompt, params, prompt_text, accepted, arrival, lora_request))
             await accepted
         except asyncio.CancelledError:
             stream.close()  # the add may have landed already: the abort queued behind it undoes it
@@ -402,6 +409,30 @@ class AsyncEngine:
             await asyncio.to_thread(self.engine.grammars.compile, so)
         except ValueError as e:
             raise _refusal(e) from None
+
+    async def load_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
+        """Register an adapter under a new id: its files are read and checked on a worker thread,
+        then the engine thread registers it between steps. Raises the engine's LoRAAdapterError
+        (a ValueError; ``not_found`` when its files are missing)."""
+        request = LoRARequest(lora_name, next(self._lora_ids), lora_path)  # taken now: concurrent loads differ
+        adapter = await asyncio.to_thread(self.engine.read_lora, request)
+        await self._on_engine_thread(lambda: self.engine.add_lora(request, adapter))
+        self.loras[lora_name] = request
+        return request
+
+    async def unload_lora(self, lora_name: str) -> bool:
+        """Unregister an adapter (requests already queued with it finish); False if unknown."""
+        removed = await self._on_engine_thread(lambda: self.engine.remove_lora(lora_name))
+        self.loras.pop(lora_name, None)
+        return removed
+
+    async def _on_engine_thread(self, work: Callable[[], T]) -> T:
+        """work() run by the engine thread between steps (it owns the engine's state)."""
+        if not self._accepting or not self.is_running:
+            raise EngineClosedError("the server is shutting down")
+        done = self._loop.create_future()
+        self._post(("call", work, done))
+        return await done
 
     def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
         """The engine's own checks of a tokenised request (its InputProcessor, which reads only
@@ -476,11 +507,11 @@ class AsyncEngine:
         self._loop.call_soon_threadsafe(self._deliver, request_id, item)
 
     @staticmethod
-    def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
+    def _resolve(future: asyncio.Future, error: BaseException | None, result: Any = None) -> None:
         if future.cancelled():
             return
         if error is None:
-            future.set_result(None)
+            future.set_result(result)
         else:
             future.set_exception(error)
 
@@ -497,10 +528,16 @@ class AsyncEngine:
                 return stop
             kind = message[0]
             if kind == "add":
-                _, request_id, prompt, params, prompt_text, future, arrival = message
+                _, request_id, prompt, params, prompt_text, future, arrival, lora_request = message
                 error = None
                 try:
-                    self.engine.add_request(request_id, prompt, params, prompt_text=prompt_text)
+                    if lora_request is not None and not any(r.lora_name == lora_request.lora_name
+                                                            for r in self.engine.list_loras()):
+                        # Unloaded since the route looked it up: as unknown as any other name.
+                        raise RequestRefusedError(f"The model `{lora_request.lora_name}` does not exist.",
+                                                  param="model", code="model_not_found")
+                    self.engine.add_request(request_id, prompt, params, prompt_text=prompt_text,
+                                            lora_request=lora_request)
                     self._progress[request_id] = _Progress(request_id, params.n, arrival)
                 except ValueError as e:
                     error = _refusal(e)
@@ -508,6 +545,13 @@ class AsyncEngine:
                     logger.exception("add_request failed for %s", request_id)
                     error = EngineStepError(f"the engine could not take the request: {e}")
                 self._loop.call_soon_threadsafe(self._resolve, future, error)
+            elif kind == "call":
+                _, work, future = message
+                try:
+                    result, error = work(), None
+                except Exception as e:  # the caller's to handle: the loop carries on
+                    result, error = None, e
+                self._loop.call_soon_threadsafe(self._resolve, future, error, result)
             elif kind == "abort":
                 self._progress.pop(message[1], None)
                 try:

@@ -54,16 +54,17 @@ class BlockPool:
         """Share of usable pages held by running requests."""
         return 1.0 - len(self.free) / (self.num_pages - 1)
 
-    def lookup_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[Hashable]]:
+    def lookup_prefix(self, token_ids: Sequence[int], root: Hashable = None) -> tuple[list[int], list[Hashable]]:
         """Pages (and their hashes) holding the longest cached run of full prefix pages.
 
         The last prompt token is always recomputed (its logits are needed), so a fully cached
-        prompt gives back one page fewer.
+        prompt gives back one page fewer. `root` is the parent of the first page's hash: what
+        else than the tokens the pages' K/V depend on (a LoRA adapter; None for the base model).
         """
         if not self.enable_prefix_caching:
             return [], []
         pages, hashes = [], []
-        for h in chain_hashes(token_ids[:len(token_ids) - 1], self.block_size):
+        for h in chain_hashes(token_ids[:len(token_ids) - 1], self.block_size, root):
             page = self.cached.get(h)
             if page is None:
                 break

@@ -65,6 +65,13 @@ class ServeOptions:
                                        "seconds an idle keep-alive connection stays open", group="server")
     backlog: int = option(_server_default("backlog"), "connections the kernel queues before the server "
                                                       "accepts them", group="server", minimum=1)
+    lora_modules: tuple[str, ...] | None = option(None, "LoRA adapters served by name (with --enable-lora): "
+                                                        "name=path, or JSON {\"name\": ..., \"path\": ..., "
+                                                        "\"base_model_name\": ...}", group="server")
+    allow_runtime_lora_updating: bool = option(False, "enable POST /v1/load_lora_adapter and "
+                                                      "/v1/unload_lora_adapter (vLLM's "
+                                                      "VLLM_ALLOW_RUNTIME_LORA_UPDATING): clients may then make "
+                                                      "the server read adapters from its disk", group="server")
     max_log_len: int | None = option(None, "characters of the prompt shown in request logs (default: all)",
                                      group="logging", minimum=0)
     disable_log_requests: bool = option(False, "no log line per request", group="logging")
@@ -138,7 +145,16 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_origins=tuple(o["allowed_origins"]), ssl_keyfile=o["ssl_keyfile"], ssl_certfile=o["ssl_certfile"],
         max_log_len=o["max_log_len"], log_requests=not o["disable_log_requests"], log_level=o["log_level"],
         max_queue=o["max_queue"], request_timeout=o["request_timeout"],
-        keep_alive_timeout=o["keep_alive_timeout"], backlog=o["backlog"])
+        keep_alive_timeout=o["keep_alive_timeout"], backlog=o["backlog"],
+        allow_runtime_lora_updating=o["allow_runtime_lora_updating"])
+    from jaxserve.lora import parse_lora_modules
+
+    adapters = parse_lora_modules(o["lora_modules"])  # refused before minutes of loading, not after
+    if adapters and not engine_args.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
+    taken = [a.lora_name for a in adapters if a.lora_name in names]
+    if taken:
+        raise ValueError(f"--lora-modules: {', '.join(taken)} is already the name of the served model")
     log = _log_to_stderr(config.log_level)
 
     import jax
@@ -160,6 +176,8 @@ def _serve(args: argparse.Namespace) -> int:
     started = time.monotonic()
     llm = LLM.from_engine_args(engine_args)
     loaded, engine = llm.loaded, llm.engine
+    for adapter in adapters:  # in every process, before followers start replaying process 0's calls
+        engine.add_lora(adapter)
     from jaxserve.multihost import MirroredEngine, follow, mirror_address
 
     if jax.process_count() > 1:
@@ -179,6 +197,8 @@ def _serve(args: argparse.Namespace) -> int:
                            capabilities=("embed",) if llm.runner_type == "pooling" else ("generate",))
     async_engine = AsyncEngine(engine, max_queue=config.max_queue)
     app = create_app(async_engine, card, config)
+    if adapters:
+        log.info("LoRA adapters: %s", ", ".join(f"{a.lora_name} ({a.lora_path})" for a in adapters))
     log.info("model %s loaded and compiled in %.1f s; serving as %s on %s://%s:%d", loaded.source,
              time.monotonic() - started, ", ".join(names), "https" if config.ssl_certfile else "http",
              config.host, config.port)

@@ -39,6 +39,26 @@ class DataParallelEngine:
         replica.add_request(request_id, prompt, params, **kwargs)
         self._owner[request_id] = replica
 
+    # Every replica has its own device slots; an adapter is read once and registered with all.
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.replicas[0].lora_enabled
+
+    def read_lora(self, lora_request):
+        return self.replicas[0].read_lora(lora_request)
+
+    def add_lora(self, lora_request, adapter=None) -> None:
+        adapter = adapter if adapter is not None else self.read_lora(lora_request)
+        for replica in self.replicas:
+            replica.add_lora(lora_request, adapter)
+
+    def remove_lora(self, lora_name: str) -> bool:
+        return all([replica.remove_lora(lora_name) for replica in self.replicas])
+
+    def list_loras(self):
+        return self.replicas[0].list_loras()
+
     def abort_request(self, request_id: str) -> None:
         replica = self._owner.pop(request_id, None)
         if replica is not None:

@@ -24,6 +24,8 @@ from jaxserve.block_pool import BlockPool
 from jaxserve.config import CacheConfig, CompileConfig, SchedulerConfig
 from jaxserve.engine_args import EngineArgs
 from jaxserve.input_processor import InputProcessor, RequestValidationError
+from jaxserve.lora import LoRAAdapter, LoRAConfig, LoRARequest
+from jaxserve.lora_manager import LoRAManager
 from jaxserve.output_processor import OutputProcessor, RequestState
 from jaxserve.outputs import RequestOutput
 from jaxserve.profiling import PROCESS_OUTPUTS, SCHEDULE, Profiler, annotate
@@ -120,14 +122,17 @@ def kv_pages_for(model_config, cache: CacheConfig, dtype_bytes: int, max_model_l
 class LLMEngine:
     def __init__(self, loaded, *, cache: CacheConfig, scheduler: SchedulerConfig, compile: CompileConfig,
                  attention_fn, seed: int = 0, profiler_dir: str | None = None, mesh=None,
-                 structured_outputs_timeout: float = EngineArgs.structured_outputs_timeout):
+                 structured_outputs_timeout: float = EngineArgs.structured_outputs_timeout,
+                 lora: LoRAConfig | None = None):
+        if lora is not None and not getattr(loaded.model, "supports_lora", False):
+            raise ValueError(f"LoRA adapters are not supported for {loaded.config.architecture} models")
         self.model_config = loaded.config
         self.max_model_len = scheduler.max_model_len
         self.vocab_size = loaded.config.vocab_size
         leaves = jax.tree_util.tree_leaves(loaded.params)
         shape = dict(block_size=cache.block_size, max_model_len=scheduler.max_model_len,
                      max_num_seqs=scheduler.max_num_seqs, max_num_batched_tokens=scheduler.max_num_batched_tokens,
-                     attention_fn=attention_fn, mesh=mesh)
+                     attention_fn=attention_fn, mesh=mesh, lora=lora)
         memory_limit = accelerator_memory_limit() if cache.kv_cache_memory is None else None
         # On an accelerator the cache gets what the weights and the largest step leave, the
         # step's share measured by XLA on its compiled graphs, not guessed.
@@ -135,7 +140,8 @@ class LLMEngine:
         num_pages = kv_pages_for(loaded.config, cache, leaves[0].dtype.itemsize, scheduler.max_model_len,
                                  scheduler.max_num_seqs, sum(x.nbytes for x in leaves), memory_limit, step_bytes)
         self.pool = BlockPool(num_pages, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(scheduler, self.pool)
+        self.loras = LoRAManager(lora, loaded.config) if lora is not None else None
+        self.scheduler = Scheduler(scheduler, self.pool, self.loras)
         self.runner = ModelRunner(loaded.model, loaded.params, num_pages=num_pages, **shape,
                                   exported_graphs_dir=os.path.join(compile.resolved_cache_dir(), "jaxserve-exported"))
         logger.info("KV cache: %d pages of %d tokens (%.2f GiB)%s", num_pages, cache.block_size,
@@ -164,14 +170,17 @@ class LLMEngine:
     # ---- requests ------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    *, prompt_text: str | None = None) -> None:
+                    *, prompt_text: str | None = None, lora_request: LoRARequest | None = None) -> None:
         """Queue a request; raises RequestValidationError (a ValueError naming the field, touching
-        nothing) when it cannot be served."""
+        nothing) when it cannot be served. lora_request: the adapter it runs with (registered on
+        first use; a bad one raises LoRAAdapterError, a ValueError)."""
         params = params if params is not None else SamplingParams()
         if request_id in self.groups:
             raise RequestValidationError(f"request id {request_id!r} is already in use", param="request_id")
         token_ids, prompt_text, max_tokens = self.input_processor.process(prompt, params, prompt_text)
         grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
+        # Last: a new adapter is registered here (as vLLM's LLM does on its first use).
+        adapter = self._lora_manager().resolve(lora_request) if lora_request is not None else None
         seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
         children = []
         for i in range(params.n):
@@ -184,7 +193,8 @@ class LLMEngine:
                 logprobs=[] if params.logprobs is not None else None,
                 sampler_name=params.selected_sampler,
                 prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None,
-                matcher=self.grammars.matcher(grammar) if grammar is not None else None))
+                matcher=self.grammars.matcher(grammar) if grammar is not None else None,
+                lora=adapter, prefix_root=None if adapter is None else ("lora", adapter.uid)))
         self.output_processor.add(request_id, prompt_text, token_ids, children)
         for child in children:
             self.scheduler.add(child)
@@ -193,6 +203,35 @@ class LLMEngine:
         for req in self.output_processor.abort(request_id):
             if not req.is_finished:
                 self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+
+    # ---- LoRA adapters -------------------------------------------------------------------------
+
+    def _lora_manager(self, param: str = "lora_request") -> LoRAManager:
+        if self.loras is None:
+            raise RequestValidationError("LoRA is not enabled: start the engine with enable_lora=True "
+                                         "(--enable-lora)", param=param)
+        return self.loras
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.loras is not None
+
+    def read_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """An adapter's files read and checked against this model, changing nothing (so any thread
+        may read one ahead of add_lora). Raises LoRAAdapterError."""
+        return self._lora_manager().read(lora_request)
+
+    def add_lora(self, lora_request: LoRARequest, adapter: LoRAAdapter | None = None) -> None:
+        """Register an adapter for requests to name; raises LoRAAdapterError (a ValueError) naming
+        what is wrong with it. It takes a device slot when a request first runs with it."""
+        self._lora_manager().add(lora_request, adapter)
+
+    def remove_lora(self, lora_name: str) -> bool:
+        """Unregister an adapter (requests already queued with it finish with it); False if unknown."""
+        return self._lora_manager().remove(lora_name)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self.loras.list() if self.loras is not None else []
 
     @property
     def max_num_seqs(self) -> int:

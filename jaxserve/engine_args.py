@@ -126,6 +126,7 @@ _ENGINE = "model and engine"
 _COMPILE = "compilation"
 _PARALLEL = "parallelism"
 _PROFILE = "profiling"
+_LORA = "LoRA adapters"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +165,12 @@ class EngineArgs:
                                                     "regex, grammar) may take to compile; a slower one is "
                                                     "refused (400)", group=_ENGINE, minimum=0,
                                                exclusive_minimum=True)
+    enable_lora: bool = option(False, "serve PEFT LoRA adapters: each request may name one, rows with different "
+                                      "adapters (and none) share a step", group=_LORA)
+    max_loras: int = option(1, "adapters resident on the device at once (one step runs at most this many); "
+                               "more may be registered, and wait for a free slot", group=_LORA, minimum=1)
+    max_lora_rank: int = option(16, "largest adapter rank; every adapter is padded to it, a larger one is "
+                                    "refused", group=_LORA, minimum=1)
     compilation_cache_dir: str | None = option(None, "persistent XLA compilation cache (default: "
                                                      "$JAXSERVE_CACHE_ROOT/xla, i.e. ~/.cache/jaxserve/xla)",
                                                group=_COMPILE)
@@ -209,6 +216,11 @@ class EngineArgs:
     def compile_config(self):
         from jaxserve.config import CompileConfig
         return CompileConfig(compilation_cache_dir=self.compilation_cache_dir, warmup=self.warmup)
+
+    def lora_config(self):
+        """The adapter slots' shape, or None when LoRA is off."""
+        from jaxserve.lora import LoRAConfig
+        return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank) if self.enable_lora else None
 
     def parallel_config(self):
         from jaxserve.parallel import ParallelConfig

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from jaxserve.data_parallel import DataParallelEngine
 from jaxserve.engine import LLMEngine, enable_persistent_compilation_cache
 from jaxserve.engine_args import ENGINE_OPTIONS, EngineArgs, signature
+from jaxserve.lora import LoRARequest
 from jaxserve.outputs import EmbeddingRequestOutput, RequestOutput
 from jaxserve.parallel import build_mesh, check_divisible, initialize_distributed, replica_meshes
 from jaxserve.pooling_params import PoolingParams
@@ -89,7 +90,7 @@ class LLM:
                               scheduler=args.scheduler_config(args.max_model_len or limit), compile=compile_cfg,
                               attention_fn=get_attention(args.attention_backend), seed=args.seed + i,
                               profiler_dir=args.profiler_dir, mesh=mesh,
-                              structured_outputs_timeout=args.structured_outputs_timeout)
+                              structured_outputs_timeout=args.structured_outputs_timeout, lora=args.lora_config())
                     for i, mesh in enumerate(replica_meshes(build_mesh(parallel)))]
         self.engine = replicas[0] if len(replicas) == 1 else DataParallelEngine(replicas)
 
@@ -121,16 +122,20 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt (strings or token-id lists); outputs come back in input order."""
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (strings or token-id lists); outputs come back in input order.
+        lora_request: one adapter for every prompt, or a list with one (or None) per prompt
+        (needs enable_lora=True; an adapter is read and checked on its first use)."""
         self._require("generate", "LLM.generate()")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        return self._run(list(prompts), sampling_params, use_tqdm, prompt_texts=None)
+        return self._run(list(prompts), sampling_params, use_tqdm, prompt_texts=None, lora_request=lora_request)
 
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Apply the chat template to one conversation (a list of messages) or a list of them."""
         self._require("generate", "LLM.chat()")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -138,7 +143,7 @@ class LLM:
         texts = [tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                chat_template=chat_template) for conv in conversations]
         token_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-        return self._run(token_ids, sampling_params, use_tqdm, prompt_texts=texts)
+        return self._run(token_ids, sampling_params, use_tqdm, prompt_texts=texts, lora_request=lora_request)
 
     def embed(self, prompts: PromptType | Sequence[PromptType], *, truncate_prompt_tokens: int | None = None,
               use_tqdm: bool = True, pooling_params: PoolingParams | None = None) -> list[EmbeddingRequestOutput]:
@@ -164,13 +169,20 @@ class LLM:
         raise ValueError(f"{what} is only supported for generating models; this model runs with runner "
                          f"'pooling' (it embeds): use LLM.embed()")
 
-    def _run(self, prompts: list, sampling_params, use_tqdm: bool, prompt_texts) -> list[RequestOutput]:
+    def _run(self, prompts: list, sampling_params, use_tqdm: bool, prompt_texts,
+             lora_request=None) -> list[RequestOutput]:
         if isinstance(sampling_params, Sequence):
             if len(sampling_params) != len(prompts):
                 raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
             params_list = list(sampling_params)
         else:
             params_list = [sampling_params or SamplingParams()] * len(prompts)
+        if isinstance(lora_request, Sequence):
+            if len(lora_request) != len(prompts):
+                raise ValueError(f"got {len(lora_request)} lora_requests for {len(prompts)} prompts")
+            loras = list(lora_request)
+        else:
+            loras = [lora_request] * len(prompts)
         # Only the final outputs are returned: the engine need not build one per step (as vLLM's LLM).
         final_only = {}
         params_list = [final_only.setdefault(id(p), dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY))
@@ -178,10 +190,10 @@ class LLM:
         engine = self.engine
         ids = []
         try:
-            for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+            for i, (prompt, params, lora) in enumerate(zip(prompts, params_list, loras)):
                 request_id = str(next(self._ids))
                 engine.add_request(request_id, prompt, params,
-                                   prompt_text=prompt_texts[i] if prompt_texts else None)
+                                   prompt_text=prompt_texts[i] if prompt_texts else None, lora_request=lora)
                 ids.append(request_id)
         except Exception:
             for request_id in ids:

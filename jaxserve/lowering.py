@@ -52,7 +52,7 @@ class LoweredGraph:
 
     def describe(self) -> str:
         T, B = self.key.shape if self.key.kind == "forward" else (None, self.key.shape)
-        shape = f"T={T:<5} B={B:<4}" if T is not None else f"{'':7} B={B:<4}"
+        shape = f"T={T:<5} B={B:<4}" if T is not None else f"{'':7} B={B:<4}" if B is not None else f"{'':13}"
         if self.error is not None:
             return f"FAIL {self.key.kind:<9} {shape} {self.seconds:6.2f}s  {self.error}"
         kernel = f"{self.kernel_calls} kernel call(s)" if self.kernel_calls else "no kernel call"
@@ -98,7 +98,7 @@ def lower_step_graphs(args: EngineArgs, platform: str, *, num_pages: int | None 
         runner = ModelRunner(family, params, num_pages=pages, block_size=args.block_size,
                              max_model_len=scheduler.max_model_len, max_num_seqs=scheduler.max_num_seqs,
                              max_num_batched_tokens=scheduler.max_num_batched_tokens,
-                             attention_fn=attention_fn, mesh=mesh, abstract=True)
+                             attention_fn=attention_fn, mesh=mesh, abstract=True, lora=args.lora_config())
     plan = LoweringPlan(model=path, platform=platform, dtype=dtype.name, attention=_name(attention_fn),
                         num_pages=pages, block_size=args.block_size, mesh=dict(mesh.shape),
                         num_graphs=len(runner.warmup_keys))

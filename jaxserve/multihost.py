@@ -43,6 +43,15 @@ class MirroredEngine:
         self.engine.abort_request(request_id)
         self._pending.append(("abort", request_id))
 
+    def add_lora(self, lora_request, adapter=None) -> None:
+        self.engine.add_lora(lora_request, adapter)  # each follower reads the adapter's files itself
+        self._pending.append(("add_lora", lora_request))
+
+    def remove_lora(self, lora_name) -> bool:
+        removed = self.engine.remove_lora(lora_name)
+        self._pending.append(("remove_lora", lora_name))
+        return removed
+
     def step(self):
         commands, self._pending = self._pending + [("step",)], []
         for conn in self._followers:
@@ -78,5 +87,9 @@ def follow(engine, address: tuple[str, int], connect_timeout: float = 600.0) -> 
                     engine.add_request(request_id, prompt, params, **kwargs)
                 elif command[0] == "abort":
                     engine.abort_request(command[1])
+                elif command[0] == "add_lora":
+                    engine.add_lora(command[1])
+                elif command[0] == "remove_lora":
+                    engine.remove_lora(command[1])
                 else:
                     engine.step()

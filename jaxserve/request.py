@@ -46,6 +46,10 @@ class Request:
     sampler_name: str | None = None  # params.selected_sampler, read once
     sampling_row: object = None      # the sampler's view of it (sampler.SamplingRow), kept by the engine
     matcher: object = None           # structured output: its grammar's llguidance matcher, at its output so far
+    lora: object = None              # its LoRA adapter (jaxserve.lora.LoRAAdapter), None for the base model
+    # The prefix cache's root for its pages: None for the base model, else unique to its adapter,
+    # so a page computed under one adapter is never found by a request of another (or of none).
+    prefix_root: object = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -54,6 +58,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     block_row: int | None = None     # its row of the scheduler's BlockTable while it holds pages
     block_hashes: list = field(default_factory=list)  # chained hashes of the full pages computed so far
+    lora_slot: int = 0               # the device slot of its adapter while it holds one (0: none, the base)
     num_preemptions: int = 0
     logprobs: list[dict] | None = None
     prompt_logprobs: list[dict | None] | None = None  # one per prompt token; the first is always None

@@ -18,6 +18,11 @@ runs up to three graphs back to back on the device; the host waits only for the 
   the grammar work leaves the step's critical path at no cost in exactness. The mask is then
   such a step's second host->device transfer, queued ahead of the masked sampler.
 
+With LoRA on, the forward graph also reads the resident adapters (`lora_weights`, stacked in
+max_loras fixed-shape slots, models/lora.py) and the step's slot of each token; loading an
+adapter into a slot runs the **lora_write** graph, compiled at warm-up like the rest, before the
+step that first uses it (the slot's arrays are that step's one extra host->device transfer).
+
 The sampling stages are graphs of their own because they depend on B only and are about half of
 a fused step's ops: built once per batch size instead of once per token bucket, the 17 warm-up
 graphs of `jaxserve serve`'s defaults (21 with the masked samplers) compile in about half the
@@ -44,6 +49,8 @@ from jax.sharding import Mesh
 from jaxserve import sampling
 from jaxserve.block_pool import NULL_PAGE
 from jaxserve.graph_cache import ExportedGraphStore, describe_arguments, describe_callable, platform_fingerprint
+from jaxserve.lora import LoRAAdapter, LoRAConfig
+from jaxserve.models.lora import LoRAWeights, module_shapes, write_slot
 from jaxserve.models.metadata import AttentionMetadata, KVCache
 from jaxserve.pallas_kernels.ragged_paged_attention_gpu import TRITON_CALL_TARGETS
 from jaxserve.parallel import (ParallelConfig, build_mesh, kv_cache_sharding, param_shardings,
@@ -69,6 +76,7 @@ class ModelInputs:
     tokens: jax.Array            # [T] int32
     attn: AttentionMetadata
     logits_indices: jax.Array    # [B] int32, the last token of each sequence slot
+    lora_slots: jax.Array | None = None  # [T] int32, each token's LoRA slot (0: the base model); None: LoRA off
 
 
 @jax.tree_util.register_dataclass
@@ -172,9 +180,9 @@ def step_memory_bytes(model, params, **runner_args) -> int:
 
 
 class GraphKey(NamedTuple):
-    """One compiled executable: ("forward", (T, B), with prompt_logprobs), ("penalties", B, None)
-    or ("sampler" / "masked_sampler", B, sampler registry version or None for the default-only
-    sampler)."""
+    """One compiled executable: ("forward", (T, B), with prompt_logprobs), ("penalties", B, None),
+    ("sampler" / "masked_sampler", B, sampler registry version or None for the default-only
+    sampler) or ("lora_write", None, None)."""
 
     kind: str
     shape: Any
@@ -197,12 +205,16 @@ def masked_sampler_key(batch_size: int, version: int | None = None) -> GraphKey:
     return GraphKey("masked_sampler", batch_size, version)
 
 
+LORA_WRITE = GraphKey("lora_write", None, None)
+
+
 class ModelRunner:
     def __init__(self, model, params, *, num_pages: int, block_size: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, attention_fn, mesh: Mesh | None = None,
-                 exported_graphs_dir: str | None = None, abstract: bool = False):
+                 exported_graphs_dir: str | None = None, abstract: bool = False, lora: LoRAConfig | None = None):
         """abstract: hold no arrays, only their shapes (params may be jax.ShapeDtypeStructs), to
-        export the step graphs for another platform (`export`) without memory for weights or cache."""
+        export the step graphs for another platform (`export`) without memory for weights or cache.
+        lora: the adapter slots' shape (None: no LoRA in any graph)."""
         cfg = model.config
         self.model = model
         # One code path for every mesh: a single device is a 1 x 1 mesh.
@@ -226,13 +238,22 @@ class ModelRunner:
         zeros = jax.jit(lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)),
                         out_shardings=kv_sharding)
         self.kv_cache = jax.tree_util.tree_map(_with_sharding, jax.eval_shape(zeros), kv_sharding) if abstract else zeros()
+        self.lora_config = lora
+        self.lora_weights: LoRAWeights | None = None
+        if lora is not None:  # small (rank x features per slot): replicated on every shard, stored as the weights
+            lora_zeros = jax.jit(lambda: LoRAWeights.zeros(cfg, lora.max_loras, lora.max_lora_rank, dtype),
+                                 out_shardings=replicated(self.mesh))
+            self.lora_weights = (jax.tree_util.tree_map(lambda x: _with_sharding(x, replicated(self.mesh)),
+                                                        jax.eval_shape(lora_zeros)) if abstract else lora_zeros())
         self.batch_sizes = batch_buckets(max_num_seqs)
         self.buckets = [(t, next(b for b in self.batch_sizes if b >= min(t, max_num_seqs)))
                         for t in token_buckets(max_num_batched_tokens)]
-        # What warm-up builds: every bucket's forward graph, every batch size's penalties and default sampler.
+        # What warm-up builds: every bucket's forward graph, every batch size's penalties and default
+        # sampler, and with LoRA the slot write.
         self.warmup_keys = ([forward_key(b) for b in self.buckets]
                             + [key(b) for b in self.batch_sizes
-                               for key in (penalties_key, sampler_key, masked_sampler_key)])
+                               for key in (penalties_key, sampler_key, masked_sampler_key)]
+                            + ([LORA_WRITE] if lora is not None else []))
         # Explicit shardings, the same for warm-up and serving: step inputs, logits and the
         # sampler's outputs are replicated, so every shard samples the same tokens.
         self._replicated = replicated(self.mesh)
@@ -241,11 +262,12 @@ class ModelRunner:
         self._bitmask_type = lambda batch: jax.ShapeDtypeStruct((batch, bitmask_words(cfg.vocab_size)), jnp.int32,
                                                                 sharding=self._replicated)
         self._shardings = {
-            "forward": dict(in_shardings=(param_sharding, kv_sharding, self._replicated, self._replicated),
+            "forward": dict(in_shardings=(param_sharding, kv_sharding) + (self._replicated,) * 3,
                             out_shardings=(kv_sharding, self._replicated, self._replicated)),
             "penalties": dict(in_shardings=(self._replicated, self._replicated), out_shardings=self._replicated),
             "sampler": dict(in_shardings=(self._replicated,) * 3, out_shardings=self._replicated),
             "masked_sampler": dict(in_shardings=(self._replicated,) * 4, out_shardings=self._replicated),
+            "lora_write": dict(in_shardings=(self._replicated,) * 4, out_shardings=self._replicated),
         }
         # `samplers` (the pluggable ones a variant runs) is static and positional: jit refuses
         # keyword arguments once in_shardings is given.
@@ -254,6 +276,7 @@ class ModelRunner:
             "penalties": jax.jit(self._penalise, **self._shardings["penalties"]),
             "sampler": jax.jit(self._sample, static_argnums=(3,), **self._shardings["sampler"]),
             "masked_sampler": jax.jit(self._sample_masked, static_argnums=(4,), **self._shardings["masked_sampler"]),
+            "lora_write": jax.jit(write_slot, donate_argnums=(0,), **self._shardings["lora_write"]),
         }
         self._exported = None if abstract else self._exported_store(exported_graphs_dir)
         self.num_graphs_from_store = 0  # warm-up graphs read back from the store instead of traced
@@ -263,10 +286,13 @@ class ModelRunner:
 
     # ---- device side -------------------------------------------------------------------------
 
-    def _forward(self, params, kv_cache: KVCache, inputs: ModelInputs, prompt_targets=None):
+    def _forward(self, params, kv_cache: KVCache, inputs: ModelInputs, prompt_targets=None,
+                 lora_weights: LoRAWeights | None = None):
+        # Families without LoRA support never see the keywords (the engine refuses LoRA for them).
+        lora = {} if lora_weights is None else dict(lora=lora_weights, lora_slots=inputs.lora_slots)
         with jax.named_scope("model"):
             hidden, kv_cache = self.model.forward(params, inputs.tokens, kv_cache, inputs.attn,
-                                                  attention_fn=self._attention)
+                                                  attention_fn=self._attention, **lora)
         with jax.named_scope("logits"):
             logits = self.model.compute_logits(params, hidden[inputs.logits_indices])  # [B, V]
         if prompt_targets is None:
@@ -329,7 +355,10 @@ class ModelRunner:
         """Arguments of the right shapes for lowering `key`'s graph ahead of its first step."""
         if key.kind == "forward":
             targets = np.zeros(key.shape[0], np.int32) if key.variant else None
-            return self.params, self.kv_cache, self._empty_inputs(key.shape).model, targets
+            return self.params, self.kv_cache, self._empty_inputs(key.shape).model, targets, self.lora_weights
+        if key.kind == "lora_write":
+            a, b = self._empty_slot()
+            return self.lora_weights, np.int32(1), a, b
         logits, tensors = self._logits_type(key.shape), self._empty_inputs((key.shape, key.shape)).sampling
         if key.kind == "penalties":  # the one graph reading the token history, [B, max_model_len]
             history = np.full((key.shape, self.max_model_len), -1, np.int32)
@@ -340,7 +369,8 @@ class ModelRunner:
 
     def _lower(self, key: GraphKey, args: tuple, samplers: sampling.Snapshot | None = None) -> jax.stages.Lowered:
         """A graph lowered: the Python half of building it (XLA's compile() is the other)."""
-        if self._exported is not None and key in self.warmup_keys:
+        # The slot write is not exported: it is small, and the store's replay donates only the forward's cache.
+        if self._exported is not None and key in self.warmup_keys and key != LORA_WRITE:
             lowered = self._lower_through_store(key, args)
             if lowered is not None:
                 return lowered
@@ -434,8 +464,26 @@ class ModelRunner:
             page_table=np.full((B, self.page_table_width), NULL_PAGE, np.int32),
             num_seqs=np.int32(0))
         return StepInputs(model=ModelInputs(tokens=np.zeros(T, np.int32), attn=attn,
-                                            logits_indices=np.zeros(B, np.int32)),
+                                            logits_indices=np.zeros(B, np.int32),
+                                            lora_slots=np.zeros(T, np.int32) if self.lora_config else None),
                           sampling=tensors)
+
+    def _empty_slot(self) -> tuple[dict, dict]:
+        """An all-zero slot's contents (the lora_write graph's example arguments)."""
+        cfg = self.model.config
+        return {m: np.zeros((cfg.num_layers, i, self.lora_config.max_lora_rank), np.float32)
+                for m, (i, o) in module_shapes(cfg).items()}, \
+               {m: np.zeros((cfg.num_layers, self.lora_config.max_lora_rank, o), np.float32)
+                for m, (i, o) in module_shapes(cfg).items()}
+
+    def write_lora(self, slot: int, adapter: LoRAAdapter) -> None:
+        """Put `adapter` in device slot `slot` (1..max_loras): one run of the lora_write graph,
+        compiled at warm-up; the slot's arrays keep their shape, so no step graph changes."""
+        cfg, rank = self.model.config, self.lora_config.max_lora_rank
+        # float32 on the way in: the graph stores them as the weights are (packed bf16 on CPU)
+        a, b = adapter.slot_arrays(module_shapes(cfg), cfg.num_layers, rank, np.float32)
+        write = self._executable(LORA_WRITE, (self.lora_weights, np.int32(slot), a, b))
+        self.lora_weights = write(self.lora_weights, np.int32(slot), a, b)
 
     def prepare(self, sched: SchedulerOutput, rows: list[SamplingRow | None],
                 samplers: sampling.Snapshot | None = None) -> tuple[tuple[int, int], StepInputs]:
@@ -489,7 +537,12 @@ class ModelRunner:
                                          samplers.samplers if samplers is not None else None)
         attn = AttentionMetadata(positions=positions, slot_mapping=slot_mapping, cu_q_lens=cu_q_lens,
                                  kv_lens=kv_lens, page_table=page_table, num_seqs=np.int32(n))
-        return bucket, StepInputs(model=ModelInputs(tokens=tokens, attn=attn, logits_indices=logits_indices),
+        lora_slots = None
+        if self.lora_config is not None:  # padding tokens run the base model's all-zero slot
+            lora_slots = np.zeros(T, np.int32)
+            lora_slots[:num_tokens] = np.fromiter((req.lora_slot for req in reqs), np.int32, n)[seq_of_token]
+        return bucket, StepInputs(model=ModelInputs(tokens=tokens, attn=attn, logits_indices=logits_indices,
+                                                    lora_slots=lora_slots),
                                   sampling=tensors)
 
     def _prompt_targets(self, sched: SchedulerOutput, num_tokens: int) -> np.ndarray | None:
@@ -513,6 +566,8 @@ class ModelRunner:
         rows into the [B, words] int32 array it is given (all ones: the other rows stay
         unconstrained), called while the forward graph runs; None when no row has a constraint."""
         start = time.perf_counter()
+        for slot, adapter in sched.lora_writes:  # adapters this step's rows are the first to use
+            self.write_lora(slot, adapter)
         # Only a step in which some row names a pluggable sampler pays for (and compiles) them.
         pluggable = any(r is not None and (r.sampler or r.params.selected_sampler) != DEFAULT_SAMPLER for r in rows)
         samplers = sampling.snapshot() if pluggable else None
@@ -534,7 +589,7 @@ class ModelRunner:
         """One step's graphs on prepared (host) inputs -> (sampler output, prompt logprobs or None,
         seconds the host spent in fill_bitmask) on the host."""
         forward = self._executable(forward_key(bucket, targets is not None),
-                                   (self.params, self.kv_cache, inputs.model, targets))
+                                   (self.params, self.kv_cache, inputs.model, targets, self.lora_weights))
         batch, logits_type = bucket[1], self._logits_type(bucket[1])
         penalties = (self._executable(penalties_key(batch), (logits_type, inputs.sampling))
                      if needs_penalties(inputs.sampling) else None)
@@ -553,7 +608,7 @@ class ModelRunner:
             model, sampling, history, targets = jax.device_put((inputs.model, sampling, history, targets),
                                                                self._replicated)
             # Each graph is queued behind the one before it: the host waits only for the last.
-            self.kv_cache, logits, prompt = forward(self.params, self.kv_cache, model, targets)
+            self.kv_cache, logits, prompt = forward(self.params, self.kv_cache, model, targets, self.lora_weights)
             if penalties is not None:
                 penalised = penalties(logits, dataclasses.replace(sampling, token_history=history))
             else:

@@ -4,7 +4,9 @@ There is no prefill phase and no decode phase (vLLM V1's design): each request h
 ``num_computed_tokens`` catching up with ``num_tokens``, and one token budget per step is spent on
 running requests first (a decode costs one token), then on waiting ones, whose prompts are cut
 into chunks that fit. When the KV pages run out, the newest running request is preempted: its
-pages go back to the pool and it is recomputed later, outputs kept. Nothing is dropped.
+pages go back to the pool and it is recomputed later, outputs kept. Nothing is dropped. A
+request with a LoRA adapter is admitted once its adapter has a device slot (jaxserve/lora_manager.py);
+until then the requests behind it go first.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 
 from jaxserve.block_pool import BlockPool, BlockTable, chain_hashes
 from jaxserve.config import SchedulerConfig
+from jaxserve.lora_manager import LoRAManager
 from jaxserve.request import Request, RequestStatus
 
 
@@ -38,6 +41,8 @@ class SchedulerOutput:
     # The scheduler's BlockTable.pages, rows indexed by Request.block_row (None: a schedule made by
     # hand, whose requests' block_ids are read instead).
     block_table: np.ndarray | None = None
+    # LoRA slots to fill before this step runs: (slot, adapter), in order.
+    lora_writes: list = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -45,9 +50,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: BlockPool):
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, loras: LoRAManager | None = None):
         self.config = config
         self.pool = pool
+        self.loras = loras
         self.block_size = pool.block_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -67,6 +73,8 @@ class Scheduler:
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
+        if self.loras is not None and out.seqs:  # a step that runs nothing leaves them for the next
+            out.lora_writes = self.loras.take_writes()
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -95,7 +103,7 @@ class Scheduler:
         deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if self._waits_for_leader(req):
+            if self._waits_for_leader(req) or not self._holds_lora_slot(req):
                 deferred.append(self.waiting.popleft())
                 continue
             # prompt_logprobs needs every prompt position computed, so such requests skip the cache.
@@ -119,8 +127,18 @@ class Scheduler:
         return (leader is not None and not leader.is_finished
                 and leader.num_computed_tokens < leader.num_prompt_tokens)
 
+    def _holds_lora_slot(self, req: Request) -> bool:
+        """Whether the request's adapter (if any) has a device slot for it, taking one if free."""
+        if req.lora is None or req.lora_slot:
+            return True
+        slot = self.loras.acquire(req.lora)
+        if slot is None:
+            return False
+        req.lora_slot = slot
+        return True
+
     def _take_cached_prefix(self, req: Request) -> None:
-        pages, hashes = self.pool.lookup_prefix(req.all_token_ids())
+        pages, hashes = self.pool.lookup_prefix(req.all_token_ids(), req.prefix_root)
         self.pool.take(pages)
         req.block_ids = list(pages)
         if pages:
@@ -141,6 +159,9 @@ class Scheduler:
         return True
 
     def _drop_pages(self, req: Request) -> None:
+        if req.lora_slot:  # its adapter's slot goes with its pages (held again when it is readmitted)
+            self.loras.release(req.lora_slot)
+            req.lora_slot = 0
         self.pool.release(req.block_ids)
         self.block_table.release(req)
         req.block_ids = []
@@ -163,7 +184,7 @@ class Scheduler:
             num_full = req.num_computed_tokens // self.block_size
             start = len(req.block_hashes)
             if num_full > start and self.pool.enable_prefix_caching:
-                parent = req.block_hashes[-1] if req.block_hashes else None
+                parent = req.block_hashes[-1] if req.block_hashes else req.prefix_root
                 tokens = req.token_ids_between(start * self.block_size, num_full * self.block_size)
                 req.block_hashes.extend(chain_hashes(tokens, self.block_size, parent))
                 self.pool.register_full_pages(req.block_ids, req.block_hashes, start)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxserve.models.config import LayerSpec, ModelConfig
 from jaxserve.models.layers import (AttentionFn, GatedMLP, HFTensor, PagedAttention, Params, RMSNorm,
                                     decoder_forward, decoder_logits, init_decoder_params)
+from jaxserve.models.lora import LoRALayer, LoRAWeights
 from jaxserve.models.metadata import AttentionMetadata, KVCache
 from jaxserve.models.moe import SparseMoE
 from jaxserve.pallas_kernels.ragged_paged_attention_jnp import ragged_paged_attention_jnp
@@ -33,8 +34,8 @@ class DecoderLayer(nn.Module):
     attention_fn: AttentionFn
 
     @nn.compact
-    def __call__(self, x: jax.Array, kv_cache: KVCache, layer: jax.Array,
-                 md: AttentionMetadata) -> tuple[jax.Array, KVCache]:  # x [T, D]
+    def __call__(self, x: jax.Array, kv_cache: KVCache, layer: jax.Array, md: AttentionMetadata,
+                 lora: LoRALayer | None = None) -> tuple[jax.Array, KVCache]:  # x [T, D]
         cfg, spec = self.config, self.spec
         h = RMSNorm(cfg.rms_norm_eps, name="attn_norm")(x)
         h, kv_cache = PagedAttention(
@@ -42,16 +43,16 @@ class DecoderLayer(nn.Module):
             rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling, qkv_bias=cfg.attention_bias,
             qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None, sliding_window=spec.sliding_window,
             sm_scale=cfg.sm_scale, soft_cap=cfg.attn_logit_softcap, rotary_dim=cfg.rotary_dim,
-            attention_fn=self.attention_fn, name="attn")(h, kv_cache, layer, md)
+            attention_fn=self.attention_fn, name="attn")(h, kv_cache, layer, md, lora)
         if cfg.sandwich_norms:
             h = RMSNorm(cfg.rms_norm_eps, name="post_attn_norm")(h)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, name="mlp_norm")(x)
-        if cfg.num_experts:
+        if cfg.num_experts:  # adapters reach the attention projections only (models/lora.py)
             h = SparseMoE(cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.hidden_activation,
                           cfg.norm_topk_prob, cfg.shared_expert_intermediate_size, name="mlp")(h)
         else:
-            h = GatedMLP(cfg.intermediate_size, cfg.hidden_activation, name="mlp")(h)
+            h = GatedMLP(cfg.intermediate_size, cfg.hidden_activation, name="mlp")(h, lora)
         if cfg.sandwich_norms:
             h = RMSNorm(cfg.rms_norm_eps, name="post_mlp_norm")(h)
         return x + h, kv_cache
@@ -63,6 +64,7 @@ class DecoderLM:
     in the params pytree passed to each call)."""
 
     config: ModelConfig
+    supports_lora = True  # its projections take per-token LoRA updates (models/lora.py)
 
     def decoder_layer(self, attention_fn: AttentionFn, spec: LayerSpec | None = None) -> nn.Module:
         """The layer module of `spec` (default: the first layer's; every spec has the same params)."""
@@ -75,11 +77,13 @@ class DecoderLM:
         return init_decoder_params(self.decoder_layer(ragged_paged_attention_jnp), self.config, rng, dtype)
 
     def forward(self, params: Params, tokens: jax.Array, kv_cache: KVCache, md: AttentionMetadata,
-                *, attention_fn: AttentionFn = ragged_paged_attention_jnp) -> tuple[jax.Array, KVCache]:
-        """tokens [T] int32 -> hidden [T, D] after the final norm, and the cache with this step's K/V."""
+                *, attention_fn: AttentionFn = ragged_paged_attention_jnp, lora: LoRAWeights | None = None,
+                lora_slots: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """tokens [T] int32 -> hidden [T, D] after the final norm, and the cache with this step's K/V.
+        lora / lora_slots: the resident adapters and each token's slot (models/lora.py)."""
         return decoder_forward(lambda spec: self.decoder_layer(attention_fn, spec), self.config.layer_specs(),
                                params, tokens, kv_cache, md, rms_norm_eps=self.config.rms_norm_eps,
-                               scale_embeddings=self.config.scale_embeddings)
+                               scale_embeddings=self.config.scale_embeddings, lora=lora, lora_slots=lora_slots)
 
     def storage_form(self, params: Params) -> Params:
         """The params as the step reads them: the stacked layers packed where bf16 is (see

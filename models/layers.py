@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.models.config import LayerSpec, ModelConfig, RopeScaling
+from jaxserve.models.lora import LoRALayer, LoRAWeights, add_lora, token_slot_mask
 from jaxserve.models.metadata import AttentionMetadata, KVCache
 from jaxserve.pallas_kernels.ragged_batch import cap_scores
 from jaxserve.precision import PACKED, activation_dtype, unpack
@@ -139,14 +140,15 @@ class GatedMLP(nn.Module):
     activation: str = "silu"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, D]
+    def __call__(self, x: jax.Array, lora: LoRALayer | None = None) -> jax.Array:  # [T, D] -> [T, D]
         D, F = x.shape[-1], self.intermediate_size
         gate = self.param("gate_proj", _kernel_init, (D, F))
         up = self.param("up_proj", _kernel_init, (D, F))
         down = self.param("down_proj", _kernel_init, (F, D))
         with jax.named_scope("mlp"):
-            h = ACTIVATIONS[self.activation](dense("TD,DF->TF", x, gate)) * dense("TD,DF->TF", x, up)
-            return dense("TF,FD->TD", h, down)
+            h = (ACTIVATIONS[self.activation](add_lora(dense("TD,DF->TF", x, gate), lora, "gate_proj", x))
+                 * add_lora(dense("TD,DF->TF", x, up), lora, "up_proj", x))
+            return add_lora(dense("TF,FD->TD", h, down), lora, "down_proj", h)
 
 
 # ----------------------------------------------------------------------------- paged attention
@@ -188,13 +190,13 @@ class PagedAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, kv_cache: KVCache, layer: jax.Array,
-                 md: AttentionMetadata) -> tuple[jax.Array, KVCache]:
+                 md: AttentionMetadata, lora: LoRALayer | None = None) -> tuple[jax.Array, KVCache]:
         D, N, K, H = x.shape[-1], self.num_heads, self.num_kv_heads, self.head_dim
         with jax.named_scope("attention"):
             with jax.named_scope("qkv_proj"):
-                q = self._project(x, "q", N)  # [T, N, H]
-                k = self._project(x, "k", K)  # [T, K, H]
-                v = self._project(x, "v", K)  # [T, K, H]
+                q = self._project(x, "q", N, lora)  # [T, N, H]
+                k = self._project(x, "k", K, lora)  # [T, K, H]
+                v = self._project(x, "v", K, lora)  # [T, K, H]
             if self.qk_norm_eps is not None:
                 # Qwen3 normalises each head before RoPE.
                 q = RMSNorm(self.qk_norm_eps, name="q_norm")(q)
@@ -217,11 +219,12 @@ class PagedAttention(nn.Module):
                     soft_cap=self.soft_cap)  # [T, N, H]
             o_proj = self.param("o_proj", _kernel_init, (N, H, D))
             with jax.named_scope("o_proj"):
-                return dense("TNH,NHD->TD", out, o_proj), kv_cache
+                y = dense("TNH,NHD->TD", out, o_proj)
+                return add_lora(y, lora, "o_proj", out.reshape(out.shape[0], N * H)), kv_cache
 
-    def _project(self, x: jax.Array, name: str, heads: int) -> jax.Array:
+    def _project(self, x: jax.Array, name: str, heads: int, lora: LoRALayer | None) -> jax.Array:
         kernel = self.param(f"{name}_proj", _kernel_init, (x.shape[-1], heads, self.head_dim))
-        y = dense("TD,DNH->TNH", x, kernel)
+        y = add_lora(dense("TD,DNH->TNH", x, kernel), lora, f"{name}_proj", x)
         if self.qkv_bias:
             y = y + unpack(self.param(f"{name}_bias", nn.initializers.zeros, (heads, self.head_dim))).astype(x.dtype)
         return y
@@ -254,14 +257,17 @@ def layer_period(specs: tuple[LayerSpec, ...]) -> int:
 
 def decoder_forward(make_layer: Callable[[LayerSpec], nn.Module], specs: tuple[LayerSpec, ...], params: Params,
                     tokens: jax.Array, kv_cache: KVCache, md: AttentionMetadata, *, rms_norm_eps: float,
-                    scale_embeddings: bool = False) -> tuple[jax.Array, KVCache]:
+                    scale_embeddings: bool = False, lora: LoRAWeights | None = None,
+                    lora_slots: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """embed -> the layers -> final norm. `make_layer(spec)` is a linen module called as
-    layer(x, kv_cache, layer_index, md); params["layers"] are stacked on axis 0.
+    layer(x, kv_cache, layer_index, md, lora); params["layers"] are stacked on axis 0.
 
     The layers run as a lax.scan over whole periods of their specs (one traced body per distinct
     spec in a period, so a model whose layers alternate compiles each kind once), then the layers
     past the last whole period. The cache rides in the scan carry: as xs/ys it would be sliced and
-    re-stacked (copied) every layer.
+    re-stacked (copied) every layer. With `lora` (every slot's adapters, stacked like the layers)
+    and `lora_slots` ([T] the slot of each token), each layer gets its slice and the step's token
+    mask (models/lora.py).
     """
     embed = params["embed"]
     x = embed[tokens].astype(activation_dtype(embed.dtype))  # [T, D]
@@ -271,33 +277,36 @@ def decoder_forward(make_layer: Callable[[LayerSpec], nn.Module], specs: tuple[L
     num_layers = len(specs)
     period = layer_period(specs)
     modules = [make_layer(spec) for spec in specs[:period]]
+    token_mask = None if lora is None else token_slot_mask(lora_slots, lora.num_slots, x.dtype)  # [T, S]
 
-    def run(j, layer_params, x, cache, index):
+    def run(j, layer_params, layer_lora, x, cache, index):
+        lora_layer = None if layer_lora is None else LoRALayer(layer_lora.a, layer_lora.b, token_mask)
         with jax.named_scope("decoder_layer"):
-            return modules[j].apply({"params": layer_params}, x, cache, index, md)
+            return modules[j].apply({"params": layer_params}, x, cache, index, md, lora_layer)
 
     if period == 1:
         def body(carry, xs):
-            layer_params, index = xs
-            return run(0, layer_params, *carry, index), None
+            layer_params, index, layer_lora = xs
+            return run(0, layer_params, layer_lora, *carry, index), None
 
-        (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache), (layers, jnp.arange(num_layers, dtype=jnp.int32)))
+        (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache),
+                                        (layers, jnp.arange(num_layers, dtype=jnp.int32), lora))
     else:
         num_periods, tail = divmod(num_layers, period)
 
-        def layer_at(index):
-            return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), layers)
+        def at(tree, index):
+            return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), tree)
 
         def body(carry, first):
             for j in range(period):
-                carry = run(j, layer_at(first + j), *carry, first + j)
+                carry = run(j, at(layers, first + j), at(lora, first + j), *carry, first + j)
             return carry, None
 
         firsts = jnp.arange(num_periods, dtype=jnp.int32) * period
         (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache), firsts)
         for j in range(tail):
             index = num_periods * period + j
-            x, kv_cache = run(j, layer_at(index), x, kv_cache, jnp.int32(index))
+            x, kv_cache = run(j, at(layers, index), at(lora, index), x, kv_cache, jnp.int32(index))
     x = rms_norm(x, params["final_norm"]["scale"].astype(x.dtype), rms_norm_eps)
     return x, kv_cache
 

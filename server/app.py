@@ -23,6 +23,7 @@ from jaxserve.server.chat import ChatOutputFormats
 from jaxserve.server.config import ServerConfig
 from jaxserve.server.metrics import CONTENT_TYPE, Metrics
 from jaxserve.server.embedding_routes import bp as embedding_bp
+from jaxserve.server.lora_routes import bp as lora_bp
 from jaxserve.server.model_card import ModelCard
 from jaxserve.server.ollama_routes import bp as ollama_bp
 from jaxserve.server.openai_routes import bp as openai_bp
@@ -202,6 +203,7 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
     app.blueprint(openai_bp)
     app.blueprint(ollama_bp)
     app.blueprint(embedding_bp)
+    app.blueprint(lora_bp)
 
     @app.before_server_start
     async def start_engine(app):

@@ -35,6 +35,8 @@ class ServerConfig:
     request_timeout: float = 60.0           # seconds without a byte while a request's head or body arrives
     keep_alive_timeout: float = 5.0         # seconds an idle keep-alive connection stays open (uvicorn's 5)
     backlog: int = 2048                     # connections the kernel queues before the server accepts them
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter exist (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING).
+    allow_runtime_lora_updating: bool = False
 
     def __post_init__(self):
         if not self.served_model_names or not all(isinstance(n, str) and n for n in self.served_model_names):

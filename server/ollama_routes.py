@@ -22,13 +22,20 @@ from jaxserve.server.validation import RequestError, get, parse_json_body, requi
 bp = Blueprint("ollama")
 
 
-def _model(request: Request, body: dict) -> str:
+def _model(request: Request, body: dict, adapters: bool = False) -> str:
+    """The model a request names; `adapters`: a LoRA adapter's name is one too (see _lora)."""
     name = get(body, "model", "str") or get(body, "name", "str")  # "name" is the older spelling
     if not name:
         raise RequestError("model is required", param="model")
-    if not request.app.ctx.card.matches(name):
+    if not request.app.ctx.card.matches(name) and not (adapters and _lora(request, name) is not None):
         raise RequestError(f'model "{name}" not found, try pulling it first', param="model", status=404)
     return name
+
+
+def _lora(request: Request, model: str):
+    """The LoRA adapter a generating request names (Ollama clients may add ":latest"), else None."""
+    loras = request.app.ctx.engine.loras
+    return loras.get(model) or (loras.get(model[:-len(":latest")]) if model.endswith(":latest") else None)
 
 
 def _loaded(model: str, key: str, empty) -> dict:
@@ -147,7 +154,8 @@ async def _run(request: Request, body: dict, model: str, ids: list[int], text: s
     streaming = get(body, "stream", "bool", True)
     try:
         stream = await engine.add_request(f"ollama-{uuid.uuid4().hex}", ids, params, prompt_text=text,
-                                          log_id=request.ctx.request_id, admission=admission, stream=streaming)
+                                          log_id=request.ctx.request_id, admission=admission, stream=streaming,
+                                          lora_request=_lora(request, model))
     except RequestRefusedError as e:  # a constraint the engine refused came from `format`
         raise e.renamed({"structured_outputs.json": "format", "structured_outputs.json_object": "format"}) from None
     shape = _OllamaShape(model, len(ids), request.ctx.start, num_top, piece, final_extra, parser, show_thinking)
@@ -164,7 +172,7 @@ def _thinking(body: dict, model: str, formats) -> tuple[dict, bool]:
 @bp.post("/api/generate")
 async def generate(request: Request):
     body = parse_json_body(request.body)
-    model = _model(request, body)
+    model = _model(request, body, adapters=True)
     engine, config = request.app.ctx.engine, request.app.ctx.config
     require_capability(engine, GENERATE, f'"{model}" does not support generate')
     proto.refuse_unsupported(body)
@@ -200,7 +208,7 @@ async def generate(request: Request):
 @bp.post("/api/chat")
 async def chat(request: Request):
     body = parse_json_body(request.body)
-    model = _model(request, body)
+    model = _model(request, body, adapters=True)
     engine, config = request.app.ctx.engine, request.app.ctx.config
     require_capability(engine, GENERATE, f'"{model}" does not support chat')
     proto.refuse_unsupported(body)

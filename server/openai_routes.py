@@ -1,5 +1,7 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (JSON or SSE), and
-vLLM's /tokenize, /detokenize, /health, /version (/v1/embeddings is server/embedding_routes.py).
+vLLM's /tokenize, /detokenize, /health, /version (/v1/embeddings is server/embedding_routes.py). A
+request's `model` is a served name of the base model or the name of a LoRA adapter (listed by
+/v1/models with the base model as its parent).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from sanic.response import json as json_response
 import jaxserve
 from jaxserve.async_engine import GENERATE, RequestRefusedError
 from jaxserve.input_processor import RequestValidationError, check_token_ids
+from jaxserve.lora import LoRARequest
 from jaxserve.server import logprobs
 from jaxserve.server import openai_protocol as proto
 from jaxserve.server.chat import normalize_messages, render_chat
@@ -22,14 +25,22 @@ from jaxserve.server.validation import RequestError, get, parse_json_body, requi
 bp = Blueprint("openai")
 
 
-def _model(request: Request, name: str | None) -> str:
+def _target(request: Request, name: str | None) -> tuple[str, LoRARequest | None]:
+    """The model a request names, and the LoRA adapter it runs with (None: the base model)."""
     card = request.app.ctx.card
     if name is None:
-        return card.names[0]
-    if name not in card.names:
+        return card.names[0], None
+    if name in card.names:
+        return name, None
+    lora = request.app.ctx.engine.loras.get(name)
+    if lora is None:
         raise RequestError(f"The model `{name}` does not exist.", param="model", status=404,
                            code="model_not_found")
-    return name
+    return name, lora
+
+
+def _model(request: Request, name: str | None) -> str:
+    return _target(request, name)[0]
 
 
 def _embedding_only(model: str, api: str) -> str:
@@ -49,7 +60,8 @@ def _constraint_field(field: str | None) -> dict[str, str]:
 
 
 async def _add_all(request: Request, prompts: list[tuple[list[int], str | None]], params, kind: str,
-                   admission, stream: bool, field_names: dict[str, str] | None = None) -> list:
+                   admission, stream: bool, field_names: dict[str, str] | None = None,
+                   lora: LoRARequest | None = None) -> list:
     """One engine request per prompt, each taking its places from ``admission``; if any is refused,
     the ones already queued are aborted, and the refusal names its field as this API does
     (``field_names``: the engine's name -> this API's)."""
@@ -63,7 +75,7 @@ async def _add_all(request: Request, prompts: list[tuple[list[int], str | None]]
         for i, (ids, text) in enumerate(prompts):
             streams.append(await engine.add_request(base if len(prompts) == 1 else f"{base}-{i}", ids, params,
                                                     prompt_text=text, log_id=request.ctx.request_id,
-                                                    admission=admission, stream=stream))
+                                                    admission=admission, stream=stream, lora_request=lora))
     except RequestRefusedError as e:
         for s in streams:
             s.close()
@@ -219,7 +231,7 @@ def _call_fragment(f) -> dict:
 @bp.post("/v1/completions")
 async def completions(request: Request):
     req = proto.parse_completion(parse_json_body(request.body))
-    model = _model(request, req.model)
+    model, lora = _target(request, req.model)
     engine = request.app.ctx.engine
     require_capability(engine, GENERATE, _embedding_only(model, "Completions"))
     # Places are held (or refused) before the prompts wait for the tokenizer thread.
@@ -227,7 +239,7 @@ async def completions(request: Request):
                       what="n" if len(req.prompts) == 1 else "n times the number of prompts") as admission:
         prompts = await engine.with_tokenizer(lambda tokenizer: _tokenize(tokenizer, req.prompts))
         streams = await _add_all(request, prompts, req.params, "cmpl", admission, req.stream,
-                                 _constraint_field(req.constraint_field))
+                                 _constraint_field(req.constraint_field), lora)
     choices = proto.CompletionChoices(engine.tokenizer, prompts, req.params.n, req.echo, req.params.logprobs)
     shape = _CompletionsShape(streams[0].request_id, model, req, choices, sum(len(ids) for ids, _ in prompts))
     return await respond(request, streams, shape, stream=req.stream)
@@ -239,7 +251,7 @@ async def completions(request: Request):
 async def chat_completions(request: Request):
     formats = request.app.ctx.chat_output
     req = proto.parse_chat(parse_json_body(request.body), formats)
-    model = _model(request, req.model)
+    model, lora = _target(request, req.model)
     engine, config = request.app.ctx.engine, request.app.ctx.config
     require_capability(engine, GENERATE, _embedding_only(model, "Chat Completions"))
     # tool_choice none: the prompt leaves the tools out, so the model answers in words.
@@ -250,27 +262,31 @@ async def chat_completions(request: Request):
             tools=tools, template_kwargs=req.template_kwargs))
         (stream,) = await _add_all(request, [(ids, text)], req.params, "chatcmpl", admission, req.stream,
                                    {"prompt": "messages", "max_tokens": req.max_tokens_field,
-                                    **_constraint_field(req.constraint_field)})
+                                    **_constraint_field(req.constraint_field)}, lora)
     shape = _ChatShape(stream.request_id, model, req, config.response_role, len(ids), formats)
     return await respond(request, [stream], shape, stream=req.stream)
 
 
 # ---- models, tokenizer, health -------------------------------------------------------------------
 
+def _model_entry(card, name: str, lora: LoRARequest | None) -> dict:
+    """One /v1/models entry; an adapter's root is its folder and its parent the base model (vLLM's)."""
+    root, parent = (card.source, None) if lora is None else (lora.lora_path, lora.base_model_name or card.names[0])
+    return {"id": name, "object": "model", "created": card.created, "owned_by": "jaxserve", "root": root,
+            "parent": parent, "max_model_len": card.max_model_len}
+
+
 @bp.get("/v1/models")
 async def models(request: Request):
     card = request.app.ctx.card
-    data = [{"id": name, "object": "model", "created": card.created, "owned_by": "jaxserve", "root": card.source,
-             "parent": None, "max_model_len": card.max_model_len} for name in card.names]
+    data = [_model_entry(card, name, None) for name in card.names]
+    data += [_model_entry(card, name, lora) for name, lora in request.app.ctx.engine.loras.items()]
     return json_response({"object": "list", "data": data})
 
 
 @bp.get("/v1/models/<name:path>")
 async def model(request: Request, name: str):
-    card = request.app.ctx.card
-    name = _model(request, name)
-    return json_response({"id": name, "object": "model", "created": card.created, "owned_by": "jaxserve",
-                          "root": card.source, "parent": None, "max_model_len": card.max_model_len})
+    return json_response(_model_entry(request.app.ctx.card, *_target(request, name)))
 
 
 @bp.post("/tokenize")

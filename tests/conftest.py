@@ -18,8 +18,8 @@ os.environ.setdefault("JAXSERVE_DTYPE", "float32")
 
 import pytest
 
-from testlib import (MINILM_ENGINE_ARGS, SMOLLM2_ENGINE_ARGS, TINY_CONFIGS, make_hf_model, minilm_path,
-                     save_tiny_tokenizer)
+from testlib import (MINILM_ENGINE_ARGS, SMOLLM2_ENGINE_ARGS, TINY_ADAPTERS, TINY_CONFIGS, make_hf_model,
+                     make_peft_adapter, minilm_path, save_tiny_tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +37,16 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_checkpoint, tmp_path_factory):
+    """TINY_ADAPTERS of the tiny llama: name -> (PEFT adapter folder, transformers model with the
+    adapter merged, the oracle)."""
+    _, hf = tiny_checkpoint("llama")
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: (str(root / name), make_peft_adapter(hf, root / name, seed=i + 1, **config))
+            for i, (name, config) in enumerate(TINY_ADAPTERS.items())}
 
 
 def pytest_generate_tests(metafunc):

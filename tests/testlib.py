@@ -97,6 +97,40 @@ def make_hf_model(kind: str, seed: int = 0, **overrides):
 
 
 
+# Two PEFT adapters of the tiny llama with different ranks, scalings and target modules.
+TINY_ADAPTERS = {
+    "attn_mlp": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "rslora": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["k_proj", "o_proj", "gate_proj", "up_proj"]),
+}
+
+
+def make_peft_adapter(base, folder, seed: int = 1, base_model_name_or_path: str | None = None, **lora_config):
+    """Save a PEFT LoRA adapter of `base` (a transformers model, left untouched) with random A and B
+    (PEFT starts B at zero, which would change nothing) to `folder`; returns the transformers model
+    with the adapter merged into its weights (PEFT's merge_and_unload): the oracle."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(lora_dropout=0.0, **lora_config))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(str(folder))
+    if base_model_name_or_path is not None:  # PEFT writes the base model's name_or_path (None here)
+        import json
+        import os
+        path = os.path.join(str(folder), "adapter_config.json")
+        with open(path) as f:
+            config = json.load(f)
+        config["base_model_name_or_path"] = base_model_name_or_path
+        with open(path, "w") as f:
+            json.dump(config, f)
+    return model.merge_and_unload().eval()
+
 
 class CompileCounter:
     """Counts executables JAX builds, whether compiled or loaded from the persistent cache."""

@@ -42,7 +42,12 @@ class FakeEngine:
     def stats(self):  # read after each step when an on_step hook is set (the app sets one)
         return EngineStats(num_running=len(self.requests), steps=self.steps, last_step_seconds=self.step_seconds)
 
-    def add_request(self, request_id, prompt, params, prompt_text=None):
+    lora_enabled = False
+
+    def list_loras(self):
+        return []
+
+    def add_request(self, request_id, prompt, params, prompt_text=None, lora_request=None):
         self.thread_ids.add(threading.get_ident())
         if not prompt:
             raise ValueError("prompt must not be empty")
