@@ -104,6 +104,8 @@ class LLM:
         if args.tensor_parallel_size > 1 or args.data_parallel_size > 1 or args.distributed:
             raise ValueError("runner 'pooling' runs on one device: tensor_parallel_size and data_parallel_size "
                              "must be 1, and distributed is not supported")
+        if args.enable_lora:
+            raise ValueError("runner 'pooling' serves no LoRA adapters: enable_lora needs a generating model")
         loaded = self.loaded
         folder = loaded.source if os.path.isdir(loaded.source) else None
         pooler = pooler_config(folder, encoder=not registry.can(loaded.config.architecture, registry.GENERATE),

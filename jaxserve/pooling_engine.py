@@ -172,3 +172,9 @@ class PoolingEngine:
 
     def step(self) -> list[RequestOutput]:
         return []
+
+    # An embedding model serves no LoRA adapters (LLM refuses enable_lora with runner "pooling").
+    lora_enabled = False
+
+    def list_loras(self) -> list:
+        return []

@@ -123,6 +123,8 @@ def test_each_api_refuses_the_other_kind_of_model(minilm, minilm_llm, tiny_check
         LLM(minilm, max_model_len=512)
     with pytest.raises(ValueError, match="runner 'pooling' runs on one device"):
         LLM(minilm, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="runner 'pooling' serves no LoRA adapters"):
+        LLM(minilm, enable_lora=True)
     from jaxserve.engine_args import EngineArgs
     from jaxserve.lowering import lower_step_graphs
     with pytest.raises(ValueError, match="runner 'pooling' \\(BertModel\\) is not supported yet"):
