@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from serverlib import MODEL, ServerProcess
+from serverlib import MODEL, running
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """The default server (no API key, profiling on), shared by every test that needs one."""
     folder = tmp_path_factory.mktemp("server")
-    srv = ServerProcess(["--served-model-name", MODEL, "--max-queue", "512"], folder / "serve.log",
-                        env={"JAXSERVE_PROFILER_DIR": str(folder / "profiles")})
-    try:
-        srv.wait_ready()
+    with running(["--served-model-name", MODEL, "--max-queue", "512"], folder / "serve.log",
+                 env={"JAXSERVE_PROFILER_DIR": str(folder / "profiles")}) as srv:
         yield srv
-    finally:
-        # SIGINT, as Ctrl-C: a clean exit (the keyed server's test checks SIGTERM).
-        assert srv.stop() == 0, srv.read_log()[-3000:]
 

@@ -2,6 +2,7 @@
 /metrics readers."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -68,6 +69,17 @@ class ServerProcess:
         self.log.close()
         return self.proc.returncode
 
+
+@contextlib.contextmanager
+def running(args: list[str], log_path, env: dict | None = None):
+    """A ready `jaxserve serve` for a fixture to yield; stopped with SIGINT (as Ctrl-C) on the way
+    out, and required to exit cleanly."""
+    srv = ServerProcess(args, log_path, env)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        assert srv.stop() == 0, srv.read_log()[-3000:]
 
 
 def scrape(url: str) -> dict[str, float]:

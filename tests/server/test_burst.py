@@ -19,7 +19,7 @@ import time
 import httpx
 import pytest
 
-from serverlib import MODEL, ServerProcess, free_port
+from serverlib import MODEL, free_port, running
 
 MAX_QUEUE = 4
 BURST = 72  # 6x the 12 sequences that fit (8 running, --max-num-seqs of the test engine, + 4 waiting)
@@ -77,13 +77,9 @@ def _check_refusal(path: str, text: str) -> None:
 @pytest.fixture(scope="module")
 def small_queue(tmp_path_factory):
     folder = tmp_path_factory.mktemp("burst")
-    srv = ServerProcess(["--served-model-name", MODEL, "--max-queue", str(MAX_QUEUE),
-                         "--request-timeout", str(CLI_REQUEST_TIMEOUT)], folder / "serve.log")
-    try:
-        srv.wait_ready()
+    with running(["--served-model-name", MODEL, "--max-queue", str(MAX_QUEUE),
+                 "--request-timeout", str(CLI_REQUEST_TIMEOUT)], folder / "serve.log") as srv:
         yield srv
-    finally:
-        assert srv.stop() == 0, srv.read_log()[-3000:]
 
 
 def test_a_burst_gets_every_answer_and_its_overflow_refused_within_a_second(small_queue):

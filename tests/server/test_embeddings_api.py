@@ -15,7 +15,7 @@ import ollama
 import pytest
 from openai import OpenAI
 
-from serverlib import MODEL, ServerProcess, scrape
+from serverlib import MODEL, running, scrape
 from test_readme import README
 from testlib import MINILM_ENGINE_ARGS, sentence_embeddings
 
@@ -27,14 +27,10 @@ LONG = " ".join(f"w{i}" for i in range(301))  # 833 tokens: past the 256-token l
 @pytest.fixture(scope="module")
 def embed_server(minilm, tmp_path_factory):
     folder = tmp_path_factory.mktemp("embed_server")
-    srv = ServerProcess([minilm, "--served-model-name", NAME, "--max-num-seqs", str(MINILM_ENGINE_ARGS["max_num_seqs"]),
-                         "--max-num-batched-tokens", str(MINILM_ENGINE_ARGS["max_num_batched_tokens"]),
-                         "--max-model-len", "256"], folder / "serve.log", env={"HF_HUB_OFFLINE": "1"})
-    try:
-        srv.wait_ready()
+    with running([minilm, "--served-model-name", NAME, "--max-num-seqs", str(MINILM_ENGINE_ARGS["max_num_seqs"]),
+                 "--max-num-batched-tokens", str(MINILM_ENGINE_ARGS["max_num_batched_tokens"]),
+                 "--max-model-len", "256"], folder / "serve.log", env={"HF_HUB_OFFLINE": "1"}) as srv:
         yield srv
-    finally:
-        assert srv.stop() == 0, srv.read_log()[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import ollama
 import openai
 import pytest
 
-from serverlib import ServerProcess
+from serverlib import running
 from test_engine_parity import hf_greedy
 
 BASE = "tiny"
@@ -30,16 +30,12 @@ def lora_server(tiny_checkpoint, tiny_adapters, tmp_path_factory):
     folder, _ = tiny_checkpoint("llama")
     log = tmp_path_factory.mktemp("lora_server") / "serve.log"
     (attn_mlp, _), (rslora, _) = tiny_adapters["attn_mlp"], tiny_adapters["rslora"]
-    srv = ServerProcess([folder, "--served-model-name", BASE, "--max-model-len", "64", "--max-num-seqs", "4",
-                         "--max-num-batched-tokens", "16", "--block-size", "4", "--enable-lora", "--max-loras", "2",
-                         "--max-lora-rank", "8", "--lora-modules", f"attn_mlp={attn_mlp}",
-                         json.dumps({"name": "rslora", "path": rslora, "base_model_name": "tiny-base"})],
-                        log, env={"JAXSERVE_ALLOW_RUNTIME_LORA_UPDATING": "true"})
-    try:
-        srv.wait_ready()
+    with running([folder, "--served-model-name", BASE, "--max-model-len", "64", "--max-num-seqs", "4",
+                 "--max-num-batched-tokens", "16", "--block-size", "4", "--enable-lora", "--max-loras", "2",
+                 "--max-lora-rank", "8", "--lora-modules", f"attn_mlp={attn_mlp}",
+                 json.dumps({"name": "rslora", "path": rslora, "base_model_name": "tiny-base"})],
+                 log, env={"JAXSERVE_ALLOW_RUNTIME_LORA_UPDATING": "true"}) as srv:
         yield srv
-    finally:
-        assert srv.stop() == 0, srv.read_log()[-3000:]
 
 
 @pytest.fixture(scope="module")

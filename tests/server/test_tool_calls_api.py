@@ -151,16 +151,12 @@ def test_ollama_bad_tools_are_400(server):
 def llama3_server(tmp_path_factory):
     """A server reading Llama 3's bare-JSON calls, so Ollama's `format` can hold the reply to one,
     and Qwen3's reasoning (a reply that opens with <think>)."""
-    from serverlib import ServerProcess
+    from serverlib import running
 
-    srv = ServerProcess(["--served-model-name", MODEL, "--tool-call-parser", "llama3_json",
-                         "--reasoning-parser", "qwen3"],
-                        tmp_path_factory.mktemp("llama3") / "serve.log")
-    try:
-        srv.wait_ready()
+    with running(["--served-model-name", MODEL, "--tool-call-parser", "llama3_json",
+                 "--reasoning-parser", "qwen3"],
+                 tmp_path_factory.mktemp("llama3") / "serve.log") as srv:
         yield srv
-    finally:
-        assert srv.stop() == 0, srv.read_log()[-3000:]
 
 
 @pytest.mark.parametrize("stream", [False, True])
