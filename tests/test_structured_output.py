@@ -162,6 +162,30 @@ def test_a_bad_constraint_is_refused_and_the_engine_goes_on(smollm2_llm):
     assert "bad-regex" not in engine.groups and not engine.has_unfinished_requests()
 
 
+def test_constrained_requests_survive_preemption(smollm2_llm):
+    """Preempted requests recompute their KV and keep their accepted tokens, so each keeps its
+    matcher where it was: under page pressure the constrained outputs are the ones each request
+    gives alone, and valid."""
+    from jaxserve import LLM
+    from testlib import SMOLLM2_ENGINE_ARGS
+
+    cfg = smollm2_llm.loaded.config
+    page_bytes = 2 * cfg.num_layers * 16 * cfg.num_kv_heads * cfg.head_dim * 4  # K+V of a 16-token fp32 page
+    tight = LLM(**{**SMOLLM2_ENGINE_ARGS, "max_num_seqs": 4}, kv_cache_memory=7 * page_bytes, warmup=False)
+    prompts = [f"Describe person number {i} as JSON with a long name and an age:" for i in range(4)]
+    # A name of 40-60 characters: each reply needs about 3 pages, 4 at once more than the 7 there are.
+    schema = {**SCHEMA, "properties": {**SCHEMA["properties"],
+                                       "name": {"type": "string", "minLength": 40, "maxLength": 60}}}
+    params = SamplingParams(temperature=0.0, max_tokens=64, structured_outputs=StructuredOutputsParams(json=schema))
+    alone = [tight.generate([p], params, use_tqdm=False)[0].outputs[0] for p in prompts]
+    assert tight.stats().num_preemptions == 0
+    together = [o.outputs[0] for o in tight.generate(prompts, params, use_tqdm=False)]
+    assert tight.stats().num_preemptions > 0
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    for c in together:
+        jsonschema.validate(json.loads(c.text), schema)
+
+
 def test_the_bitmask_is_filled_while_the_forward_graph_runs(smollm2_llm, monkeypatch):
     """The runner calls the engine's bitmask filler only after queueing the step's forward graph
     (its new KV cache is already the runner's), and the constrained rows still come out valid."""
