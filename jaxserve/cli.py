@@ -161,6 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from jaxserve.async_engine import AsyncEngine
     from jaxserve.llm import LLM
+    from jaxserve.models.quantization import QuantizedWeight, weights_dtype
     from jaxserve.parallel import initialize_distributed
     from jaxserve.server.app import create_app, run_server
     from jaxserve.server.model_card import ModelCard
@@ -188,10 +189,12 @@ def _serve(args: argparse.Namespace) -> int:
             follow(engine, address)
             return 0
         engine = MirroredEngine(engine, address, jax.process_count() - 1)
-    leaves = jax.tree_util.tree_leaves(loaded.params)
+    # An int8 weight counts its values, not its scales (QuantizedWeight.size).
+    leaves = jax.tree_util.tree_leaves(loaded.params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
     tok = loaded.tokenizer
     card = ModelCard.build(names, source=loaded.source, model_config=loaded.config,
-                           num_params=sum(int(x.size) for x in leaves), dtype_name=str(leaves[0].dtype),
+                           num_params=sum(int(x.size) for x in leaves),
+                           dtype_name=engine_args.quantization or str(weights_dtype(loaded.params)),
                            max_model_len=engine.max_model_len, chat_template=config.chat_template or tok.chat_template,
                            stop=tuple(tok.decode([t]) for t in loaded.config.eos_token_ids),
                            capabilities=("embed",) if llm.runner_type == "pooling" else ("generate",))

@@ -26,6 +26,7 @@ from jaxserve.engine_args import EngineArgs
 from jaxserve.input_processor import InputProcessor, RequestValidationError
 from jaxserve.lora import LoRAAdapter, LoRAConfig, LoRARequest
 from jaxserve.lora_manager import LoRAManager
+from jaxserve.models.quantization import param_bytes, weights_dtype
 from jaxserve.output_processor import OutputProcessor, RequestState
 from jaxserve.outputs import RequestOutput
 from jaxserve.profiling import PROCESS_OUTPUTS, SCHEDULE, Profiler, annotate
@@ -129,7 +130,7 @@ class LLMEngine:
         self.model_config = loaded.config
         self.max_model_len = scheduler.max_model_len
         self.vocab_size = loaded.config.vocab_size
-        leaves = jax.tree_util.tree_leaves(loaded.params)
+        kv_itemsize = weights_dtype(loaded.params).itemsize
         shape = dict(block_size=cache.block_size, max_model_len=scheduler.max_model_len,
                      max_num_seqs=scheduler.max_num_seqs, max_num_batched_tokens=scheduler.max_num_batched_tokens,
                      attention_fn=attention_fn, mesh=mesh, lora=lora)
@@ -137,15 +138,15 @@ class LLMEngine:
         # On an accelerator the cache gets what the weights and the largest step leave, the
         # step's share measured by XLA on its compiled graphs, not guessed.
         step_bytes = step_memory_bytes(loaded.model, loaded.params, **shape) if memory_limit is not None else 0
-        num_pages = kv_pages_for(loaded.config, cache, leaves[0].dtype.itemsize, scheduler.max_model_len,
-                                 scheduler.max_num_seqs, sum(x.nbytes for x in leaves), memory_limit, step_bytes)
+        num_pages = kv_pages_for(loaded.config, cache, kv_itemsize, scheduler.max_model_len,
+                                 scheduler.max_num_seqs, param_bytes(loaded.params), memory_limit, step_bytes)
         self.pool = BlockPool(num_pages, cache.block_size, cache.enable_prefix_caching)
         self.loras = LoRAManager(lora, loaded.config) if lora is not None else None
         self.scheduler = Scheduler(scheduler, self.pool, self.loras)
         self.runner = ModelRunner(loaded.model, loaded.params, num_pages=num_pages, **shape,
                                   exported_graphs_dir=os.path.join(compile.resolved_cache_dir(), "jaxserve-exported"))
         logger.info("KV cache: %d pages of %d tokens (%.2f GiB)%s", num_pages, cache.block_size,
-                    num_pages * kv_page_bytes(loaded.config, cache.block_size, leaves[0].dtype.itemsize) / 2**30,
+                    num_pages * kv_page_bytes(loaded.config, cache.block_size, kv_itemsize) / 2**30,
                     f", a step's own buffers {step_bytes / 2**30:.2f} GiB" if step_bytes else "")
         self.stats = EngineStats()
         self.step_log: deque[StepRecord] = deque(maxlen=10_000)

@@ -21,6 +21,7 @@ CACHE_ROOT_ENV = "JAXSERVE_CACHE_ROOT"
 ATTENTION_BACKENDS = ("auto", "pallas", "jnp")  # pallas_kernels.backend.BACKENDS, without importing jax
 RUNNERS = ("auto", "generate", "pooling")  # vLLM's --runner
 POOLING_TYPES = ("auto", "last", "mean", "cls")  # "auto" and models.pooling.POOLING_TYPES, without importing jax
+QUANTIZATION_METHODS = ("int8",)  # models.quantization.QUANTIZATION_METHODS, without importing jax
 
 
 def default_cache_root(environ: Mapping[str, str] = os.environ) -> str:
@@ -145,6 +146,10 @@ class EngineArgs:
                                        "for encoders and last for decoders", group=_ENGINE, choices=POOLING_TYPES)
     dtype: str = option("auto", "auto | float32 | bfloat16 | float16; auto: bfloat16 on accelerators and on "
                                 "CPUs that multiply bf16 natively, else float32", group=_ENGINE)
+    quantization: str | None = option(None, "keep the projection weights quantized on the device: int8 (W8A8: int8 "
+                                            "weights with a scale per output channel, activations quantized per "
+                                            "token as they go); default: none, the weights in --dtype",
+                                      group=_ENGINE, choices=QUANTIZATION_METHODS)
     max_model_len: int | None = option(None, "longest prompt + output (default: the model's context length)",
                                        group=_ENGINE, minimum=1)
     max_num_seqs: int = option(64, "sequences per engine step (the decode batch)", group=_ENGINE, minimum=1)

@@ -83,7 +83,7 @@ class LLM:
         limit = self.loaded.config.max_position_embeddings
         if args.max_model_len is not None and args.max_model_len > limit:
             raise ValueError(f"max_model_len ({args.max_model_len}) exceeds the model's context length ({limit})")
-        self.loaded = self.loaded.for_max_model_len(args.max_model_len or limit)
+        self.loaded = self.loaded.for_max_model_len(args.max_model_len or limit).quantized(args.quantization)
         parallel = args.parallel_config()
         check_divisible(self.loaded.config, parallel.tensor_parallel_size)
         replicas = [LLMEngine(self.loaded, cache=args.cache_config(),
@@ -106,6 +106,9 @@ class LLM:
                              "must be 1, and distributed is not supported")
         if args.enable_lora:
             raise ValueError("runner 'pooling' serves no LoRA adapters: enable_lora needs a generating model")
+        if args.quantization is not None:
+            raise ValueError(f"runner 'pooling' runs its weights in --dtype: quantization {args.quantization!r} "
+                             f"needs a generating model")
         loaded = self.loaded
         folder = loaded.source if os.path.isdir(loaded.source) else None
         pooler = pooler_config(folder, encoder=not registry.can(loaded.config.architecture, registry.GENERATE),

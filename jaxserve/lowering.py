@@ -12,7 +12,6 @@ kernel that does not partition). Compiling and running need the device itself.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import TYPE_CHECKING, Iterator
 
@@ -69,6 +68,7 @@ def lower_step_graphs(args: EngineArgs, platform: str, *, num_pages: int | None 
     import jax
 
     from jaxserve.models import load_model_config, model_class, resolve_dtype
+    from jaxserve.models.quantization import quantize_params
     from jaxserve.pallas_kernels import attention_backend
     from jaxserve.pallas_kernels.ragged_paged_attention_gpu import TRITON_CALL_TARGETS
     from jaxserve.parallel import build_mesh, check_divisible, replica_meshes
@@ -93,7 +93,8 @@ def lower_step_graphs(args: EngineArgs, platform: str, *, num_pages: int | None 
         dtype = resolve_dtype(args.dtype)
         attention_fn = attention_backend(args.attention_backend)
         family = model_class(config.architecture)(config)
-        params = jax.eval_shape(functools.partial(family.init_params, dtype=dtype), jax.random.key(0))
+        params = jax.eval_shape(lambda key: quantize_params(family.init_params(key, dtype), args.quantization),
+                                jax.random.key(0))
         pages = num_pages if num_pages is not None else _pages_for(args, config, dtype.itemsize)
         runner = ModelRunner(family, params, num_pages=pages, block_size=args.block_size,
                              max_model_len=scheduler.max_model_len, max_num_seqs=scheduler.max_num_seqs,

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxserve.models.quantization import QuantizedWeight
+
 DATA, MODEL = "data", "model"
 
 
@@ -99,14 +101,23 @@ def param_spec(path: tuple[str, ...], ndim: int, kv_sharded: bool) -> P:
 
 
 def param_shardings(params, mesh: Mesh, model_config):
-    """A NamedSharding for every leaf of the params pytree."""
+    """A NamedSharding for every leaf of the params pytree. An int8 weight's values split as the
+    float weight would; its scales (the weight without its contracted axes) split along the same
+    output axis, and are replicated where the weight splits a contracted axis."""
     kv = kv_heads_sharded(model_config, mesh.shape[MODEL])
 
     def spec(path, leaf):
         names = tuple(getattr(k, "key", str(k)) for k in path)
-        return NamedSharding(mesh, param_spec(names, leaf.ndim, kv))
+        if not isinstance(leaf, QuantizedWeight):
+            return NamedSharding(mesh, param_spec(names, leaf.ndim, kv))
+        weight = param_spec(names, leaf.ndim, kv)
+        axes = tuple(weight) or (None,) * leaf.ndim  # P() replicates: no axis split
+        splits_contracted = any(axes[i] is not None for i in leaf.contracted)
+        scale = P() if splits_contracted else P(*(a for i, a in enumerate(axes) if i not in leaf.contracted))
+        return QuantizedWeight(q=NamedSharding(mesh, weight), scale=NamedSharding(mesh, scale),
+                               contracted=leaf.contracted)
 
-    return jax.tree_util.tree_map_with_path(spec, params)
+    return jax.tree_util.tree_map_with_path(spec, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
 
 
 def kv_cache_sharding(mesh: Mesh, model_config) -> NamedSharding:

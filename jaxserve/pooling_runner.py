@@ -27,6 +27,7 @@ import numpy as np
 from jaxserve.block_pool import NULL_PAGE
 from jaxserve.models.metadata import AttentionMetadata, KVCache
 from jaxserve.models.pooling import pool
+from jaxserve.models.quantization import weights_dtype
 from jaxserve.precision import storage_dtype
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class PoolingRunner:
             # Enough pages for a full step: each text rounds up to whole pages, page 0 pads.
             num_pages = -(-max_num_batched_tokens // block_size) + max_num_seqs + 1
             shape = (cfg.num_layers, num_pages, block_size, cfg.num_kv_heads, cfg.head_dim)
-            dtype = storage_dtype(jax.tree_util.tree_leaves(params)[0].dtype)
+            dtype = storage_dtype(weights_dtype(params))
             self.scratch = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
         self.buckets = pooling_buckets(max_num_batched_tokens, max_num_seqs)
         self._jitted = jax.jit(self._embed, donate_argnums=(1,))

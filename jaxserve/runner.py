@@ -52,6 +52,7 @@ from jaxserve.graph_cache import ExportedGraphStore, describe_arguments, describ
 from jaxserve.lora import LoRAAdapter, LoRAConfig
 from jaxserve.models.lora import LoRAWeights, module_shapes, write_slot
 from jaxserve.models.metadata import AttentionMetadata, KVCache
+from jaxserve.models.quantization import weights_dtype
 from jaxserve.pallas_kernels.ragged_paged_attention_gpu import TRITON_CALL_TARGETS
 from jaxserve.parallel import (ParallelConfig, build_mesh, kv_cache_sharding, param_shardings,
                                replicated, shard_attention)
@@ -230,7 +231,7 @@ class ModelRunner:
         self.page_table_width = -(-max_model_len // block_size)
         self.attention_fn = attention_fn
         self._attention = shard_attention(attention_fn, self.mesh, cfg)  # per model shard
-        dtype = storage_dtype(jax.tree_util.tree_leaves(params)[0].dtype)
+        dtype = storage_dtype(weights_dtype(params))
         shape = (cfg.num_layers, num_pages, block_size, cfg.num_kv_heads, cfg.head_dim)
         kv_sharding = kv_cache_sharding(self.mesh, cfg)
         kv_sharding = KVCache(k=kv_sharding, v=kv_sharding)

@@ -21,6 +21,7 @@ import numpy as np
 from jaxserve.models.config import LayerSpec, ModelConfig, RopeScaling
 from jaxserve.models.lora import LoRALayer, LoRAWeights, add_lora, token_slot_mask
 from jaxserve.models.metadata import AttentionMetadata, KVCache
+from jaxserve.models.quantization import QuantizedWeight, int8_einsum
 from jaxserve.pallas_kernels.ragged_batch import cap_scores
 from jaxserve.precision import PACKED, activation_dtype, unpack
 
@@ -37,7 +38,9 @@ _kernel_init = nn.initializers.normal(stddev=0.02)
 def dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """einsum(spec, x, w) in x's dtype. A lower-precision (or packed) weight is used as stored:
     x is cast down to it and the products accumulate in x's dtype, so the weight is never
-    converted per step."""
+    converted per step. An int8 weight (models/quantization.py) runs an int8 dot."""
+    if isinstance(w, QuantizedWeight):
+        return int8_einsum(spec, x, w)
     w = unpack(w)
     if w.dtype == x.dtype:
         return jnp.einsum(spec, x, w)

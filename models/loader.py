@@ -23,6 +23,7 @@ from jaxserve.models import registry
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.decoder import DecoderLM
 from jaxserve.models.layers import HFTensor, Params
+from jaxserve.models.quantization import quantize_params
 from jaxserve.precision import auto_dtype
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,12 @@ class LoadedModel:
         if config == self.config:
             return self
         return dataclasses.replace(self, config=config, model=model_class(config.architecture)(config))
+
+    def quantized(self, method: str | None) -> LoadedModel:
+        """The model with its projections kept quantized by `method` (models/quantization.py; None: as it is)."""
+        if method is None:
+            return self
+        return dataclasses.replace(self, params=quantize_params(self.params, method))
 
     @property
     def tokenizer(self) -> Any:

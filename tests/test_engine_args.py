@@ -70,6 +70,8 @@ def _distinct_value(opt):
                "max_num_batched_tokens": 256, "process_id": 1, "runner": "pooling", "pooling_type": "mean"}
     if opt.name in special:
         return special[opt.name]
+    if opt.choices:
+        return next(c for c in opt.choices if c != opt.default)
     return {bool: not opt.default, int: 7, float: 0.5, str: f"/tmp/{opt.name}"}[opt.kind]
 
 
@@ -148,6 +150,14 @@ def test_server_options_are_only_on_serve():
 def test_attention_backends_match_the_kernels_package():
     from jaxserve.pallas_kernels.backend import BACKENDS
     assert ATTENTION_BACKENDS == BACKENDS
+
+
+def test_quantization_methods_match_the_models_package():
+    from jaxserve.engine_args import QUANTIZATION_METHODS
+    from jaxserve.models import quantization
+    assert QUANTIZATION_METHODS == quantization.QUANTIZATION_METHODS
+    with pytest.raises(ValueError, match="quantization"):
+        EngineArgs(quantization="int4")
 
 
 @pytest.mark.parametrize("backend, flags, want", [

@@ -106,3 +106,11 @@ def test_lowering_leaves_the_default_platform_alone(tiny_checkpoint):
 
     lowered(tiny_checkpoint("llama")[0], max_num_seqs=8, max_num_batched_tokens=8)
     assert target_platform() == jax.default_backend() == "cpu" and packs_bfloat16()
+
+
+def test_int8_weights_lower_for_cuda_as_int8_dots(tiny_checkpoint):
+    plan, graphs = lowered(tiny_checkpoint("llama")[0], quantization="int8")
+    assert_kernel_in_forward_graphs_only(graphs)
+    forward = next(g for g in graphs if g.key.kind == "forward")
+    # The projections stay int8 on the device: int8 operands, int32 products.
+    assert "xi8>" in forward.module and "xi32>" in forward.module

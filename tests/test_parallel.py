@@ -6,6 +6,7 @@ sizes that cannot split the model are refused with the numbers."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -74,6 +75,21 @@ def test_tensor_parallel_2_on_experts_matches_one_device(tiny_checkpoint, kind):
     assert spec(mlp["router"]) == P()
     if kind == "qwen2_moe":
         assert spec(mlp["shared_expert"]["gate_proj"]) == P(None, None, "model")
+    assert tokens(llm, TINY_PROMPTS) == want
+
+
+def test_tensor_parallel_2_with_int8_weights_matches_one_device(tiny_folder):
+    """int8 values split as the float weights do; their per-output-channel scales along the same
+    output axis, and whole where the weight splits the axes it contracts (o, down)."""
+    args = dict(quantization="int8", **TINY_ARGS)
+    want = tokens(LLM(tiny_folder, **args), TINY_PROMPTS)
+    llm = LLM(tiny_folder, tensor_parallel_size=2, **args)
+    layers = llm.engine.runner.params["layers"]
+    q_proj, o_proj, down = layers["attn"]["q_proj"], layers["attn"]["o_proj"], layers["mlp"]["down_proj"]
+    assert q_proj.q.dtype == jnp.int8
+    assert spec(q_proj.q) == P(None, None, "model", None) and spec(q_proj.scale) == P(None, "model", None)
+    assert spec(o_proj.q) == P(None, "model", None, None) and spec(o_proj.scale) == P()
+    assert spec(layers["mlp"]["up_proj"].scale) == P(None, "model") and spec(down.scale) == P()
     assert tokens(llm, TINY_PROMPTS) == want
 
 
