@@ -57,3 +57,19 @@ class CompileConfig:
 
     def resolved_cache_dir(self) -> str:
         return self.compilation_cache_dir or os.path.join(default_cache_root(), "xla")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    draft_model: str | None             # the draft model's path; None: n-gram prompt lookup
+    num_speculative_tokens: int         # k, the drafts proposed (and verified) per step and request
+    ngram_max: int                      # longest n-gram looked up (n-gram lookup; 0 for a draft model)
+    ngram_min: int                      # shortest n-gram looked up
+
+    def __post_init__(self):
+        _check(isinstance(self.num_speculative_tokens, int) and self.num_speculative_tokens >= 1,
+               "num_speculative_tokens", self.num_speculative_tokens, "an integer >= 1")
+        if self.draft_model is None:
+            _check(self.ngram_max >= 1, "ngram_prompt_lookup_max", self.ngram_max, "an integer >= 1")
+            _check(1 <= self.ngram_min <= self.ngram_max, "ngram_prompt_lookup_min", self.ngram_min,
+                   f"an integer in [1, ngram_prompt_lookup_max = {self.ngram_max}]")

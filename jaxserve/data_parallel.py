@@ -12,7 +12,8 @@ from jaxserve.sampling_params import SamplingParams
 
 _SUMMED = ("num_running", "num_waiting", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens",
            "generation_tokens", "num_preemptions", "num_compiled_graphs", "compile_seconds", "steps",
-           "step_seconds_total")
+           "step_seconds_total", "spec_decode_num_drafts", "spec_decode_num_draft_tokens",
+           "spec_decode_num_accepted_tokens")
 
 
 class DataParallelEngine:
@@ -90,7 +91,10 @@ class DataParallelEngine:
         return dataclasses.replace(total, kv_cache_usage=sum(p.kv_cache_usage for p in parts) / len(parts),
                                    last_step_seconds=max(p.last_step_seconds for p in parts),
                                    step_seconds=[s for p in parts for s in p.step_seconds],
-                                   compile_times=[t for p in parts for t in p.compile_times])
+                                   compile_times=[t for p in parts for t in p.compile_times],
+                                   spec_decode_accepted_per_position=[
+                                       sum(counts) for counts in zip(*(p.spec_decode_accepted_per_position
+                                                                       for p in parts))])
 
     def refresh_stats(self) -> EngineStats:
         for replica in self.replicas:

@@ -6,7 +6,8 @@ requests already running. ``LLMEngine.step()`` is schedule -> run -> process out
 host-side and per-token (stop conditions, detokenisation, logprobs, the outputs' shapes) is the
 OutputProcessor's (output_processor.py); the device sees one step's graphs per step. A step with
 structured-output rows hands the runner a filler for their token bitmask, which it calls while
-the device runs the forward graph (runner.py).
+the device runs the forward graph (runner.py). With speculative decoding the speculator
+(speculative.py) proposes drafts before scheduling and takes back the rejected ones after.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import jax
 
 from jaxserve.block_pool import BlockPool
-from jaxserve.config import CacheConfig, CompileConfig, SchedulerConfig
+from jaxserve.config import CacheConfig, CompileConfig, SchedulerConfig, SpeculativeConfig
 from jaxserve.engine_args import EngineArgs
 from jaxserve.input_processor import InputProcessor, RequestValidationError
 from jaxserve.lora import LoRAAdapter, LoRAConfig, LoRARequest
@@ -35,6 +36,7 @@ from jaxserve.runner import BANNED_WIDTH, ModelRunner, StepResult, step_memory_b
 from jaxserve.sampling.core import SamplingRow, row_values
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerOutput
+from jaxserve.speculative import NgramSpeculator
 from jaxserve.structured_output import GrammarCompiler
 
 logger = logging.getLogger(__name__)
@@ -79,6 +81,11 @@ class EngineStats:
     step_seconds_total: float = 0.0
     last_step_seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)  # recent steps, for histograms
+    # Speculative decoding (speculative.SpecDecodeStats): rows that carried drafts, drafts, accepted ones.
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_accepted_per_position: list[int] = field(default_factory=list)
 
 
 def enable_persistent_compilation_cache(path: str) -> None:
@@ -124,16 +131,20 @@ class LLMEngine:
     def __init__(self, loaded, *, cache: CacheConfig, scheduler: SchedulerConfig, compile: CompileConfig,
                  attention_fn, seed: int = 0, profiler_dir: str | None = None, mesh=None,
                  structured_outputs_timeout: float = EngineArgs.structured_outputs_timeout,
-                 lora: LoRAConfig | None = None):
+                 lora: LoRAConfig | None = None, speculative: SpeculativeConfig | None = None):
         if lora is not None and not getattr(loaded.model, "supports_lora", False):
             raise ValueError(f"LoRA adapters are not supported for {loaded.config.architecture} models")
+        if speculative is not None and speculative.draft_model is not None:
+            raise ValueError(f"--speculative-model {speculative.draft_model!r}: draft models are not supported "
+                             f"yet; use --speculative-model '[ngram]' (n-gram prompt lookup)")
         self.model_config = loaded.config
         self.max_model_len = scheduler.max_model_len
         self.vocab_size = loaded.config.vocab_size
         kv_itemsize = weights_dtype(loaded.params).itemsize
         shape = dict(block_size=cache.block_size, max_model_len=scheduler.max_model_len,
                      max_num_seqs=scheduler.max_num_seqs, max_num_batched_tokens=scheduler.max_num_batched_tokens,
-                     attention_fn=attention_fn, mesh=mesh, lora=lora)
+                     attention_fn=attention_fn, mesh=mesh, lora=lora,
+                     num_speculative_tokens=speculative.num_speculative_tokens if speculative else 0)
         memory_limit = accelerator_memory_limit() if cache.kv_cache_memory is None else None
         # On an accelerator the cache gets what the weights and the largest step leave, the
         # step's share measured by XLA on its compiled graphs, not guessed.
@@ -143,6 +154,7 @@ class LLMEngine:
         self.pool = BlockPool(num_pages, cache.block_size, cache.enable_prefix_caching)
         self.loras = LoRAManager(lora, loaded.config) if lora is not None else None
         self.scheduler = Scheduler(scheduler, self.pool, self.loras)
+        self.speculator = NgramSpeculator(speculative, scheduler.max_model_len) if speculative is not None else None
         self.runner = ModelRunner(loaded.model, loaded.params, num_pages=num_pages, **shape,
                                   exported_graphs_dir=os.path.join(compile.resolved_cache_dir(), "jaxserve-exported"))
         logger.info("KV cache: %d pages of %d tokens (%.2f GiB)%s", num_pages, cache.block_size,
@@ -248,6 +260,8 @@ class LLMEngine:
         """Run one step; return the outputs of the requests that advanced (finished ones last time)."""
         started = time.perf_counter()
         with annotate(SCHEDULE):
+            if self.speculator is not None:
+                self.speculator.propose(self.scheduler.running)
             sched = self.scheduler.schedule()
             if not sched.seqs:
                 return []
@@ -257,6 +271,8 @@ class LLMEngine:
         result = self.runner.execute(sched, rows, fill_bitmask)
         executed = time.perf_counter()
         with annotate(PROCESS_OUTPUTS):
+            if result.num_accepted is not None:
+                self.speculator.settle(sched, result)
             self.scheduler.update_after_step(sched)
             outputs = self.output_processor.process(sched, result)
             record = self._record(sched, result)
@@ -302,12 +318,13 @@ class LLMEngine:
         s.last_step_seconds = result.seconds
         s.step_seconds.append(result.seconds)
         del s.step_seconds[:-1000]
-        for seq in sched.seqs:
+        accepted = result.num_accepted.tolist() if result.num_accepted is not None else None
+        for i, seq in enumerate(sched.seqs):
             num_prompt = len(seq.request.prompt_token_ids)
             if seq.start < num_prompt:  # prompt tokens computed (a decode computes none)
                 s.prompt_tokens += min(seq.start + seq.num_tokens, num_prompt) - seq.start
             if seq.samples:
-                s.generation_tokens += 1
+                s.generation_tokens += 1 + (accepted[i] if accepted else 0)
         self.refresh_stats()
         record = StepRecord(
             index=s.steps, scheduled={seq.request.request_id: seq.num_tokens for seq in sched.seqs},
@@ -327,4 +344,9 @@ class LLMEngine:
         s.num_compiled_graphs = self.runner.num_compiled
         s.compile_seconds = self.runner.compile_seconds
         s.compile_times = list(self.runner.compile_times)
+        if self.speculator is not None:
+            spec = self.speculator.stats
+            s.spec_decode_num_drafts, s.spec_decode_num_draft_tokens = spec.num_drafts, spec.num_draft_tokens
+            s.spec_decode_num_accepted_tokens = spec.num_accepted_tokens
+            s.spec_decode_accepted_per_position = list(spec.accepted_per_position)
         return s

@@ -128,6 +128,8 @@ _COMPILE = "compilation"
 _PARALLEL = "parallelism"
 _PROFILE = "profiling"
 _LORA = "LoRA adapters"
+_SPEC = "speculative decoding"
+NGRAM = "[ngram]"  # --speculative-model's value for prompt lookup (vLLM's spelling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +178,17 @@ class EngineArgs:
                                "more may be registered, and wait for a free slot", group=_LORA, minimum=1)
     max_lora_rank: int = option(16, "largest adapter rank; every adapter is padded to it, a larger one is "
                                     "refused", group=_LORA, minimum=1)
+    speculative_model: str | None = option(None, f"draft proposals: {NGRAM!r} (n-gram prompt lookup) or a draft "
+                                                 "model's HF folder or .gguf (same tokenizer and vocabulary "
+                                                 "as the target); verified in one step of the target, greedy "
+                                                 "output unchanged, sampled output distributed as without",
+                                           group=_SPEC)
+    num_speculative_tokens: int | None = option(None, "draft tokens proposed per step (required with "
+                                                      "--speculative-model)", group=_SPEC, minimum=1)
+    ngram_prompt_lookup_max: int | None = option(None, "longest n-gram looked up in the prompt and output "
+                                                       "(required with [ngram])", group=_SPEC, minimum=1)
+    ngram_prompt_lookup_min: int | None = option(None, "shortest n-gram looked up (default with [ngram]: 1)",
+                                                 group=_SPEC, minimum=1)
     compilation_cache_dir: str | None = option(None, "persistent XLA compilation cache (default: "
                                                      "$JAXSERVE_CACHE_ROOT/xla, i.e. ~/.cache/jaxserve/xla)",
                                                group=_COMPILE)
@@ -204,6 +217,7 @@ class EngineArgs:
         # covering max_num_seqs, ...): build them once now so bad values fail before any loading.
         self.cache_config(), self.compile_config(), self.parallel_config()
         self.scheduler_config(self.max_model_len or max(1, self.max_num_batched_tokens))
+        self.speculative_config()
 
     # ---- the component configs, each with the fields it uses ----------------------------------
 
@@ -226,6 +240,30 @@ class EngineArgs:
         """The adapter slots' shape, or None when LoRA is off."""
         from jaxserve.lora import LoRAConfig
         return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank) if self.enable_lora else None
+
+    def speculative_config(self):
+        """What proposes draft tokens and how many, or None when speculation is off."""
+        from jaxserve.config import SpeculativeConfig
+        if self.speculative_model is None:
+            given = [f"--{name.replace('_', '-')}" for name in ("num_speculative_tokens", "ngram_prompt_lookup_max",
+                                                                  "ngram_prompt_lookup_min") if getattr(self, name)]
+            if given:
+                raise ValueError(f"{', '.join(given)} given without --speculative-model "
+                                 f"(use --speculative-model {NGRAM!r} or a draft model's path)")
+            return None
+        if self.num_speculative_tokens is None:
+            raise ValueError(f"--speculative-model {self.speculative_model!r} needs --num-speculative-tokens")
+        ngram = self.speculative_model == NGRAM
+        if not ngram and (self.ngram_prompt_lookup_max or self.ngram_prompt_lookup_min):
+            raise ValueError(f"--ngram-prompt-lookup-max/min apply to --speculative-model {NGRAM!r} only, "
+                             f"not to the draft model {self.speculative_model!r}")
+        if ngram and self.ngram_prompt_lookup_max is None:
+            raise ValueError(f"--speculative-model {NGRAM!r} needs --ngram-prompt-lookup-max (>= 1)")
+        return SpeculativeConfig(
+            draft_model=None if ngram else self.speculative_model,
+            num_speculative_tokens=self.num_speculative_tokens,
+            ngram_max=self.ngram_prompt_lookup_max if ngram else 0,
+            ngram_min=(self.ngram_prompt_lookup_min or 1) if ngram else 0)
 
     def parallel_config(self):
         from jaxserve.parallel import ParallelConfig

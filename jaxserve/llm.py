@@ -90,7 +90,8 @@ class LLM:
                               scheduler=args.scheduler_config(args.max_model_len or limit), compile=compile_cfg,
                               attention_fn=get_attention(args.attention_backend), seed=args.seed + i,
                               profiler_dir=args.profiler_dir, mesh=mesh,
-                              structured_outputs_timeout=args.structured_outputs_timeout, lora=args.lora_config())
+                              structured_outputs_timeout=args.structured_outputs_timeout, lora=args.lora_config(),
+                              speculative=args.speculative_config())
                     for i, mesh in enumerate(replica_meshes(build_mesh(parallel)))]
         self.engine = replicas[0] if len(replicas) == 1 else DataParallelEngine(replicas)
 

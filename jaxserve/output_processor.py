@@ -3,7 +3,8 @@
 Owns each user request's state on the way out: its n completions, their detokenizers and what
 DELTA outputs have carried so far; applies the stop rules (EOS, stop token ids, stop strings with
 the hold-back of a tail that could still become one, max_tokens, the context length); builds the
-logprob entries; and makes one RequestOutput per request per step in the shape its
+logprob entries; takes a speculative row's accepted tokens in order, dropping those after a
+stop; and makes one RequestOutput per request per step in the shape its
 RequestOutputKind asks for. The engine hands it each step's scheduler output and sampler result;
 finishing a request (its pages back to the pool) is the scheduler's, through ``finish``.
 """
@@ -73,6 +74,8 @@ class OutputProcessor:
         now = time.monotonic()
         # Python lists once, not a numpy scalar per row.
         tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()
+        # Speculative steps: each row's accepted drafts past its first token (none: all rejected).
+        accepted = result.num_accepted.tolist() if result.num_accepted is not None else None
         states = self.states
         sampled: list[tuple[int, Request, RequestState]] = []
         live_detoks, live_tokens, live_rows = [], [], []
@@ -108,6 +111,10 @@ class OutputProcessor:
                                             result.top_ids[i], result.top_logprobs[i])
                 req.logprobs.append(entry)
             status = self._stop_status(req, token, state.detokenizers[req.sample_index], len(piece))
+            emitted = [token]
+            if accepted is not None and accepted[i] and status is None:
+                status, piece = self._take_accepted(req, state, result.spec_tokens[i, 1:accepted[i] + 1].tolist(),
+                                                    piece, emitted)
             if req.matcher is not None and status is None:
                 # Structured output: the grammar takes the token; once it is complete (or, a bug,
                 # refuses one) the request ends as if at EOS.
@@ -118,7 +125,7 @@ class OutputProcessor:
                 req.finish_time = now
                 self._finish(req, status)
             if state.streams_pieces:
-                outputs.append(self._piece_output(state, req, token, piece, entry, status is not None))
+                outputs.append(self._piece_output(state, req, emitted, piece, entry, status is not None))
             elif len(state.children) == 1:
                 out = self._single_output(state, req, status is not None)
                 if out is not None:
@@ -128,9 +135,29 @@ class OutputProcessor:
         outputs.extend(out for out in map(self._output, touched.values()) if out is not None)
         return outputs
 
-    def _piece_output(self, state: RequestState, req: Request, token: int, piece: str,
+    def _take_accepted(self, req: Request, state: RequestState, drafts: list[int], piece: str,
+                       emitted: list[int]) -> tuple[RequestStatus | None, str]:
+        """A speculative row's accepted tokens after its first, each through the stop rules in
+        order (those after a stop are dropped; such rows have no logprobs or grammar) ->
+        (status, the step's text piece). Appends them to `emitted`."""
+        detok = state.detokenizers[req.sample_index]
+        for token in drafts:
+            if state.decodes_live:
+                new = detok.add_token(token)
+            else:
+                detok.defer(token)
+                new = ""
+            req.output_token_ids.append(token)
+            emitted.append(token)
+            piece += new
+            status = self._stop_status(req, token, detok, len(new))
+            if status is not None:
+                return status, piece
+        return None, piece
+
+    def _piece_output(self, state: RequestState, req: Request, tokens: list[int], piece: str,
                       entry: dict | None, finished: bool) -> RequestOutput:
-        """The DELTA output of a single completion without stop strings: this step's token and
+        """The DELTA output of a single completion without stop strings: this step's tokens and
         text piece (a stop string's hold-back and cut need the whole text: `_output`)."""
         first = not state.sent_any
         state.sent_any = True
@@ -140,7 +167,7 @@ class OutputProcessor:
         # Positional arguments: keywords cost a dataclass __init__ about three times as much.
         return RequestOutput(
             state.request_id, state.prompt, state.prompt_token_ids,
-            [CompletionOutput(0, piece, [token], req.cumulative_logprob if logprobs else None,
+            [CompletionOutput(0, piece, tokens, req.cumulative_logprob if logprobs else None,
                               [entry] if logprobs else None, req.finish_reason, req.stop_reason)],
             finished, req.prompt_logprobs if first else None, req.num_cached_tokens,
             {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time})

@@ -64,6 +64,9 @@ class Request:
     prompt_logprobs: list[dict | None] | None = None  # one per prompt token; the first is always None
     cumulative_logprob: float = 0.0
     sampler_state: object = None     # a pluggable sampler's row state (mirostat's mu), [SAMPLER_STATE_WIDTH] f32
+    # Speculative decoding: the draft tokens proposed for its next step (jaxserve/speculative.py),
+    # which the scheduler computes after its last token; () when it does not speculate.
+    draft_token_ids: tuple[int, ...] = ()
     stop_reason: int | str | None = None
     final_text: str | None = None    # the text cut at a stop string, once one is found
     first_token_time: float | None = None

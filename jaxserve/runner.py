@@ -18,6 +18,14 @@ runs up to three graphs back to back on the device; the host waits only for the 
   the grammar work leaves the step's critical path at no cost in exactness. The mask is then
   such a step's second host->device transfer, queued ahead of the masked sampler.
 
+With speculative decoding on (num_speculative_tokens K > 0), a step in which some row carries
+draft tokens runs the **spec_forward** graph of its bucket instead of the forward: the same model
+pass, returning logits at each such row's last token and at each of its drafts ([B, K+1, V])
+beside the usual [B, V] of the first of them, and after the sampler graph the **verify** graph of
+B (jaxserve/sampling/rejection.py), which accepts drafts and adds the target's token. The other
+rows of the step sample as always. Steps without drafts run exactly the graphs above; the
+speculative ones are warm-up graphs too.
+
 With LoRA on, the forward graph also reads the resident adapters (`lora_weights`, stacked in
 max_loras fixed-shape slots, models/lora.py) and the step's slot of each token; loading an
 adapter into a slot runs the **lora_write** graph, compiled at warm-up like the rest, before the
@@ -60,6 +68,7 @@ from jaxserve.precision import storage_dtype
 from jaxserve.profiling import DEVICE_STEP, PREPARE, annotate
 from jaxserve.sampling.core import (DEFAULT_SAMPLER, SamplingRow, SamplingTensors, build_sampling_tensors,
                               compute_logprobs, needs_penalties, penalise, sample_penalised)
+from jaxserve.sampling.rejection import DraftInputs, verify
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
 from jaxserve.scheduler import SchedulerOutput
 from jaxserve.structured_output import bitmask_words
@@ -76,7 +85,9 @@ class ModelInputs:
 
     tokens: jax.Array            # [T] int32
     attn: AttentionMetadata
-    logits_indices: jax.Array    # [B] int32, the last token of each sequence slot
+    # [B] int32, the last token of each sequence slot; in a speculative step [B, K+1]: each slot's
+    # last token then its drafts (a slot with fewer repeats its last one)
+    logits_indices: jax.Array
     lora_slots: jax.Array | None = None  # [T] int32, each token's LoRA slot (0: the base model); None: LoRA off
 
 
@@ -85,6 +96,7 @@ class ModelInputs:
 class StepInputs:
     model: ModelInputs         # for the forward graph of the bucket
     sampling: SamplingTensors  # for the sampler graph of the batch size
+    drafts: DraftInputs | None = None  # a speculative step's drafts, for the verify graph
 
 
 def token_buckets(max_num_batched_tokens: int) -> list[int]:
@@ -126,6 +138,12 @@ class StepResult:
     # Only when a scheduled request asked for prompt_logprobs: per flat token, the log-prob of the
     # next prompt token and the top ones ([T], [T, MAX_LOGPROBS], [T, MAX_LOGPROBS]).
     prompt_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # Only in a speculative step: per scheduled sequence, the tokens a row with drafts emits
+    # ([n, K+1]: its accepted drafts, then the target's token; `tokens` holds the first) and how
+    # many drafts it accepted ([n], 0 for rows without drafts). A speculative row's `logprobs`
+    # entry is not its token's (such rows never ask for logprobs).
+    spec_tokens: np.ndarray | None = None
+    num_accepted: np.ndarray | None = None
 
 
 _GREEDY = SamplingParams(temperature=0.0)
@@ -139,6 +157,7 @@ _COMPILE_THREADS = max(1, min(4, os.cpu_count() or 1))
 # steps within noise). The forward graphs keep the default emitters: without them the engine
 # decoded 7-51% slower and prefilled 23% slower (benchmarks/README.md, start-up).
 _CPU_COMPILER_OPTIONS = {"penalties": {"xla_cpu_use_fusion_emitters": False},
+                         "verify": {"xla_cpu_use_fusion_emitters": False},
                          "sampler": {"xla_cpu_use_fusion_emitters": False},
                          "masked_sampler": {"xla_cpu_use_fusion_emitters": False}}
 # The sampler graphs: the plain one, and the one of steps with a structured-output row, which also
@@ -177,13 +196,15 @@ def step_memory_bytes(model, params, **runner_args) -> int:
     largest, batch = probe.buckets[-1], probe.batch_sizes[-1]
     keys = [forward_key(largest), forward_key(largest, with_prompt_logprobs=True), penalties_key(batch),
             sampler_key(batch), masked_sampler_key(batch)]
+    if probe.num_speculative_tokens:
+        keys += [spec_forward_key(largest), verify_key(batch)]
     return max(probe.memory_of(key) for key in keys)
 
 
 class GraphKey(NamedTuple):
-    """One compiled executable: ("forward", (T, B), with prompt_logprobs), ("penalties", B, None),
-    ("sampler" / "masked_sampler", B, sampler registry version or None for the default-only
-    sampler) or ("lora_write", None, None)."""
+    """One compiled executable: ("forward" / "spec_forward", (T, B), with prompt_logprobs),
+    ("penalties" / "verify", B, None), ("sampler" / "masked_sampler", B, sampler registry version
+    or None for the default-only sampler) or ("lora_write", None, None)."""
 
     kind: str
     shape: Any
@@ -192,6 +213,14 @@ class GraphKey(NamedTuple):
 
 def forward_key(bucket: tuple[int, int], with_prompt_logprobs: bool = False) -> GraphKey:
     return GraphKey("forward", bucket, with_prompt_logprobs)
+
+
+def spec_forward_key(bucket: tuple[int, int], with_prompt_logprobs: bool = False) -> GraphKey:
+    return GraphKey("spec_forward", bucket, with_prompt_logprobs)
+
+
+def verify_key(batch_size: int) -> GraphKey:
+    return GraphKey("verify", batch_size, None)
 
 
 def penalties_key(batch_size: int) -> GraphKey:
@@ -212,10 +241,12 @@ LORA_WRITE = GraphKey("lora_write", None, None)
 class ModelRunner:
     def __init__(self, model, params, *, num_pages: int, block_size: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, attention_fn, mesh: Mesh | None = None,
-                 exported_graphs_dir: str | None = None, abstract: bool = False, lora: LoRAConfig | None = None):
+                 exported_graphs_dir: str | None = None, abstract: bool = False, lora: LoRAConfig | None = None,
+                 num_speculative_tokens: int = 0):
         """abstract: hold no arrays, only their shapes (params may be jax.ShapeDtypeStructs), to
         export the step graphs for another platform (`export`) without memory for weights or cache.
-        lora: the adapter slots' shape (None: no LoRA in any graph)."""
+        lora: the adapter slots' shape (None: no LoRA in any graph). num_speculative_tokens: the
+        most drafts a row carries in a step (0: no speculative graphs)."""
         cfg = model.config
         self.model = model
         # One code path for every mesh: a single device is a 1 x 1 mesh.
@@ -228,6 +259,7 @@ class ModelRunner:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
+        self.num_speculative_tokens = num_speculative_tokens
         self.page_table_width = -(-max_model_len // block_size)
         self.attention_fn = attention_fn
         self._attention = shard_attention(attention_fn, self.mesh, cfg)  # per model shard
@@ -250,22 +282,30 @@ class ModelRunner:
         self.buckets = [(t, next(b for b in self.batch_sizes if b >= min(t, max_num_seqs)))
                         for t in token_buckets(max_num_batched_tokens)]
         # What warm-up builds: every bucket's forward graph, every batch size's penalties and default
-        # sampler, and with LoRA the slot write.
+        # sampler, with LoRA the slot write, and with speculation every bucket's spec_forward and
+        # every batch size's verify graph.
         self.warmup_keys = ([forward_key(b) for b in self.buckets]
                             + [key(b) for b in self.batch_sizes
                                for key in (penalties_key, sampler_key, masked_sampler_key)]
-                            + ([LORA_WRITE] if lora is not None else []))
+                            + ([LORA_WRITE] if lora is not None else [])
+                            + ([spec_forward_key(b) for b in self.buckets] + [verify_key(b) for b in self.batch_sizes]
+                               if num_speculative_tokens else []))
         # Explicit shardings, the same for warm-up and serving: step inputs, logits and the
         # sampler's outputs are replicated, so every shard samples the same tokens.
         self._replicated = replicated(self.mesh)
         self._logits_type = lambda batch: jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32,
                                                                sharding=self._replicated)
+        self._spec_logits_type = lambda batch: jax.ShapeDtypeStruct(
+            (batch, num_speculative_tokens + 1, cfg.vocab_size), jnp.float32, sharding=self._replicated)
         self._bitmask_type = lambda batch: jax.ShapeDtypeStruct((batch, bitmask_words(cfg.vocab_size)), jnp.int32,
                                                                 sharding=self._replicated)
         self._shardings = {
             "forward": dict(in_shardings=(param_sharding, kv_sharding) + (self._replicated,) * 3,
                             out_shardings=(kv_sharding, self._replicated, self._replicated)),
+            "spec_forward": dict(in_shardings=(param_sharding, kv_sharding) + (self._replicated,) * 3,
+                                 out_shardings=(kv_sharding,) + (self._replicated,) * 3),
             "penalties": dict(in_shardings=(self._replicated, self._replicated), out_shardings=self._replicated),
+            "verify": dict(in_shardings=(self._replicated,) * 3, out_shardings=self._replicated),
             "sampler": dict(in_shardings=(self._replicated,) * 3, out_shardings=self._replicated),
             "masked_sampler": dict(in_shardings=(self._replicated,) * 4, out_shardings=self._replicated),
             "lora_write": dict(in_shardings=(self._replicated,) * 4, out_shardings=self._replicated),
@@ -274,6 +314,8 @@ class ModelRunner:
         # keyword arguments once in_shardings is given.
         self._jitted = {
             "forward": jax.jit(self._forward, donate_argnums=(1,), **self._shardings["forward"]),
+            "spec_forward": jax.jit(self._spec_forward, donate_argnums=(1,), **self._shardings["spec_forward"]),
+            "verify": jax.jit(self._verify, **self._shardings["verify"]),
             "penalties": jax.jit(self._penalise, **self._shardings["penalties"]),
             "sampler": jax.jit(self._sample, static_argnums=(3,), **self._shardings["sampler"]),
             "masked_sampler": jax.jit(self._sample_masked, static_argnums=(4,), **self._shardings["masked_sampler"]),
@@ -295,7 +337,8 @@ class ModelRunner:
             hidden, kv_cache = self.model.forward(params, inputs.tokens, kv_cache, inputs.attn,
                                                   attention_fn=self._attention, **lora)
         with jax.named_scope("logits"):
-            logits = self.model.compute_logits(params, hidden[inputs.logits_indices])  # [B, V]
+            # [B, V]; in a speculative step [B * (K+1), V]
+            logits = self.model.compute_logits(params, hidden[inputs.logits_indices.reshape(-1)])
         if prompt_targets is None:
             return kv_cache, logits, None
         # The prompt_logprobs variant (compiled only when a request asks): every position scores
@@ -304,6 +347,19 @@ class ModelRunner:
             all_logits = self.model.compute_logits(params, hidden)  # [T, V]
             prompt = compute_logprobs(all_logits, jnp.maximum(prompt_targets, 0), num_top_logprobs=MAX_LOGPROBS)
         return kv_cache, logits, prompt
+
+    def _spec_forward(self, params, kv_cache: KVCache, inputs: ModelInputs, prompt_targets=None,
+                      lora_weights: LoRAWeights | None = None):
+        """The forward of a speculative step: also the logits at every draft, [B, K+1, V]; the
+        first of each slot, [B, V], go to the sampler graphs as a plain step's do."""
+        B, K1 = inputs.logits_indices.shape
+        kv_cache, logits, prompt = self._forward(params, kv_cache, inputs, prompt_targets, lora_weights)
+        logits = logits.reshape(B, K1, -1)  # [B, K+1, V]
+        return kv_cache, logits[:, 0], prompt, logits
+
+    def _verify(self, logits: jax.Array, sampling_tensors: SamplingTensors, drafts: DraftInputs):
+        with jax.named_scope("verify"):
+            return verify(logits, sampling_tensors, drafts)
 
     def _penalise(self, logits: jax.Array, sampling_tensors: SamplingTensors) -> jax.Array:
         with jax.named_scope("penalties"):
@@ -354,13 +410,16 @@ class ModelRunner:
 
     def _example_args(self, key: GraphKey) -> tuple:
         """Arguments of the right shapes for lowering `key`'s graph ahead of its first step."""
-        if key.kind == "forward":
+        if key.kind in ("forward", "spec_forward"):
             targets = np.zeros(key.shape[0], np.int32) if key.variant else None
-            return self.params, self.kv_cache, self._empty_inputs(key.shape).model, targets, self.lora_weights
+            inputs = self._empty_inputs(key.shape, speculative=key.kind == "spec_forward").model
+            return self.params, self.kv_cache, inputs, targets, self.lora_weights
         if key.kind == "lora_write":
             a, b = self._empty_slot()
             return self.lora_weights, np.int32(1), a, b
         logits, tensors = self._logits_type(key.shape), self._empty_inputs((key.shape, key.shape)).sampling
+        if key.kind == "verify":
+            return self._spec_logits_type(key.shape), tensors, self._empty_drafts(key.shape)
         if key.kind == "penalties":  # the one graph reading the token history, [B, max_model_len]
             history = np.full((key.shape, self.max_model_len), -1, np.int32)
             return logits, dataclasses.replace(tensors, token_history=history)
@@ -422,7 +481,7 @@ class ModelRunner:
                 self._exported = None
                 return None
             self._exported.save(stored, exported)
-        donate = dict(donate_argnums=(1,)) if key.kind == "forward" else {}
+        donate = dict(donate_argnums=(1,)) if key.kind in ("forward", "spec_forward") else {}
         # Named as the method it was exported from, so a profile's ops name their graph
         # (hlo_module "jit__forward", "jit__penalise", "jit__sample") on either path.
         def call(*a):
@@ -455,9 +514,10 @@ class ModelRunner:
 
     # ---- host side ---------------------------------------------------------------------------
 
-    def _empty_inputs(self, bucket: tuple[int, int]) -> StepInputs:
+    def _empty_inputs(self, bucket: tuple[int, int], speculative: bool = False) -> StepInputs:
         """All-padding inputs of a bucket (example arguments for lowering its graphs)."""
         T, B = bucket
+        logits_shape = (B, self.num_speculative_tokens + 1) if speculative else (B,)
         tensors = build_sampling_tensors([], B, self.max_model_len, BANNED_WIDTH)
         attn = AttentionMetadata(
             positions=np.zeros(T, np.int32), slot_mapping=np.zeros(T, np.int32),
@@ -465,9 +525,13 @@ class ModelRunner:
             page_table=np.full((B, self.page_table_width), NULL_PAGE, np.int32),
             num_seqs=np.int32(0))
         return StepInputs(model=ModelInputs(tokens=np.zeros(T, np.int32), attn=attn,
-                                            logits_indices=np.zeros(B, np.int32),
+                                            logits_indices=np.zeros(logits_shape, np.int32),
                                             lora_slots=np.zeros(T, np.int32) if self.lora_config else None),
                           sampling=tensors)
+
+    def _empty_drafts(self, batch_size: int) -> DraftInputs:
+        return DraftInputs(tokens=np.zeros((batch_size, self.num_speculative_tokens), np.int32),
+                           counts=np.zeros(batch_size, np.int32))
 
     def _empty_slot(self) -> tuple[dict, dict]:
         """An all-zero slot's contents (the lora_write graph's example arguments)."""
@@ -509,6 +573,7 @@ class ModelRunner:
         elif n:
             tokens[:num_tokens] = list(itertools.chain.from_iterable(
                 (req.token_at(seq.start),) if seq.num_tokens == 1
+                else (req.token_at(seq.start), *seq.draft_token_ids) if seq.draft_token_ids
                 else req.token_ids_between(seq.start, seq.start + seq.num_tokens) for req, seq in zip(reqs, seqs)))
         cu_q_lens = np.zeros(B + 1, np.int32)
         np.cumsum(counts, out=cu_q_lens[1:n + 1])
@@ -531,8 +596,12 @@ class ModelRunner:
         slot_mapping[:num_tokens] = page_table[seq_of_token, pos // S] * S + pos % S
         kv_lens = np.zeros(B, np.int32)
         kv_lens[:n] = starts + counts
-        logits_indices = np.zeros(B, np.int32)
-        logits_indices[:n] = cu_q_lens[1:n + 1] - 1
+        drafts = None
+        if self.num_speculative_tokens and any(seq.draft_token_ids for seq in seqs):
+            logits_indices, drafts = self._draft_inputs(seqs, cu_q_lens, B)
+        else:
+            logits_indices = np.zeros(B, np.int32)
+            logits_indices[:n] = cu_q_lens[1:n + 1] - 1
         greedy_row = SamplingRow(params=_GREEDY, seed=0, step=0, prompt_ids=(), output_ids=(), banned_ids=())
         tensors = build_sampling_tensors([r or greedy_row for r in rows], B, self.max_model_len, BANNED_WIDTH,
                                          samplers.samplers if samplers is not None else None)
@@ -544,7 +613,22 @@ class ModelRunner:
             lora_slots[:num_tokens] = np.fromiter((req.lora_slot for req in reqs), np.int32, n)[seq_of_token]
         return bucket, StepInputs(model=ModelInputs(tokens=tokens, attn=attn, logits_indices=logits_indices,
                                                     lora_slots=lora_slots),
-                                  sampling=tensors)
+                                  sampling=tensors, drafts=drafts)
+
+    def _draft_inputs(self, seqs, cu_q_lens: np.ndarray, B: int) -> tuple[np.ndarray, DraftInputs]:
+        """A speculative step's logits indices [B, K+1] (each slot's last token, then its drafts)
+        and its drafts. A slot's drafts are the last tokens of its chunk."""
+        K, n = self.num_speculative_tokens, len(seqs)
+        counts = np.zeros(B, np.int32)
+        counts[:n] = [len(seq.draft_token_ids) for seq in seqs]
+        tokens = np.zeros((B, K), np.int32)
+        for i, seq in enumerate(seqs):
+            if seq.draft_token_ids:
+                tokens[i, :counts[i]] = seq.draft_token_ids
+        last = np.zeros(B, np.int32)
+        last[:n] = cu_q_lens[1:n + 1] - 1 - counts[:n]
+        indices = last[:, None] + np.minimum(np.arange(K + 1, dtype=np.int32)[None, :], counts[:, None])
+        return indices.astype(np.int32), DraftInputs(tokens=tokens, counts=counts)
 
     def _prompt_targets(self, sched: SchedulerOutput, num_tokens: int) -> np.ndarray | None:
         """[T] the prompt token after each flat position of requests wanting prompt_logprobs, else -1."""
@@ -576,20 +660,27 @@ class ModelRunner:
             bucket, inputs = self.prepare(sched, rows, samplers)
             targets = self._prompt_targets(sched, bucket[0])
         prepared = time.perf_counter()
-        out, prompt, bitmask_seconds = self.run_graphs(bucket, inputs, targets, samplers, fill_bitmask)
+        out, prompt, bitmask_seconds, verified = self.run_graphs(bucket, inputs, targets, samplers, fill_bitmask)
         n = len(sched.seqs)
-        return StepResult(tokens=out.tokens[:n], logprobs=out.logprobs[:n], top_ids=out.top_ids[:n],
+        tokens, spec_tokens, num_accepted = out.tokens[:n], None, None
+        if verified is not None:  # rows with drafts emit what verification chose
+            spec_tokens, num_accepted = verified[0][:n], verified[1][:n]
+            tokens = np.where(inputs.drafts.counts[:n] > 0, spec_tokens[:, 0], tokens)
+        return StepResult(tokens=tokens, logprobs=out.logprobs[:n], top_ids=out.top_ids[:n],
                           top_logprobs=out.top_logprobs[:n],
                           sampler_state=out.sampler_state[:n], bucket=bucket,
                           seconds=time.perf_counter() - start, prepare_seconds=prepared - start,
-                          bitmask_seconds=bitmask_seconds, prompt_logprobs=prompt)
+                          bitmask_seconds=bitmask_seconds, prompt_logprobs=prompt,
+                          spec_tokens=spec_tokens, num_accepted=num_accepted)
 
     def run_graphs(self, bucket: tuple[int, int], inputs: StepInputs, targets: np.ndarray | None = None,
                    samplers: sampling.Snapshot | None = None,
                    fill_bitmask: Callable[[np.ndarray], None] | None = None):
         """One step's graphs on prepared (host) inputs -> (sampler output, prompt logprobs or None,
-        seconds the host spent in fill_bitmask) on the host."""
-        forward = self._executable(forward_key(bucket, targets is not None),
+        seconds the host spent in fill_bitmask, verification's (tokens [B, K+1], accepted [B]) or
+        None) on the host."""
+        speculative = inputs.drafts is not None
+        forward = self._executable((spec_forward_key if speculative else forward_key)(bucket, targets is not None),
                                    (self.params, self.kv_cache, inputs.model, targets, self.lora_weights))
         batch, logits_type = bucket[1], self._logits_type(bucket[1])
         penalties = (self._executable(penalties_key(batch), (logits_type, inputs.sampling))
@@ -602,14 +693,20 @@ class ModelRunner:
         else:
             sampler = self._executable(masked_sampler_key(batch, version),
                                        (logits_type, logits_type, sampling, self._bitmask_type(batch)), samplers)
+        verify_drafts = (self._executable(verify_key(batch), (self._spec_logits_type(batch), sampling, inputs.drafts))
+                         if speculative else None)
         bitmask_seconds = 0.0
         with annotate(DEVICE_STEP):
             history = inputs.sampling.token_history if penalties is not None else None
             # The one host->device transfer of the step's inputs.
-            model, sampling, history, targets = jax.device_put((inputs.model, sampling, history, targets),
-                                                               self._replicated)
+            model, sampling, history, targets, drafts = jax.device_put(
+                (inputs.model, sampling, history, targets, inputs.drafts), self._replicated)
             # Each graph is queued behind the one before it: the host waits only for the last.
-            self.kv_cache, logits, prompt = forward(self.params, self.kv_cache, model, targets, self.lora_weights)
+            if speculative:
+                self.kv_cache, logits, prompt, spec_logits = forward(self.params, self.kv_cache, model, targets,
+                                                                     self.lora_weights)
+            else:
+                self.kv_cache, logits, prompt = forward(self.params, self.kv_cache, model, targets, self.lora_weights)
             if penalties is not None:
                 penalised = penalties(logits, dataclasses.replace(sampling, token_history=history))
             else:
@@ -624,5 +721,6 @@ class ModelRunner:
                 fill_bitmask(allowed)
                 bitmask_seconds = time.perf_counter() - filling
                 out = sampler(logits, penalised, sampling, jax.device_put(allowed, self._replicated))
-            out, prompt = jax.device_get((out, prompt))  # the step's one device->host transfer
-            return out, prompt, bitmask_seconds
+            verified = verify_drafts(spec_logits, sampling, drafts) if speculative else None
+            out, prompt, verified = jax.device_get((out, prompt, verified))  # the step's one device->host transfer
+            return out, prompt, bitmask_seconds, verified

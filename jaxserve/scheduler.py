@@ -6,7 +6,10 @@ running requests first (a decode costs one token), then on waiting ones, whose p
 into chunks that fit. When the KV pages run out, the newest running request is preempted: its
 pages go back to the pool and it is recomputed later, outputs kept. Nothing is dropped. A
 request with a LoRA adapter is admitted once its adapter has a device slot (jaxserve/lora_manager.py);
-until then the requests behind it go first.
+until then the requests behind it go first. A decoding request carrying draft tokens
+(``Request.draft_token_ids``, jaxserve/speculative.py) computes its last token and its drafts
+in one chunk, as far as the budget and the pages allow; what verification rejects is taken back
+after the step (``ScheduledSeq.reject``), its KV slots overwritten later.
 """
 from __future__ import annotations
 
@@ -28,10 +31,15 @@ class ScheduledSeq:
     num_tokens: int   # tokens computed this step
     # The step reaches the last known token, so its logits make a new one (None: work it out).
     samples: bool | None = None
+    draft_token_ids: tuple[int, ...] = ()  # speculative drafts, the last of num_tokens
 
     def __post_init__(self):
         if self.samples is None:
             self.samples = self.start + self.num_tokens == self.request.num_tokens
+
+    def reject(self, num_accepted: int) -> None:
+        """After verification: only the last token and the accepted drafts stay computed."""
+        self.num_tokens -= len(self.draft_token_ids) - num_accepted
 
 
 @dataclass
@@ -86,7 +94,12 @@ class Scheduler:
             req = running[i]
             computed = req.num_computed_tokens
             remaining = len(req.prompt_token_ids) + len(req.output_token_ids) - computed
-            n = remaining if remaining <= budget else budget
+            drafts = req.draft_token_ids
+            if drafts:  # a decode (remaining 1) with speculative drafts
+                n = self._fit_drafts(req, min(1 + len(drafts), budget))
+                drafts = drafts[:n - 1]
+            else:
+                n = remaining if remaining <= budget else budget
             if computed + n > len(req.block_ids) * S:  # it needs another page
                 while not self._reserve_pages(req, n):
                     victim = running.pop()  # the newest request gives way
@@ -94,10 +107,19 @@ class Scheduler:
                     out.preempted.append(victim)
                     if victim is req:
                         return budget
-            seqs.append(ScheduledSeq(req, computed, n, n == remaining))
+            seqs.append(ScheduledSeq(req, computed, n, n == remaining or bool(drafts), drafts))
             budget -= n
             i += 1
         return budget
+
+    def _fit_drafts(self, req: Request, n: int) -> int:
+        """Tokens of a speculative decode (its last token and drafts, at most n) whose pages can be
+        had without preempting anyone: drafts are a guess, worth no other request's progress."""
+        needed = -(-(req.num_computed_tokens + n) // self.block_size) - len(req.block_ids)
+        free = self.pool.num_free_pages
+        if needed > free:
+            n = max(1, (len(req.block_ids) + free) * self.block_size - req.num_computed_tokens)
+        return n
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         deferred = []
@@ -181,7 +203,9 @@ class Scheduler:
         for seq in out.seqs:
             req = seq.request
             req.num_computed_tokens += seq.num_tokens
-            num_full = req.num_computed_tokens // self.block_size
+            # Accepted drafts are computed before the output processor appends them: hash only
+            # known tokens (their pages are published at the next step).
+            num_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
             start = len(req.block_hashes)
             if num_full > start and self.pool.enable_prefix_caching:
                 parent = req.block_hashes[-1] if req.block_hashes else req.prefix_root

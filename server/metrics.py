@@ -54,8 +54,24 @@ class _EngineCollector:
         yield self._gauge("num_compiled_graphs", "XLA executables compiled by the runner.", s.num_compiled_graphs)
         yield self._counter("compile_seconds", "Seconds spent compiling step graphs.", s.compile_seconds)
         yield self._counter("engine_step_seconds", "Seconds spent in engine steps.", s.step_seconds_total)
+        if s.spec_decode_accepted_per_position:  # speculative decoding is on
+            yield from self._spec_decode(s)
         yield self._histogram("compile_time_seconds", "Seconds to compile each step graph (warm-up included).",
                               s.compile_times, _COMPILE_BUCKETS)
+
+    def _spec_decode(self, s):
+        yield self._counter("spec_decode_num_drafts", "Sequences verified with draft tokens, over all steps.",
+                            s.spec_decode_num_drafts)
+        yield self._counter("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.",
+                            s.spec_decode_num_draft_tokens)
+        yield self._counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                            s.spec_decode_num_accepted_tokens)
+        c = CounterMetricFamily("jaxserve:spec_decode_num_accepted_tokens_per_pos",
+                                "Draft tokens accepted, by their position among a step's drafts.",
+                                labels=list(self.labels) + ["position"])
+        for position, count in enumerate(s.spec_decode_accepted_per_position):
+            c.add_metric(list(self.labels.values()) + [str(position)], count)
+        yield c
 
     def _histogram(self, name, doc, values, buckets):
         counts = [sum(1 for v in values if v <= b) for b in buckets] + [len(values)]

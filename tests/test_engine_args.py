@@ -67,7 +67,8 @@ def test_llm_signature_is_the_table():
 def _distinct_value(opt):
     """A valid value for each option that differs from its default."""
     special = {"dtype": "bfloat16", "block_size": 8, "attention_backend": "pallas", "gpu_memory_utilization": 0.5,
-               "max_num_batched_tokens": 256, "process_id": 1, "runner": "pooling", "pooling_type": "mean"}
+               "max_num_batched_tokens": 256, "process_id": 1, "runner": "pooling", "pooling_type": "mean",
+               "speculative_model": "[ngram]"}
     if opt.name in special:
         return special[opt.name]
     if opt.choices:
@@ -79,7 +80,9 @@ def test_every_engine_option_reads_from_yaml_and_environment_with_flag_precedenc
     distinct = {o.name: _distinct_value(o) for o in ENGINE_OPTIONS}
     config = tmp_path / "engine.yaml"
     # YAML keys may be written with dashes or underscores.
-    config.write_text("".join(f"{n.replace('_', '-') if i % 2 else n}: {str(v).lower() if isinstance(v, bool) else v}\n"
+    # Strings quoted: YAML reads a bare [ngram] as a list.
+    config.write_text("".join(f"{n.replace('_', '-') if i % 2 else n}: "
+                              f"{str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, str) else v}\n"
                               for i, (n, v) in enumerate(distinct.items())))
     env = {o.env: (str(distinct[o.name]).lower() if o.kind is bool else str(distinct[o.name]))
            for o in ENGINE_OPTIONS}

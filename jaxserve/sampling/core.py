@@ -404,6 +404,18 @@ def _ban(logits: jax.Array, banned: jax.Array) -> jax.Array:
 
 def _sample_rows(logits: jax.Array, t: SamplingTensors, greedy: jax.Array, u: jax.Array | None = None) -> jax.Array:
     """Temperature, top-k/top-p/min-p filtering and one draw per row; greedy rows take argmax."""
+    V = logits.shape[1]
+    kept, best = filtered_weights(logits, t, greedy)
+    u = uniforms(row_keys(t.seeds, t.steps)) if u is None else u  # [B]
+    drawn = inverse_cdf(kept, u)
+    # The clamp only matters for rows with no finite logit at all (NaN model output).
+    return jnp.minimum(jnp.where(greedy, best, drawn), V - 1).astype(jnp.int32)
+
+
+def filtered_weights(logits: jax.Array, t: SamplingTensors, greedy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The distribution each row draws from, unnormalised: (weights [B, V], 0 where temperature,
+    top-k, top-p or min-p filter a token out; the argmax [B], greedy rows' token). Speculative
+    verification (sampling/rejection.py) reads the same distribution the sampler draws from."""
     B, V = logits.shape
     x = logits / jnp.where(greedy, 1.0, t.temperature)[:, None]  # [B, V]
     top_k = jnp.where(greedy | (t.top_k >= V), 0, t.top_k)
@@ -418,11 +430,7 @@ def _sample_rows(logits: jax.Array, t: SamplingTensors, greedy: jax.Array, u: ja
     cutoff = lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), top_k_top_p_cutoff,
                       lambda *_: jnp.full((B,), -jnp.inf), x, weights, row_max, top_k, top_p)
     cutoff = jnp.maximum(cutoff, row_max + jnp.log(jnp.where(greedy, 0.0, t.min_p)))
-
-    u = uniforms(row_keys(t.seeds, t.steps)) if u is None else u  # [B]
-    drawn = inverse_cdf(jnp.where(x >= cutoff[:, None], weights, 0.0), u)
-    # The clamp only matters for rows with no finite logit at all (NaN model output).
-    return jnp.minimum(jnp.where(greedy, best, drawn), V - 1).astype(jnp.int32)
+    return jnp.where(x >= cutoff[:, None], weights, 0.0), best
 
 
 def inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
