@@ -62,8 +62,8 @@ def tiny_engine(tokenizer, batch: int, max_model_len: int) -> LLMEngine:
     params = jax.jit(family.init_params, static_argnums=1)(jax.random.key(0), np.float32)
     loaded = LoadedModel(config=config, model=family, params=params, source="random", name="tiny",
                          tokenizer_or_future=tokenizer)
-    return LLMEngine(loaded, cache=CacheConfig(block_size=16, kv_cache_memory=None, gpu_memory_utilization=0.9,
-                                               enable_prefix_caching=True),
+    return LLMEngine(loaded, cache=CacheConfig(block_size=16, kv_cache_memory=None, kv_cache_dtype="auto",
+                                               gpu_memory_utilization=0.9, enable_prefix_caching=True),
                      scheduler=SchedulerConfig(max_model_len=max_model_len, max_num_seqs=batch,
                                                max_num_batched_tokens=max(512, batch)),
                      compile=CompileConfig(compilation_cache_dir=None, warmup=True),

@@ -369,7 +369,7 @@ def _lower(args: argparse.Namespace) -> int:
     started = time.monotonic()
     plan, graphs = lower_step_graphs(engine_args, args.platform, num_pages=args.num_pages)
     print(f"lowering {plan.num_graphs} step graphs of {plan.model} for {plan.platform}: dtype {plan.dtype}, "
-          f"attention {plan.attention}, {plan.num_pages} KV pages of {plan.block_size} tokens, "
+          f"attention {plan.attention}, {plan.num_pages} KV pages of {plan.block_size} tokens ({plan.kv_cache_dtype}), "
           f"mesh {plan.mesh}", flush=True)
     failed = 0
     for graph in graphs:
@@ -387,7 +387,8 @@ def _add_config_arg(p: argparse.ArgumentParser) -> None:
 
 _EPILOG = (f"Every option also reads JAXSERVE_<OPTION> from the environment (e.g. JAXSERVE_MAX_NUM_SEQS), "
            f"as each flag's help says; {CACHE_ROOT_ENV} (default ~/.cache/jaxserve) holds the compilation "
-           f"cache and converted models. Precedence: flag > environment > --config > default.")
+           f"cache and converted models. Precedence: flag > environment > --config > default; "
+           f"--kv-cache-dtype also reads Ollama's OLLAMA_KV_CACHE_TYPE (f16, q8_0), below --config.")
 
 
 def build_parser() -> argparse.ArgumentParser:

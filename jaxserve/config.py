@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from jaxserve.engine_args import default_cache_root
+from jaxserve.engine_args import KV_CACHE_DTYPES, default_cache_root
 
 
 def _check(cond: bool, name: str, value, allowed: str) -> None:
@@ -20,7 +20,8 @@ def _check(cond: bool, name: str, value, allowed: str) -> None:
 @dataclasses.dataclass(frozen=True, slots=True)
 class CacheConfig:
     block_size: int                     # tokens per KV page
-    kv_cache_memory: int | None         # bytes for K+V of all layers; None = platform default
+    kv_cache_memory: int | None         # bytes for K+V of all layers (scales included); None = platform default
+    kv_cache_dtype: str                 # what the pages store: "auto" (the model's dtype) or a KV_CACHE_DTYPES name
     gpu_memory_utilization: float       # share of accelerator memory for weights + KV (ignored on CPU)
     enable_prefix_caching: bool         # share full pages of identical prefixes between requests
 
@@ -30,6 +31,8 @@ class CacheConfig:
                "block_size", self.block_size, "a power of two >= 1")
         _check(self.kv_cache_memory is None or (isinstance(self.kv_cache_memory, int) and self.kv_cache_memory > 0),
                "kv_cache_memory", self.kv_cache_memory, "a positive number of bytes or None")
+        _check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype,
+               f"one of {', '.join(KV_CACHE_DTYPES)}")
         _check(0.0 < self.gpu_memory_utilization <= 1.0,
                "gpu_memory_utilization", self.gpu_memory_utilization, "in (0, 1]")
 

@@ -25,6 +25,7 @@ from jaxserve.block_pool import BlockPool
 from jaxserve.config import CacheConfig, CompileConfig, SchedulerConfig, SpeculativeConfig
 from jaxserve.engine_args import EngineArgs
 from jaxserve.input_processor import InputProcessor, RequestValidationError
+from jaxserve.kv_cache_dtype import KVCacheDtype, kv_cache_dtype
 from jaxserve.lora import LoRAAdapter, LoRAConfig, LoRARequest
 from jaxserve.lora_manager import LoRAManager
 from jaxserve.models.quantization import param_bytes, weights_dtype
@@ -94,9 +95,10 @@ def enable_persistent_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
-def kv_page_bytes(model_config, block_size: int, dtype_bytes: int) -> int:
-    """Bytes of one KV page: K and V of block_size tokens in every layer."""
-    return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * model_config.head_dim * dtype_bytes
+def kv_page_bytes(model_config, block_size: int, kv_dtype: KVCacheDtype) -> int:
+    """Bytes of one KV page: K and V of block_size tokens in every layer, 8-bit pages' scales included."""
+    c = model_config
+    return block_size * kv_dtype.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim)
 
 
 def accelerator_memory_limit() -> int | None:
@@ -106,12 +108,12 @@ def accelerator_memory_limit() -> int | None:
     return stats.get("bytes_limit") if stats else None
 
 
-def kv_pages_for(model_config, cache: CacheConfig, dtype_bytes: int, max_model_len: int, max_num_seqs: int,
+def kv_pages_for(model_config, cache: CacheConfig, kv_dtype: KVCacheDtype, max_model_len: int, max_num_seqs: int,
                  param_bytes: int, memory_limit: int | None = None, step_bytes: int = 0) -> int:
     """Pages from kv_cache_memory, else from accelerator memory (memory_limit x
     gpu_memory_utilization, less the weights and the largest step's own memory), else sized to
-    fit on CPU."""
-    page_bytes = kv_page_bytes(model_config, cache.block_size, dtype_bytes)
+    fit on CPU. A smaller kv_dtype gets more pages from the same bytes."""
+    page_bytes = kv_page_bytes(model_config, cache.block_size, kv_dtype)
     budget = cache.kv_cache_memory
     if budget is None and memory_limit is not None:
         budget = int(memory_limit * cache.gpu_memory_utilization) - param_bytes - step_bytes
@@ -140,16 +142,16 @@ class LLMEngine:
         self.model_config = loaded.config
         self.max_model_len = scheduler.max_model_len
         self.vocab_size = loaded.config.vocab_size
-        kv_itemsize = weights_dtype(loaded.params).itemsize
+        kv_dtype = kv_cache_dtype(cache.kv_cache_dtype, weights_dtype(loaded.params))
         shape = dict(block_size=cache.block_size, max_model_len=scheduler.max_model_len,
                      max_num_seqs=scheduler.max_num_seqs, max_num_batched_tokens=scheduler.max_num_batched_tokens,
-                     attention_fn=attention_fn, mesh=mesh, lora=lora,
+                     attention_fn=attention_fn, mesh=mesh, lora=lora, kv_cache_dtype=kv_dtype,
                      num_speculative_tokens=speculative.num_speculative_tokens if speculative else 0)
         memory_limit = accelerator_memory_limit() if cache.kv_cache_memory is None else None
         # On an accelerator the cache gets what the weights and the largest step leave, the
         # step's share measured by XLA on its compiled graphs, not guessed.
         step_bytes = step_memory_bytes(loaded.model, loaded.params, **shape) if memory_limit is not None else 0
-        num_pages = kv_pages_for(loaded.config, cache, kv_itemsize, scheduler.max_model_len,
+        num_pages = kv_pages_for(loaded.config, cache, kv_dtype, scheduler.max_model_len,
                                  scheduler.max_num_seqs, param_bytes(loaded.params), memory_limit, step_bytes)
         self.pool = BlockPool(num_pages, cache.block_size, cache.enable_prefix_caching)
         self.loras = LoRAManager(lora, loaded.config) if lora is not None else None
@@ -157,8 +159,8 @@ class LLMEngine:
         self.speculator = NgramSpeculator(speculative, scheduler.max_model_len) if speculative is not None else None
         self.runner = ModelRunner(loaded.model, loaded.params, num_pages=num_pages, **shape,
                                   exported_graphs_dir=os.path.join(compile.resolved_cache_dir(), "jaxserve-exported"))
-        logger.info("KV cache: %d pages of %d tokens (%.2f GiB)%s", num_pages, cache.block_size,
-                    num_pages * kv_page_bytes(loaded.config, cache.block_size, kv_itemsize) / 2**30,
+        logger.info("KV cache: %d pages of %d tokens, %s (%.2f GiB)%s", num_pages, cache.block_size, kv_dtype.name,
+                    num_pages * kv_page_bytes(loaded.config, cache.block_size, kv_dtype) / 2**30,
                     f", a step's own buffers {step_bytes / 2**30:.2f} GiB" if step_bytes else "")
         self.stats = EngineStats()
         self.step_log: deque[StepRecord] = deque(maxlen=10_000)

@@ -3,8 +3,9 @@ type, default, help text, CLI group and environment variable, as vLLM's EngineAr
 
 The same table builds the flags of ``jaxserve serve``, ``generate`` and ``run``, reads the YAML
 ``--config`` keys and the ``JAXSERVE_*`` variables, and is ``LLM(...)``'s keyword arguments.
-Precedence: flag (or keyword) > environment > config file > default. This module is the one place
-that reads ``JAXSERVE_*`` variables, and it imports nothing heavy (``--help`` stays fast).
+Precedence: flag (or keyword) > environment > config file > another program's variable > default.
+This module is the one place that reads ``JAXSERVE_*`` variables (and the one foreign one, Ollama's
+``OLLAMA_KV_CACHE_TYPE``), and it imports nothing heavy (``--help`` stays fast).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import inspect
 import os
 import types
 import typing
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 ENV_PREFIX = "JAXSERVE_"
 CACHE_ROOT_ENV = "JAXSERVE_CACHE_ROOT"
@@ -22,6 +23,27 @@ ATTENTION_BACKENDS = ("auto", "pallas", "jnp")  # pallas_kernels.backend.BACKEND
 RUNNERS = ("auto", "generate", "pooling")  # vLLM's --runner
 POOLING_TYPES = ("auto", "last", "mean", "cls")  # "auto" and models.pooling.POOLING_TYPES, without importing jax
 QUANTIZATION_METHODS = ("int8",)  # models.quantization.QUANTIZATION_METHODS, without importing jax
+# jaxserve/kv_cache_dtype.py's modes, without importing jax: vLLM's names (fp8 is fp8_e4m3) and int8.
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")
+OLLAMA_KV_CACHE_TYPE = "OLLAMA_KV_CACHE_TYPE"
+
+
+def ollama_kv_cache_type(value: str) -> str:
+    """Ollama's OLLAMA_KV_CACHE_TYPE as a --kv-cache-dtype: f16 (Ollama's default, its unquantized
+    cache) is the 16-bit cache, bfloat16 here (the 16-bit float jaxserve stores, packed on CPU);
+    q8_0 is int8 with a scale per token and KV head (llama.cpp's q8_0 scales blocks of 32 values).
+    q4_0 is refused rather than served as int8: it asks for a quarter of f16's memory, and int8
+    would quietly give the server half as many KV pages as the user planned for."""
+    word = value.strip().lower()
+    if word in ("f16", "bf16"):
+        return "bfloat16"
+    if word == "q8_0":
+        return "int8"
+    if word == "q4_0":
+        raise ValueError(f"environment {OLLAMA_KV_CACHE_TYPE}: q4_0 (a 4-bit KV cache) is not supported; "
+                         f"use q8_0 (int8 pages, twice q4_0's memory) or f16, or override it with "
+                         f"--kv-cache-dtype / JAXSERVE_KV_CACHE_DTYPE")
+    raise ValueError(f"environment {OLLAMA_KV_CACHE_TYPE} must be one of f16, q8_0, q4_0, got {value!r}")
 
 
 def default_cache_root(environ: Mapping[str, str] = os.environ) -> str:
@@ -41,6 +63,10 @@ class Option:
     choices: tuple[str, ...] | None = None
     minimum: float | None = None       # smallest allowed value of an int/float option
     exclusive_minimum: bool = False    # the minimum itself is not allowed (a value must exceed it)
+    # Another program's variable for the same setting (read below the config file) and how its
+    # words translate to this option's values (raising ValueError on one it cannot serve).
+    foreign_env: str | None = None
+    foreign_value: Callable[[str], Any] | None = None
 
     @property
     def flag(self) -> str:
@@ -93,11 +119,12 @@ _KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "tru
 
 def option(default: Any, help: str, *, group: str, env: str | None = None,
            choices: tuple[str, ...] | None = None, minimum: float | None = None,
-           exclusive_minimum: bool = False) -> Any:
+           exclusive_minimum: bool = False, foreign_env: tuple[str, Callable[[str], Any]] | None = None) -> Any:
     """A dataclass field that is also a CLI/config/environment option (its kind comes from the
-    field's annotation)."""
+    field's annotation). foreign_env: (another program's variable, its value -> this option's)."""
     return dataclasses.field(default=default, metadata={"option": dict(
-        help=help, group=group, env=env, choices=choices, minimum=minimum, exclusive_minimum=exclusive_minimum)})
+        help=help, group=group, env=env, choices=choices, minimum=minimum, exclusive_minimum=exclusive_minimum,
+        foreign_env=foreign_env)})
 
 
 def options_of(cls: type) -> list[Option]:
@@ -106,10 +133,12 @@ def options_of(cls: type) -> list[Option]:
     table = []
     for f in dataclasses.fields(cls):
         meta = f.metadata["option"]
+        foreign_env, foreign_value = meta.get("foreign_env") or (None, None)
         table.append(Option(name=f.name, kind=_base_kind(hints[f.name]), default=f.default, help=meta["help"],
                             group=meta["group"], env=meta["env"] or ENV_PREFIX + f.name.upper(),
                             choices=meta["choices"], minimum=meta["minimum"],
-                            exclusive_minimum=meta["exclusive_minimum"]))
+                            exclusive_minimum=meta["exclusive_minimum"], foreign_env=foreign_env,
+                            foreign_value=foreign_value))
     return table
 
 
@@ -162,6 +191,12 @@ class EngineArgs:
     kv_cache_memory: int | None = option(None, "bytes for the KV cache (default on CPU: what --max-num-seqs "
                                                "full-length requests need, at most 1 GiB)", group=_ENGINE,
                                          minimum=1)
+    kv_cache_dtype: str = option("auto", "what the KV cache stores: auto (the model's dtype), bfloat16, int8 or "
+                                         "fp8 (= fp8_e4m3; or fp8_e5m2; accelerators only), the 8-bit forms with "
+                                         "a float32 scale per token and KV head, about 1/4 of float32's bytes: "
+                                         "more pages in the same memory",
+                                 group=_ENGINE, choices=KV_CACHE_DTYPES,
+                                 foreign_env=(OLLAMA_KV_CACHE_TYPE, ollama_kv_cache_type))
     gpu_memory_utilization: float = option(0.9, "share of accelerator memory for weights + KV cache",
                                            group=_ENGINE)
     seed: int = option(0, "engine seed (requests without a seed draw from it)", group=_ENGINE)
@@ -224,7 +259,7 @@ class EngineArgs:
     def cache_config(self):
         from jaxserve.config import CacheConfig
         return CacheConfig(block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
-                           gpu_memory_utilization=self.gpu_memory_utilization,
+                           kv_cache_dtype=self.kv_cache_dtype, gpu_memory_utilization=self.gpu_memory_utilization,
                            enable_prefix_caching=self.enable_prefix_caching)
 
     def scheduler_config(self, max_model_len: int):
@@ -296,7 +331,8 @@ def resolve_options(table: list[Option], explicit: Mapping[str, Any], *, environ
                     config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     """The value of every option in `table`, by field name, from the highest-precedence source that
     sets it: `explicit` (flags, keywords) > `environ` > `config` (already keyed by field name) >
-    `defaults` > the table. Keys of `explicit`/`config` not in the table are left to the caller."""
+    another program's variable in `environ` (an option's foreign_env) > `defaults` > the table.
+    Keys of `explicit`/`config` not in the table are left to the caller."""
     values = {}
     for opt in table:
         if opt.name in explicit:
@@ -305,6 +341,8 @@ def resolve_options(table: list[Option], explicit: Mapping[str, Any], *, environ
             value, source = environ[opt.env], f"environment {opt.env}"
         elif opt.name in config:
             value, source = config[opt.name], "--config"
+        elif opt.foreign_env and environ.get(opt.foreign_env):
+            value, source = opt.foreign_value(environ[opt.foreign_env]), f"environment {opt.foreign_env}"
         elif opt.name in defaults:
             value, source = defaults[opt.name], "default"
         else:
@@ -352,7 +390,7 @@ def add_arguments(parser: argparse.ArgumentParser, table: list[Option],
         if isinstance(default, tuple):
             default = " ".join(default)
         shown = opt.help + (f" (default: {default})" if default not in (None, False, "") else "")
-        shown += f" [env {opt.env}]"
+        shown += f" [env {opt.env}" + (f", or {opt.foreign_env}" if opt.foreign_env else "") + "]"
         if opt.kind is bool:
             g.add_argument(opt.flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            dest=opt.name, help=shown)

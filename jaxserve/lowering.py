@@ -34,6 +34,7 @@ class LoweringPlan:
     model: str
     platform: str
     dtype: str
+    kv_cache_dtype: str
     attention: str
     num_pages: int
     block_size: int
@@ -67,6 +68,7 @@ def lower_step_graphs(args: EngineArgs, platform: str, *, num_pages: int | None 
         raise ValueError(f"unknown platform {platform!r}; expected one of {', '.join(PLATFORMS)}")
     import jax
 
+    from jaxserve.kv_cache_dtype import kv_cache_dtype
     from jaxserve.models import load_model_config, model_class, resolve_dtype
     from jaxserve.models.quantization import quantize_params
     from jaxserve.pallas_kernels import attention_backend
@@ -91,16 +93,19 @@ def lower_step_graphs(args: EngineArgs, platform: str, *, num_pages: int | None 
     config = config.for_max_model_len(scheduler.max_model_len)
     with targeting(platform):
         dtype = resolve_dtype(args.dtype)
+        kv_dtype = kv_cache_dtype(args.kv_cache_dtype, dtype)
         attention_fn = attention_backend(args.attention_backend)
         family = model_class(config.architecture)(config)
         params = jax.eval_shape(lambda key: quantize_params(family.init_params(key, dtype), args.quantization),
                                 jax.random.key(0))
-        pages = num_pages if num_pages is not None else _pages_for(args, config, dtype.itemsize)
+        pages = num_pages if num_pages is not None else _pages_for(args, config, kv_dtype)
         runner = ModelRunner(family, params, num_pages=pages, block_size=args.block_size,
                              max_model_len=scheduler.max_model_len, max_num_seqs=scheduler.max_num_seqs,
                              max_num_batched_tokens=scheduler.max_num_batched_tokens,
-                             attention_fn=attention_fn, mesh=mesh, abstract=True, lora=args.lora_config())
-    plan = LoweringPlan(model=path, platform=platform, dtype=dtype.name, attention=_name(attention_fn),
+                             attention_fn=attention_fn, mesh=mesh, abstract=True, lora=args.lora_config(),
+                             kv_cache_dtype=kv_dtype)
+    plan = LoweringPlan(model=path, platform=platform, dtype=dtype.name, kv_cache_dtype=kv_dtype.name,
+                        attention=_name(attention_fn),
                         num_pages=pages, block_size=args.block_size, mesh=dict(mesh.shape),
                         num_graphs=len(runner.warmup_keys))
 
@@ -120,12 +125,12 @@ def lower_step_graphs(args: EngineArgs, platform: str, *, num_pages: int | None 
     return plan, graphs()
 
 
-def _pages_for(args: EngineArgs, config, dtype_bytes: int) -> int:
+def _pages_for(args: EngineArgs, config, kv_dtype) -> int:
     """--kv-cache-memory's pages where given (as serve sizes them), else DEFAULT_NUM_PAGES."""
     if args.kv_cache_memory is None:
         return DEFAULT_NUM_PAGES
     from jaxserve.engine import kv_page_bytes
-    return max(2, args.kv_cache_memory // kv_page_bytes(config, args.block_size, dtype_bytes) + 1)
+    return max(2, args.kv_cache_memory // kv_page_bytes(config, args.block_size, kv_dtype) + 1)
 
 
 def _name(fn) -> str:

@@ -4,7 +4,7 @@ Tensor parallelism is Megatron-style: q/k/v and gate/up are split by output colu
 hidden units), o and down by input rows, so each layer needs one all-reduce after o and one after
 down; the embedding and lm_head are split over the vocabulary. The KV cache is split over KV heads,
 or replicated when there are fewer KV heads than model shards (each shard then keeps every KV head
-and uses the ones its q heads need). Attention itself runs per model shard (`shard_attention`, a
+and uses the ones its q heads need); the scales of 8-bit pages follow their pages. Attention itself runs per model shard (`shard_attention`, a
 shard_map): a Pallas kernel is a custom call the SPMD partitioner cannot split. Data parallelism runs one engine replica per row of the mesh,
 each on its own ("model",) slice; requests go to the least busy replica.
 """
@@ -127,6 +127,13 @@ def kv_cache_sharding(mesh: Mesh, model_config) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def kv_scale_sharding(mesh: Mesh, model_config) -> NamedSharding:
+    """The scales of 8-bit KV pages, [L, P, S, K]: split over K heads as the pages are."""
+    if kv_heads_sharded(model_config, mesh.shape[MODEL]):
+        return NamedSharding(mesh, P(None, None, None, MODEL))
+    return NamedSharding(mesh, P())
+
+
 def shard_attention(attention_fn, mesh: Mesh, model_config):
     """attention_fn run on each model shard's own heads (shard_map), for a mesh with a model axis.
 
@@ -134,24 +141,31 @@ def shard_attention(attention_fn, mesh: Mesh, model_config):
     would gather all heads of q and of the cache. Here each shard attends its q heads over its
     KV heads. Where KV heads are replicated (fewer than the shards), a shard's q heads need KV
     heads it has but at other indices: it gathers all q heads (small), attends them all, and
-    keeps its own (the cache it reads is the same)."""
+    keeps its own (the cache it reads is the same). The scales of 8-bit pages ([P, S, K]) go
+    with their pages."""
     if mesh.shape[MODEL] == 1:
         return attention_fn
     kv_sharded = kv_heads_sharded(model_config, mesh.shape[MODEL])
-    heads, pages, metadata = P(None, MODEL, None), P(None, None, MODEL, None) if kv_sharded else P(), P()
+    heads, metadata = P(None, MODEL, None), P()
+    pages, scales = (P(None, None, MODEL, None), P(None, None, MODEL)) if kv_sharded else (P(), P())
 
-    def sharded(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, **options):
-        def per_shard(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs):
+    def sharded(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, k_scales=None, v_scales=None,
+                **options):
+        page_scales = () if k_scales is None else (k_scales, v_scales)
+
+        def per_shard(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *page_scales):
+            kw = dict(options, k_scales=page_scales[0], v_scales=page_scales[1]) if page_scales else options
             if kv_sharded:
-                return attention_fn(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, **options)
+                return attention_fn(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, **kw)
             own = q.shape[1]
             every_head = jax.lax.all_gather(q, MODEL, axis=1, tiled=True)
-            out = attention_fn(every_head, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, **options)
+            out = attention_fn(every_head, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, **kw)
             return jax.lax.dynamic_slice_in_dim(out, jax.lax.axis_index(MODEL) * own, own, axis=1)
 
-        return jax.shard_map(per_shard, mesh=mesh, in_specs=(heads, pages, pages) + (metadata,) * 4,
+        return jax.shard_map(per_shard, mesh=mesh,
+                             in_specs=(heads, pages, pages) + (metadata,) * 4 + (scales,) * len(page_scales),
                              out_specs=heads, check_vma=False)(
-            q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
+            q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *page_scales)
 
     return sharded
 

@@ -42,6 +42,7 @@ version (so registering a sampler costs one sampler compile per batch size used)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -62,7 +63,8 @@ from jaxserve.models.lora import LoRAWeights, module_shapes, write_slot
 from jaxserve.models.metadata import AttentionMetadata, KVCache
 from jaxserve.models.quantization import weights_dtype
 from jaxserve.pallas_kernels.ragged_paged_attention_gpu import TRITON_CALL_TARGETS
-from jaxserve.parallel import (ParallelConfig, build_mesh, kv_cache_sharding, param_shardings,
+from jaxserve.kv_cache_dtype import KVCacheDtype, kv_cache_dtype as resolve_kv_cache_dtype
+from jaxserve.parallel import (ParallelConfig, build_mesh, kv_cache_sharding, kv_scale_sharding, param_shardings,
                                replicated, shard_attention)
 from jaxserve.precision import storage_dtype
 from jaxserve.profiling import DEVICE_STEP, PREPARE, annotate
@@ -242,13 +244,15 @@ class ModelRunner:
     def __init__(self, model, params, *, num_pages: int, block_size: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, attention_fn, mesh: Mesh | None = None,
                  exported_graphs_dir: str | None = None, abstract: bool = False, lora: LoRAConfig | None = None,
-                 num_speculative_tokens: int = 0):
+                 num_speculative_tokens: int = 0, kv_cache_dtype: KVCacheDtype | None = None):
         """abstract: hold no arrays, only their shapes (params may be jax.ShapeDtypeStructs), to
         export the step graphs for another platform (`export`) without memory for weights or cache.
         lora: the adapter slots' shape (None: no LoRA in any graph). num_speculative_tokens: the
-        most drafts a row carries in a step (0: no speculative graphs)."""
+        most drafts a row carries in a step (0: no speculative graphs). kv_cache_dtype: what the KV
+        pages store (None: the weights' dtype)."""
         cfg = model.config
         self.model = model
+        self.kv_cache_dtype = kv_cache_dtype or resolve_kv_cache_dtype("auto", weights_dtype(params))
         # One code path for every mesh: a single device is a 1 x 1 mesh.
         self.mesh = mesh if mesh is not None else build_mesh(ParallelConfig())
         # bf16 layers are stored packed on CPU (precision.py)
@@ -265,11 +269,11 @@ class ModelRunner:
         self._attention = shard_attention(attention_fn, self.mesh, cfg)  # per model shard
         dtype = storage_dtype(weights_dtype(params))
         shape = (cfg.num_layers, num_pages, block_size, cfg.num_kv_heads, cfg.head_dim)
-        kv_sharding = kv_cache_sharding(self.mesh, cfg)
-        kv_sharding = KVCache(k=kv_sharding, v=kv_sharding)
+        pages, scales = kv_cache_sharding(self.mesh, cfg), kv_scale_sharding(self.mesh, cfg)
+        kv_sharding = (KVCache(k=pages, v=pages, k_scale=scales, v_scale=scales) if self.kv_cache_dtype.scaled
+                       else KVCache(k=pages, v=pages))
         # Built in place on its devices: a sharded cache is never whole on one device.
-        zeros = jax.jit(lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)),
-                        out_shardings=kv_sharding)
+        zeros = jax.jit(functools.partial(self.kv_cache_dtype.zeros, shape), out_shardings=kv_sharding)
         self.kv_cache = jax.tree_util.tree_map(_with_sharding, jax.eval_shape(zeros), kv_sharding) if abstract else zeros()
         self.lora_config = lora
         self.lora_weights: LoRAWeights | None = None

@@ -23,10 +23,11 @@ from jaxserve.models.lora import LoRALayer, LoRAWeights, add_lora, token_slot_ma
 from jaxserve.models.metadata import AttentionMetadata, KVCache
 from jaxserve.models.quantization import QuantizedWeight, int8_einsum
 from jaxserve.pallas_kernels.ragged_batch import cap_scores
+from jaxserve.kv_cache_dtype import QUANT_MAX, quantize
 from jaxserve.precision import PACKED, activation_dtype, unpack
 
-# (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale, sliding_window, soft_cap) -> out,
-# see pallas_kernels/ragged_paged_attention.py for the contract.
+# (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale, sliding_window, soft_cap,
+# [k_scales, v_scales]) -> out, see pallas_kernels/reference.py for the contract.
 AttentionFn = Callable[..., jax.Array]
 Params = dict[str, Any]
 
@@ -158,7 +159,9 @@ class GatedMLP(nn.Module):
 
 def write_kv(cache: KVCache, layer: jax.Array, slot_mapping: jax.Array,
              k: jax.Array, v: jax.Array) -> KVCache:
-    """Scatter this step's k/v [T, K, H] into layer `layer` at `slot_mapping` (flat page * S + offset).
+    """Scatter this step's k/v [T, K, H] into layer `layer` at `slot_mapping` (flat page * S + offset),
+    in the cache's own form: packed bf16 bits, or 8-bit values with their scales [T, K] where the
+    cache has scales (jaxserve/kv_cache_dtype.py).
 
     Writing through the flat all-layers slot view keeps it a single in-place scatter when the
     engine donates the cache (a dynamic_update_slice of one layer would copy it).
@@ -170,9 +173,16 @@ def write_kv(cache: KVCache, layer: jax.Array, slot_mapping: jax.Array,
         # A packed cache takes the bits of the bf16 values.
         new = (jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), PACKED) if pages.dtype == PACKED
                else new.astype(pages.dtype))
-        return pages.reshape(L * P * S, K, H).at[slots].set(new).reshape(pages.shape)
+        flat = pages.reshape(L * P * S, *pages.shape[3:])  # [L*P*S, K, H] pages, [L*P*S, K] scales
+        return flat.at[slots].set(new).reshape(pages.shape)
 
-    return KVCache(k=scatter(cache.k, k), v=scatter(cache.v, v))
+    if cache.k_scale is None:
+        return KVCache(k=scatter(cache.k, k), v=scatter(cache.v, v))
+    quant_max = QUANT_MAX[cache.k.dtype]
+    k_values, k_scale = quantize(k, cache.k.dtype, quant_max)  # [T, K, H], [T, K]
+    v_values, v_scale = quantize(v, cache.v.dtype, quant_max)
+    return KVCache(k=scatter(cache.k, k_values), v=scatter(cache.v, v_values),
+                   k_scale=scatter(cache.k_scale, k_scale), v_scale=scatter(cache.v_scale, v_scale))
 
 
 class PagedAttention(nn.Module):
@@ -215,11 +225,15 @@ class PagedAttention(nn.Module):
             # All layers' pages as one [L*P, S, K, H] array (a free reshape); this layer's pages are
             # the page ids offset by layer * P.
             with jax.named_scope("paged_attention"):
+                # 8-bit pages come with their scales, [L*P, S, K] alike.
+                scales = ({} if kv_cache.k_scale is None else
+                          dict(k_scales=kv_cache.k_scale.reshape(L * P, S, K),
+                               v_scales=kv_cache.v_scale.reshape(L * P, S, K)))
                 out = self.attention_fn(
                     q, kv_cache.k.reshape(L * P, S, K, H), kv_cache.v.reshape(L * P, S, K, H),
                     md.kv_lens, md.page_table + layer * P, md.cu_q_lens, md.num_seqs,
                     sm_scale=self.sm_scale or H ** -0.5, sliding_window=self.sliding_window,
-                    soft_cap=self.soft_cap)  # [T, N, H]
+                    soft_cap=self.soft_cap, **scales)  # [T, N, H]
             o_proj = self.param("o_proj", _kernel_init, (N, H, D))
             with jax.named_scope("o_proj"):
                 y = dense("TNH,NHD->TD", out, o_proj)

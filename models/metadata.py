@@ -32,10 +32,17 @@ class AttentionMetadata:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """The paged KV cache of all layers: page p of layer l holds S consecutive tokens."""
+    """The paged KV cache of all layers: page p of layer l holds S consecutive tokens.
+
+    8-bit pages (int8, fp8: --kv-cache-dtype, jaxserve/kv_cache_dtype.py) come with a float32
+    scale per token slot and KV head, the value of an element being page * scale; other pages
+    hold the values themselves and no scales.
+    """
 
     k: jax.Array  # [L, P, S, K, H]
     v: jax.Array  # [L, P, S, K, H]
+    k_scale: jax.Array | None = None  # [L, P, S, K] float32, with 8-bit pages only
+    v_scale: jax.Array | None = None  # [L, P, S, K] float32
 
     @property
     def num_pages(self) -> int:

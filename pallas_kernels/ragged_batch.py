@@ -14,6 +14,11 @@ import jax.numpy as jnp
 
 from jaxserve.precision import PACKED
 
+# The page dtypes that hold quantized values and come with per-(slot, KV head) scales
+# (jaxserve/kv_cache_dtype.py). float8 pages are 8-bit floats, so issubdtype(floating) is True for
+# them: the check below looks at this list first.
+EIGHT_BIT_PAGES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+
 
 class QBlocks(NamedTuple):
     """The q blocks of one step, padded to a static count M (unused blocks have num_rows 0)."""
@@ -95,7 +100,7 @@ def gather_token_outputs(out_blocks, rows: TokenRows):
 
 
 def validate_attention_args(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-                            sm_scale, sliding_window, soft_cap=None) -> None:
+                            sm_scale, sliding_window, soft_cap=None, k_scales=None, v_scales=None) -> None:
     """Raises ValueError naming the argument that breaks the attention contract (trace time)."""
     if q.ndim != 3:
         raise ValueError(f"q must be [T, N, H], got shape {q.shape}")
@@ -109,10 +114,22 @@ def validate_attention_args(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
         raise ValueError(f"k_pages head dim {hk} must equal q head dim {h}")
     if k == 0 or n % k:
         raise ValueError(f"q heads ({n}) must be a multiple of k_pages kv heads ({k})")
-    if not (jnp.issubdtype(k_pages.dtype, jnp.floating) or k_pages.dtype == PACKED):
-        raise ValueError(f"k_pages must be floating point (or bf16 packed as uint16), got {k_pages.dtype}")
     if k_pages.dtype != v_pages.dtype:
         raise ValueError(f"v_pages dtype {v_pages.dtype} must equal k_pages dtype {k_pages.dtype}")
+    if (k_scales is None) != (v_scales is None):
+        raise ValueError("k_scales and v_scales come together (8-bit pages) or not at all")
+    if k_pages.dtype in EIGHT_BIT_PAGES:
+        if k_scales is None:
+            raise ValueError(f"{k_pages.dtype} pages need k_scales and v_scales [P, S, K] float32")
+        for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+            if scales.shape != k_pages.shape[:3] or scales.dtype != jnp.float32:
+                raise ValueError(f"{name} must be float32 of shape {k_pages.shape[:3]} (the pages' [P, S, K]), "
+                                 f"got {scales.dtype} {scales.shape}")
+    elif not (jnp.issubdtype(k_pages.dtype, jnp.floating) or k_pages.dtype == PACKED):
+        raise ValueError(f"k_pages must be floating point, bf16 packed as uint16, or 8-bit with scales "
+                         f"(int8, float8_e4m3fn, float8_e5m2), got {k_pages.dtype}")
+    elif k_scales is not None:
+        raise ValueError(f"k_scales go with 8-bit pages only, not {k_pages.dtype}")
     if not jnp.issubdtype(q.dtype, jnp.floating):
         raise ValueError(f"q must be floating point, got {q.dtype}")
     if page_table.ndim != 2:
@@ -130,6 +147,15 @@ def validate_attention_args(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
         raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
     if soft_cap is not None and not soft_cap > 0:
         raise ValueError(f"soft_cap must be None or > 0, got {soft_cap}")
+
+
+def page_values(pages: jax.Array, dtype) -> jax.Array:
+    """Gathered pages as `dtype` operands of a dot: packed bf16 bits as bf16 (a 16-bit cache keeps its
+    own precision), 8-bit values converted exactly (their scales are applied to the scores and
+    probabilities instead, one multiply per key rather than per element), others as they are."""
+    if pages.dtype == PACKED:
+        return jax.lax.bitcast_convert_type(pages, jnp.bfloat16)
+    return pages.astype(dtype) if pages.dtype in EIGHT_BIT_PAGES else pages
 
 
 def cap_scores(s: jax.Array, soft_cap: float | None) -> jax.Array:

@@ -14,8 +14,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxserve.precision import unpack
-from jaxserve.pallas_kernels.ragged_batch import (QBlocks, cap_scores, gather_token_outputs, split_q_blocks,
-                                                  validate_attention_args)
+from jaxserve.pallas_kernels.ragged_batch import (QBlocks, cap_scores, gather_token_outputs, page_values,
+                                                  split_q_blocks, validate_attention_args)
 
 
 def ragged_paged_attention_kernel(
@@ -25,14 +25,15 @@ def ragged_paged_attention_kernel(
     q_ref,                # [T + block_q - 1, K, G, H], padded so a block read never leaves it
     k_pages_ref,          # [P, S, K, H]
     v_pages_ref,          # [P, S, K, H]
-    # outputs
-    o_ref,                # [block_q, G, H], this block's rows for this program's KV head
-    *,
+    *scale_and_out_refs,  # with 8-bit pages k_scales_ref, v_scales_ref [P, S, K] float32; then the output
+                          # o_ref [block_q, G, H], this block's rows for this program's KV head
     sm_scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
     pages_per_block: int,
 ):
+    *scale_refs, o_ref = scale_and_out_refs
+    k_scales_ref, v_scales_ref = scale_refs or (None, None)
     i, h = pl.program_id(0), pl.program_id(1)
     block_q, G, H = o_ref.shape
     _, S, _, _ = k_pages_ref.shape
@@ -50,13 +51,16 @@ def ragged_paged_attention_kernel(
         # Clamped to the block's last page: never reads another sequence's page; the clamped
         # columns are masked through their unclamped KV indices.
         pages = page_table_ref[seq, jnp.clip(cols, lo_page, hi_page - 1)]  # [C]
-        k = k_pages_ref[pages, :, h, :].reshape(C * S, H)  # [C*S, H]
-        v = v_pages_ref[pages, :, h, :].reshape(C * S, H)  # [C*S, H]
+        # 8-bit values convert exactly; their scales multiply the scores and the probabilities.
+        k = page_values(k_pages_ref[pages, :, h, :], q.dtype).reshape(C * S, H)  # [C*S, H]
+        v = page_values(v_pages_ref[pages, :, h, :], q.dtype).reshape(C * S, H)  # [C*S, H]
         kv_idx = (cols[:, None] * S + lax.broadcasted_iota(jnp.int32, (C, S), 1)).reshape(1, C * S)
         mask = kv_idx <= row_pos  # [R*G, C*S]
         if sliding_window is not None:
             mask &= kv_idx > row_pos - sliding_window
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if k_scales_ref is not None:
+            s = s * k_scales_ref[pages, :, h].reshape(1, C * S)
         s = jnp.where(mask, cap_scores(s * sm_scale, soft_cap), -jnp.inf)  # [R*G, C*S]
         m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
         # Rows with nothing visible yet (rows past the block's end, or a window that starts in a
@@ -65,6 +69,8 @@ def ragged_paged_attention_kernel(
         p = jnp.exp(s - m_safe)
         corr = jnp.exp(m_prev - m_safe)
         l_next = corr * l_prev + p.sum(axis=1, keepdims=True)
+        if v_scales_ref is not None:
+            p = p * v_scales_ref[pages, :, h].reshape(1, C * S)
         pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)  # [R*G, H]
         return m_next, l_next, corr * acc_prev + pv
@@ -79,8 +85,7 @@ def ragged_paged_attention_kernel(
 
 def ragged_paged_attention_blocks(q, k_pages, v_pages, page_table, blocks: QBlocks, *, sm_scale: float,
                                   sliding_window: int | None, soft_cap: float | None, block_q: int,
-                                  pages_per_block: int,
-                                  interpret) -> jax.Array:
+                                  pages_per_block: int, interpret, k_scales=None, v_scales=None) -> jax.Array:
     """Runs the kernel over a grid of (q blocks, KV heads) -> [M, block_q, N, H]."""
     T, N, H = q.shape
     P, S, K, _ = k_pages.shape
@@ -90,6 +95,7 @@ def ragged_paged_attention_blocks(q, k_pages, v_pages, page_table, blocks: QBloc
     whole = lambda x: pl.BlockSpec(x.shape, lambda i, h: (0,) * x.ndim)
     kernel = functools.partial(ragged_paged_attention_kernel, sm_scale=sm_scale,
                                sliding_window=sliding_window, soft_cap=soft_cap, pages_per_block=pages_per_block)
+    scales = [] if k_scales is None else [k_scales, v_scales]
     out = pl.pallas_call(
         kernel,
         grid=(M, K),
@@ -99,12 +105,13 @@ def ragged_paged_attention_blocks(q, k_pages, v_pages, page_table, blocks: QBloc
             whole(q_padded),                        # q
             whole(k_pages),                         # k_pages
             whole(v_pages),                         # v_pages
+            *(whole(x) for x in scales),            # k_scales, v_scales
         ],
         out_specs=pl.BlockSpec((None, block_q, None, G, H), lambda i, h: (i, 0, h, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((M, block_q, K, G, H), q.dtype),
         interpret=interpret,
         name=f"ragged_paged_attention_{block_q=}_{pages_per_block=}",
-    )(blocks, page_table, q_padded, k_pages, v_pages)
+    )(blocks, page_table, q_padded, k_pages, v_pages, *scales)
     return out.reshape(M, block_q, N, H)  # [M, R, N, H]
 
 
@@ -112,7 +119,7 @@ def ragged_paged_attention_blocks(q, k_pages, v_pages, page_table, blocks: QBloc
                                              "pages_per_block", "interpret"))
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | None = None,
-                           soft_cap: float | None = None, block_q: int = 16,
+                           soft_cap: float | None = None, k_scales=None, v_scales=None, block_q: int = 16,
                            pages_per_block: int = 8, interpret=False) -> jax.Array:
     """Ragged paged attention (the contract of ragged_paged_attention_reference) as a Pallas kernel.
 
@@ -125,13 +132,14 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
       num_seqs: [] int32 number of real sequences; later slots are padding.
       sm_scale: softmax scale; sliding_window: attend only to the last this-many positions;
       soft_cap: scores become soft_cap * tanh(score / soft_cap) (Gemma 2), None: uncapped.
+      k_scales, v_scales: [P, S, K] float32 scales of 8-bit (int8, fp8) pages; None otherwise.
       block_q: tokens per q block (one program); pages_per_block: pages per inner-loop step.
       interpret: True runs the kernel as XLA ops (the only way on CPU).
     Returns:
       [T, N, H] in q's dtype; zeros for padding tokens.
     """
     validate_attention_args(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-                            sm_scale, sliding_window, soft_cap)
+                            sm_scale, sliding_window, soft_cap, k_scales, v_scales)
     if block_q < 1:
         raise ValueError(f"block_q must be >= 1, got {block_q}")
     if pages_per_block < 1:
@@ -142,5 +150,6 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
     k_pages, v_pages = unpack(k_pages), unpack(v_pages)
     out = ragged_paged_attention_blocks(q, k_pages, v_pages, page_table, blocks, sm_scale=sm_scale,
                                         sliding_window=sliding_window, soft_cap=soft_cap, block_q=block_q,
-                                        pages_per_block=pages_per_block, interpret=interpret)
+                                        pages_per_block=pages_per_block, interpret=interpret,
+                                        k_scales=k_scales, v_scales=v_scales)
     return gather_token_outputs(out, rows).astype(q.dtype)

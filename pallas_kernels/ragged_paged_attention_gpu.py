@@ -26,8 +26,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxserve.pallas_kernels.ragged_batch import (QBlocks, cap_scores, gather_token_outputs, split_q_blocks,
-                                                  validate_attention_args)
+from jaxserve.pallas_kernels.ragged_batch import (QBlocks, cap_scores, gather_token_outputs, page_values,
+                                                  split_q_blocks, validate_attention_args)
+from jaxserve.precision import PACKED
 
 # The custom calls the kernel lowers to: jax 0.10's Triton call, and the FFI one of later versions.
 # jax.export keeps them only when told (they carry no compatibility guarantee).
@@ -77,10 +78,14 @@ def _query_tile(blocks_ref: QBlocks, q_ref, i, h, *, rows: int, group_padded: in
     return q, row_pos
 
 
-def _attend_pages(q, row_pos, page_table_ref, k_rows_ref, v_rows_ref, *, seq, kv_head, lo_page,
-                  hi_page, sm_scale: float, sliding_window: int | None, soft_cap: float | None,
-                  page_size: int, pages_per_chunk: int):
+def _attend_pages(q, row_pos, page_table_ref, k_rows_ref, v_rows_ref, k_scale_rows_ref, v_scale_rows_ref, *,
+                  seq, kv_head, lo_page, hi_page, sm_scale: float, sliding_window: int | None,
+                  soft_cap: float | None, page_size: int, pages_per_chunk: int):
     """Online softmax of q's rows over page-table columns [lo_page, hi_page) of sequence seq.
+
+    8-bit pages (scale refs not None) load as stored, convert exactly to q's dtype, and their
+    float32 scales multiply the float32 scores (k) and probabilities (v): one multiply per key,
+    and no rounding of a dequantized value to bf16 before the dot.
 
     Returns float32 (m [R*Gp] running max, l [R*Gp] sum of exp, acc [R*Gp, H] unnormalised);
     an empty range, or one whose keys no row may see, gives the neutral (-inf, 0, 0).
@@ -96,13 +101,16 @@ def _attend_pages(q, row_pos, page_table_ref, k_rows_ref, v_rows_ref, *, seq, kv
         # Clamped to the range's last page: never reads a page outside the range (so never
         # another sequence's); the clamped keys are masked by their unclamped column.
         page = page_table_ref[seq, jnp.minimum(col, hi_page - 1)]  # [L]
-        k = k_rows_ref[page * S + key % S, kv_head, :]  # [L, H]
-        v = v_rows_ref[page * S + key % S, kv_head, :]  # [L, H]
+        row = page * S + key % S  # [L] the keys' rows
+        k = page_values(k_rows_ref[row, kv_head, :], q.dtype)  # [L, H]
+        v = page_values(v_rows_ref[row, kv_head, :], q.dtype)  # [L, H]
         kv_pos = (lo_page + c * C) * S + key  # [L]
         mask = (kv_pos[None, :] <= row_pos[:, None]) & (col < hi_page)[None, :]  # [R*Gp, L]
         if sliding_window is not None:
             mask &= kv_pos[None, :] > row_pos[:, None] - sliding_window
         s = plgpu.dot(q, k, trans_b=True) * sm_scale  # [R*Gp, L] float32
+        if k_scale_rows_ref is not None:
+            s = s * k_scale_rows_ref[row, kv_head][None, :]
         s = jnp.where(mask, cap_scores(s, soft_cap), -jnp.inf)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         # Rows with nothing visible yet (rows past the block's end, or a window that starts in a
@@ -111,6 +119,8 @@ def _attend_pages(q, row_pos, page_table_ref, k_rows_ref, v_rows_ref, *, seq, kv
         p = jnp.exp(s - m_safe[:, None])
         corr = jnp.exp(m_prev - m_safe)
         l_next = corr * l_prev + jnp.sum(p, axis=1)
+        if v_scale_rows_ref is not None:
+            p = p * v_scale_rows_ref[row, kv_head][None, :]
         pv = plgpu.dot(p.astype(v.dtype), v)  # [R*Gp, H] float32
         return m_next, l_next, corr[:, None] * acc_prev + pv
 
@@ -127,9 +137,8 @@ def ragged_paged_attention_gpu_kernel(
     q_ref,                # [K, (T + block_q - 1) * Gp, H], rows token-major, G heads padded to Gp
     k_rows_ref,           # [P * S, K, H], the page arrays seen as rows of one key each
     v_rows_ref,           # [P * S, K, H]
-    # outputs
-    o_ref,                # [block_q * Gp, H], this block's rows for this program's KV head
-    *,
+    *scale_and_out_refs,  # with 8-bit pages k_scale_rows_ref, v_scale_rows_ref [P * S, K] float32; then
+                          # the output o_ref [block_q * Gp, H], this block's rows for this program's KV head
     sm_scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
@@ -137,9 +146,10 @@ def ragged_paged_attention_gpu_kernel(
     pages_per_chunk: int,
     group_padded: int,
 ):
+    *scale_refs, o_ref = scale_and_out_refs
     i, h = pl.program_id(0), pl.program_id(1)
     q, row_pos = _query_tile(blocks_ref, q_ref, i, h, rows=o_ref.shape[0], group_padded=group_padded)
-    _, l, acc = _attend_pages(q, row_pos, page_table_ref, k_rows_ref, v_rows_ref,
+    _, l, acc = _attend_pages(q, row_pos, page_table_ref, k_rows_ref, v_rows_ref, *(scale_refs or (None, None)),
                               seq=blocks_ref.seq[i], kv_head=h, lo_page=blocks_ref.lo_page[i],
                               hi_page=blocks_ref.hi_page[i], sm_scale=sm_scale,
                               sliding_window=sliding_window, soft_cap=soft_cap, page_size=page_size,
@@ -151,11 +161,10 @@ def ragged_paged_attention_gpu_kernel(
 def ragged_paged_attention_gpu_split_kernel(
     # inputs: as ragged_paged_attention_gpu_kernel's, every block one decode token
     blocks_ref: QBlocks, page_table_ref, q_ref, k_rows_ref, v_rows_ref,
-    # outputs: this program's partial softmax, float32
-    m_ref,                # [R * Gp] running max of the scores
-    l_ref,                # [R * Gp] sum of exp(score - m)
-    acc_ref,              # [R * Gp, H] sum of exp(score - m) * v
-    *,
+    # with 8-bit pages the scale rows as there; then the outputs, this program's partial softmax,
+    # float32: m_ref [R * Gp] running max of the scores, l_ref [R * Gp] sum of exp(score - m),
+    # acc_ref [R * Gp, H] sum of exp(score - m) * v
+    *scale_and_out_refs,
     sm_scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
@@ -164,6 +173,7 @@ def ragged_paged_attention_gpu_split_kernel(
     group_padded: int,
     num_kv_splits: int,
 ):
+    *scale_refs, m_ref, l_ref, acc_ref = scale_and_out_refs
     i, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     C = pages_per_chunk
     lo_page, hi_page = blocks_ref.lo_page[i], blocks_ref.hi_page[i]
@@ -173,7 +183,7 @@ def ragged_paged_attention_gpu_split_kernel(
     split_lo = jnp.minimum(lo_page + split * share, hi_page)
     split_hi = jnp.minimum(split_lo + share, hi_page)
     q, row_pos = _query_tile(blocks_ref, q_ref, i, h, rows=m_ref.shape[0], group_padded=group_padded)
-    m, l, acc = _attend_pages(q, row_pos, page_table_ref, k_rows_ref, v_rows_ref,
+    m, l, acc = _attend_pages(q, row_pos, page_table_ref, k_rows_ref, v_rows_ref, *(scale_refs or (None, None)),
                               seq=blocks_ref.seq[i], kv_head=h, lo_page=split_lo, hi_page=split_hi,
                               sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                               page_size=page_size,
@@ -201,16 +211,18 @@ def combine_kv_splits(m, l, acc) -> jax.Array:
     return jnp.where(l_sum[..., None] > 0, acc_sum / jnp.where(l_sum > 0, l_sum, 1.0)[..., None], 0.0)
 
 
-def _kernel_operands(q, k_pages, v_pages, block_q: int):
+def _kernel_operands(q, k_pages, v_pages, k_scales, v_scales, block_q: int) -> list:
     """q as [K, (T + block_q - 1) * Gp, H] rows (token-major, group padded to Gp, and padded so
-    the last block's tile stays in bounds), and the page arrays as [P * S, K, H] rows of keys."""
+    the last block's tile stays in bounds), the page arrays as [P * S, K, H] rows of keys, and
+    the scales of 8-bit pages (if any) as [P * S, K] rows."""
     T, N, H = q.shape
     P, S, K, _ = k_pages.shape
     G = N // K
     Gp = pl.next_power_of_2(G)  # Triton's blocks are powers of two: pad the group with zero heads
     q_rows = jnp.pad(q.reshape(T, K, G, H), ((0, block_q - 1), (0, 0), (0, Gp - G), (0, 0)))
     q_rows = q_rows.transpose(1, 0, 2, 3).reshape(K, (T + block_q - 1) * Gp, H)  # [K, rows, H]
-    return q_rows, k_pages.reshape(P * S, K, H), v_pages.reshape(P * S, K, H)
+    scales = [] if k_scales is None else [k_scales.reshape(P * S, K), v_scales.reshape(P * S, K)]
+    return [q_rows, k_pages.reshape(P * S, K, H), v_pages.reshape(P * S, K, H), *scales]
 
 
 def _kernel_params(q, k_pages, *, sm_scale, sliding_window, soft_cap) -> dict:
@@ -223,7 +235,8 @@ def _kernel_params(q, k_pages, *, sm_scale, sliding_window, soft_cap) -> dict:
 
 def ragged_paged_attention_gpu_blocks(q, k_pages, v_pages, page_table, blocks: QBlocks, *,
                                       sm_scale: float, sliding_window: int | None,
-                                      soft_cap: float | None, block_q: int, interpret: bool) -> jax.Array:
+                                      soft_cap: float | None, block_q: int, interpret: bool,
+                                      k_scales=None, v_scales=None) -> jax.Array:
     """Runs the kernel over a grid of (q blocks, KV heads) -> [M, block_q, N, H]."""
     _, N, H = q.shape
     K = k_pages.shape[2]
@@ -231,16 +244,17 @@ def ragged_paged_attention_gpu_blocks(q, k_pages, v_pages, page_table, blocks: Q
     params = _kernel_params(q, k_pages, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     Gp, pages_per_chunk = params["group_padded"], params["pages_per_chunk"]
     hbm = pl.BlockSpec(memory_space=pl.ANY)  # read by index inside the kernel
+    operands = _kernel_operands(q, k_pages, v_pages, k_scales, v_scales, block_q)
     out = pl.pallas_call(
         functools.partial(ragged_paged_attention_gpu_kernel, **params),
         grid=(M, K),
-        in_specs=[QBlocks(*(hbm for _ in blocks)), hbm, hbm, hbm, hbm],
+        in_specs=[QBlocks(*(hbm for _ in blocks)), hbm, *(hbm for _ in operands)],
         out_specs=pl.BlockSpec((None, None, block_q * Gp, H), lambda i, h: (i, h, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((M, K, block_q * Gp, H), q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name=f"ragged_paged_attention_gpu_{block_q=}_{pages_per_chunk=}",
-    )(blocks, page_table, *_kernel_operands(q, k_pages, v_pages, block_q))
+    )(blocks, page_table, *operands)
     out = out.reshape(M, K, block_q, Gp, H)[:, :, :, :N // K]  # [M, K, R, G, H]
     return out.transpose(0, 2, 1, 3, 4).reshape(M, block_q, N, H)  # [M, R, N, H]
 
@@ -248,7 +262,7 @@ def ragged_paged_attention_gpu_blocks(q, k_pages, v_pages, page_table, blocks: Q
 def ragged_paged_attention_gpu_split_decodes(q, k_pages, v_pages, page_table, blocks: QBlocks, *,
                                              sm_scale: float, sliding_window: int | None,
                                              soft_cap: float | None, tile_tokens: int, num_kv_splits: int,
-                                             interpret: bool) -> jax.Array:
+                                             interpret: bool, k_scales=None, v_scales=None) -> jax.Array:
     """Runs the split kernel over (q blocks, KV heads, KV splits) and combines -> [M, 1, N, H].
 
     Every block is one decode token; a program's tile still has tile_tokens * Gp rows (the
@@ -262,10 +276,11 @@ def ragged_paged_attention_gpu_split_decodes(q, k_pages, v_pages, page_table, bl
     rows = tile_tokens * Gp
     hbm = pl.BlockSpec(memory_space=pl.ANY)
     f32 = jnp.float32
+    operands = _kernel_operands(q, k_pages, v_pages, k_scales, v_scales, tile_tokens)
     m, l, acc = pl.pallas_call(
         functools.partial(ragged_paged_attention_gpu_split_kernel, num_kv_splits=NS, **params),
         grid=(M, K, NS),
-        in_specs=[QBlocks(*(hbm for _ in blocks)), hbm, hbm, hbm, hbm],
+        in_specs=[QBlocks(*(hbm for _ in blocks)), hbm, *(hbm for _ in operands)],
         out_specs=[pl.BlockSpec((None, None, None, rows), lambda i, h, s: (i, h, s, 0)),
                    pl.BlockSpec((None, None, None, rows), lambda i, h, s: (i, h, s, 0)),
                    pl.BlockSpec((None, None, None, rows, H), lambda i, h, s: (i, h, s, 0, 0))],
@@ -275,7 +290,7 @@ def ragged_paged_attention_gpu_split_decodes(q, k_pages, v_pages, page_table, bl
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name=f"ragged_paged_attention_gpu_split_{num_kv_splits=}_{pages_per_chunk=}",
-    )(blocks, page_table, *_kernel_operands(q, k_pages, v_pages, tile_tokens))
+    )(blocks, page_table, *operands)
     # Only the block's own token's G heads (its tile's first G rows) are combined.
     m = m[..., :G].transpose(0, 1, 3, 2)  # [M, K, G, NS]
     l = l[..., :G].transpose(0, 1, 3, 2)  # [M, K, G, NS]
@@ -288,18 +303,21 @@ def ragged_paged_attention_gpu_split_decodes(q, k_pages, v_pages, page_table, bl
                                              "num_kv_splits"))
 def ragged_paged_attention_gpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
                                sm_scale: float, sliding_window: int | None = None,
-                               soft_cap: float | None = None, interpret: bool = False, num_kv_splits: int | None = None) -> jax.Array:
+                               soft_cap: float | None = None, k_scales=None, v_scales=None, interpret: bool = False,
+                               num_kv_splits: int | None = None) -> jax.Array:
     """Ragged paged attention (the contract of ragged_paged_attention_reference) for NVIDIA GPUs.
 
     Args:
       q: [T, N, H] queries of all scheduled tokens, sequence after sequence.
-      k_pages, v_pages: [P, S, K, H] one layer's pages, bf16, fp16 or float32 (not packed).
+      k_pages, v_pages: [P, S, K, H] one layer's pages, bf16, fp16 or float32 (not packed), or 8-bit
+        (int8, float8_e4m3fn, float8_e5m2) with their scales.
       kv_lens: [B] int32 KV length of each sequence including this step's tokens.
       page_table: [B, W] int32 pages of each sequence.
       cu_q_lens: [B + 1] int32 token offsets of each sequence in q.
       num_seqs: [] int32 number of real sequences; later slots are padding.
       sm_scale: softmax scale; sliding_window: attend only to the last this-many positions;
       soft_cap: scores become soft_cap * tanh(score / soft_cap) (Gemma 2), None: uncapped.
+      k_scales, v_scales: [P, S, K] float32 scales of 8-bit pages; None otherwise.
       interpret: True runs the kernel as XLA ops (the only way on CPU).
       num_kv_splits: programs that share each decode's KV pages (1: no split); None picks it
         from the static shapes (default_num_kv_splits).
@@ -311,12 +329,12 @@ def ragged_paged_attention_gpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_le
     other's tokens.
     """
     validate_attention_args(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-                            sm_scale, sliding_window, soft_cap)
+                            sm_scale, sliding_window, soft_cap, k_scales, v_scales)
     T, N, H = q.shape
     _, S, K, _ = k_pages.shape
     B, W = page_table.shape
-    if not jnp.issubdtype(k_pages.dtype, jnp.floating):
-        raise ValueError(f"k_pages must be bf16, fp16 or float32 (packed bf16 is CPU-only), "
+    if k_pages.dtype == PACKED:
+        raise ValueError(f"k_pages must be bf16, fp16, float32 or 8-bit with scales (packed bf16 is CPU-only), "
                          f"got {k_pages.dtype}")
     for name, size in (("head dim", H), ("page size", S)):
         if size & (size - 1):
@@ -335,7 +353,8 @@ def ragged_paged_attention_gpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_le
                                             block_q=1 if split else block_q, page_size=S,
                                             sliding_window=sliding_window, min_q_len=min_q_len,
                                             max_q_len=max_q_len)
-        common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret)
+        common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
+                      k_scales=k_scales, v_scales=v_scales)
         if split:
             o = ragged_paged_attention_gpu_split_decodes(q, k_pages, v_pages, page_table, blocks,
                                                          tile_tokens=block_q,

@@ -11,9 +11,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxserve.precision import unpack
-from jaxserve.pallas_kernels.ragged_batch import (QBlocks, cap_scores, gather_token_outputs, split_q_blocks,
-                                                  validate_attention_args)
+from jaxserve.pallas_kernels.ragged_batch import (QBlocks, cap_scores, gather_token_outputs, page_values,
+                                                  split_q_blocks, validate_attention_args)
 
 
 # q-block size of the prefill pass (measured on CPU: 8-32 are within noise of each other).
@@ -39,7 +38,8 @@ ONE_PASS_MAX_TOKENS = 16
                                              "rows_per_group"))
 def ragged_paged_attention_jnp(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
                                *, sm_scale: float, sliding_window: int | None = None,
-                               soft_cap: float | None = None, pages_per_chunk: int | None = None, block_q: int | None = None,
+                               soft_cap: float | None = None, k_scales=None, v_scales=None,
+                               pages_per_chunk: int | None = None, block_q: int | None = None,
                                rows_per_group: int = 256):
     """Flash-style attention over the pages each q block owns, pages_per_chunk pages at a time
     (None: DECODE_CHUNK_KEYS worth for blocks of one token, else as many as fit CHUNK_BYTES for
@@ -51,11 +51,13 @@ def ragged_paged_attention_jnp(q, k_pages, v_pages, kv_lens, page_table, cu_q_le
     ONE_PASS_MAX_TOKENS tokens runs the first pass alone, for every sequence. An int runs one pass.
     Blocks go through in groups of about rows_per_group query rows, and only groups holding
     real blocks run, so the static block bound (sized for the worst ragged batch) costs little.
+    8-bit pages are gathered as they are stored (a quarter of float32's bytes) and their scales
+    (k_scales, v_scales [P, S, K]) applied chunk by chunk.
     """
     validate_attention_args(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-                            sm_scale, sliding_window, soft_cap)
+                            sm_scale, sliding_window, soft_cap, k_scales, v_scales)
     attend = functools.partial(_attend_in_q_blocks, q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
-                               num_seqs, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                               num_seqs, k_scales=k_scales, v_scales=v_scales, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                                pages_per_chunk=pages_per_chunk, rows_per_group=rows_per_group)
     if block_q is not None:
         return attend(block_q=block_q, min_q_len=1, max_q_len=None)
@@ -66,8 +68,8 @@ def ragged_paged_attention_jnp(q, k_pages, v_pages, kv_lens, page_table, cu_q_le
     return decode + prefill  # each pass leaves zeros on the other's tokens
 
 
-def _attend_in_q_blocks(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale,
-                        sliding_window, soft_cap, pages_per_chunk, rows_per_group, block_q, min_q_len, max_q_len):
+def _attend_in_q_blocks(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, k_scales, v_scales,
+                        sm_scale, sliding_window, soft_cap, pages_per_chunk, rows_per_group, block_q, min_q_len, max_q_len):
     """One pass over the sequences with q_len in [min_q_len, max_q_len]; zeros elsewhere."""
     T, N, H = q.shape
     _, S, _, _ = k_pages.shape
@@ -84,7 +86,7 @@ def _attend_in_q_blocks(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num
 
     def group(g, out):
         blk = QBlocks(*(lax.dynamic_slice_in_dim(x, g * Mg, Mg) for x in blocks))
-        o = _flash_over_pages(q, k_pages, v_pages, page_table, blk, block_q=R, sm_scale=sm_scale,
+        o = _flash_over_pages(q, k_pages, v_pages, k_scales, v_scales, page_table, blk, block_q=R, sm_scale=sm_scale,
                               sliding_window=sliding_window, soft_cap=soft_cap, pages_per_chunk=pages_per_chunk)
         return lax.dynamic_update_slice_in_dim(out, o, g * Mg, axis=0)
 
@@ -92,9 +94,12 @@ def _attend_in_q_blocks(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num
     return gather_token_outputs(out, rows).astype(q.dtype)
 
 
-def _flash_over_pages(q, k_pages, v_pages, page_table, blocks: QBlocks, *, block_q, sm_scale,
+def _flash_over_pages(q, k_pages, v_pages, k_scales, v_scales, page_table, blocks: QBlocks, *, block_q, sm_scale,
                       sliding_window, soft_cap, pages_per_chunk):
-    """Online softmax of Mg q blocks over their own pages, a chunk of pages per step -> [Mg, R, N, H]."""
+    """Online softmax of Mg q blocks over their own pages, a chunk of pages per step -> [Mg, R, N, H].
+
+    With 8-bit pages, q.k of the stored values times each key's k scale is q.(k * scale), and the
+    probabilities times each key's v scale weigh the stored v values as the dequantized ones."""
     T, N, H = q.shape
     _, S, K, _ = k_pages.shape
     _, W = page_table.shape
@@ -123,15 +128,17 @@ def _flash_over_pages(q, k_pages, v_pages, page_table, blocks: QBlocks, *, block
         # hi_page are masked below through their unclamped KV indices.
         owned = jnp.clip(cols, 0, jnp.maximum(blocks.hi_page - 1, 0)[:, None])
         pages = jnp.take_along_axis(seq_pages, owned, axis=1)  # [Mg, C]
-        # Packed (bf16-as-uint16) pages are gathered as integers and unpacked chunk by chunk.
-        k = unpack(k_pages[pages]).reshape(Mg, C * S, K, H).transpose(0, 2, 3, 1)  # [Mg, K, H, C*S]
-        v = unpack(v_pages[pages]).reshape(Mg, C * S, K, H).transpose(0, 2, 1, 3)  # [Mg, K, C*S, H]
+        # Packed (bf16-as-uint16) and 8-bit pages are gathered as stored and converted chunk by chunk.
+        k = page_values(k_pages[pages], q.dtype).reshape(Mg, C * S, K, H).transpose(0, 2, 3, 1)  # [Mg, K, H, C*S]
+        v = page_values(v_pages[pages], q.dtype).reshape(Mg, C * S, K, H).transpose(0, 2, 1, 3)  # [Mg, K, C*S, H]
         kv_idx = (cols[:, :, None] * S + jnp.arange(S, dtype=jnp.int32)).reshape(Mg, 1, C * S)
         mask = kv_idx <= pos[:, :, None]  # [Mg, R, C*S]
         if sliding_window is not None:
             mask &= kv_idx > pos[:, :, None] - sliding_window
         mask = jnp.repeat(mask, G, axis=1)[:, None]  # [Mg, 1, R*G, C*S]
         s = jnp.einsum("MKQH,MKHL->MKQL", qb, k, preferred_element_type=jnp.float32) * sm_scale
+        if k_scales is not None:
+            s = s * key_scales(k_scales, pages)
         s = jnp.where(mask, cap_scores(s, soft_cap), -jnp.inf)  # [Mg, K, R*G, C*S]
         m_next = jnp.maximum(m_prev, s.max(axis=-1))
         # Rows with nothing visible yet (rows past the block's end, or a window that starts in a
@@ -140,8 +147,12 @@ def _flash_over_pages(q, k_pages, v_pages, page_table, blocks: QBlocks, *, block
         p = jnp.exp(s - m_safe[..., None])
         corr = jnp.exp(m_prev - m_safe)
         l_next = corr * l_prev + p.sum(axis=-1)
-        pv = jnp.einsum("MKQL,MKLH->MKQH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        weights = p if v_scales is None else p * key_scales(v_scales, pages)
+        pv = jnp.einsum("MKQL,MKLH->MKQH", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return m_next, l_next, corr[..., None] * acc_prev + pv
+
+    def key_scales(scales, pages):  # [P, S, K] at the chunk's pages -> [Mg, K, 1, C*S], the keys' axis last
+        return scales[pages].reshape(Mg, C * S, K).transpose(0, 2, 1)[:, :, None, :]
 
     init = (jnp.full((Mg, K, R * G), -jnp.inf, jnp.float32), jnp.zeros((Mg, K, R * G), jnp.float32),
             jnp.zeros((Mg, K, R * G, H), jnp.float32))

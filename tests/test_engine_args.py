@@ -68,7 +68,7 @@ def _distinct_value(opt):
     """A valid value for each option that differs from its default."""
     special = {"dtype": "bfloat16", "block_size": 8, "attention_backend": "pallas", "gpu_memory_utilization": 0.5,
                "max_num_batched_tokens": 256, "process_id": 1, "runner": "pooling", "pooling_type": "mean",
-               "speculative_model": "[ngram]"}
+               "speculative_model": "[ngram]", "kv_cache_dtype": "int8"}
     if opt.name in special:
         return special[opt.name]
     if opt.choices:
@@ -122,10 +122,47 @@ def test_llm_keywords_beat_the_environment(monkeypatch):
                                                        "must be > 0, got 0.0"),
     (dict(env={"JAXSERVE_STRUCTURED_OUTPUTS_TIMEOUT": "-1"}), "structured-outputs-timeout must be > 0"),
     (dict(env={"JAXSERVE_STRUCTURED_OUTPUTS_TIMEOUT": "soon"}), "structured-outputs-timeout must be a number"),
+    (dict(env={"JAXSERVE_KV_CACHE_DTYPE": "int4"}), "environment JAXSERVE_KV_CACHE_DTYPE: kv-cache-dtype must be one "
+                                                    "of auto, bfloat16, fp8, fp8_e4m3, fp8_e5m2, int8, got 'int4'"),
+    (dict(env={"OLLAMA_KV_CACHE_TYPE": "q4_0"}), "OLLAMA_KV_CACHE_TYPE: q4_0 .* is not supported; use q8_0"),
+    (dict(env={"OLLAMA_KV_CACHE_TYPE": "q5_1"}), "OLLAMA_KV_CACHE_TYPE must be one of f16, q8_0, q4_0, got 'q5_1'"),
 ])
 def test_bad_engine_values_name_the_option_and_where_it_came_from(source, message):
     with pytest.raises(ValueError, match=message):
         engine_args_from(_resolve("serve", source.get("argv", []), source.get("env")))
+
+
+def test_kv_cache_dtype_flag_jaxserve_env_config_then_ollama_env(tmp_path):
+    """--kv-cache-dtype > JAXSERVE_KV_CACHE_DTYPE > --config > OLLAMA_KV_CACHE_TYPE > auto, in every command;
+    Ollama's names: f16 (its unquantized default) is the 16-bit cache, q8_0 is int8."""
+    config = tmp_path / "c.yaml"
+    config.write_text("kv-cache-dtype: fp8\n")
+    for command in COMMANDS:
+        assert _resolve(command)["kv_cache_dtype"] == "auto"
+        assert _resolve(command, [], {"OLLAMA_KV_CACHE_TYPE": "q8_0"})["kv_cache_dtype"] == "int8"
+        assert _resolve(command, [], {"OLLAMA_KV_CACHE_TYPE": "f16"})["kv_cache_dtype"] == "bfloat16"
+        assert _resolve(command, ["--config", str(config)], {"OLLAMA_KV_CACHE_TYPE": "q8_0"})["kv_cache_dtype"] == "fp8"
+        env = {"OLLAMA_KV_CACHE_TYPE": "q4_0", "JAXSERVE_KV_CACHE_DTYPE": "bfloat16"}  # q4_0 unread: no refusal
+        assert _resolve(command, ["--config", str(config)], env)["kv_cache_dtype"] == "bfloat16"
+        assert _resolve(command, ["--kv-cache-dtype", "int8"], env)["kv_cache_dtype"] == "int8"
+    with pytest.raises(SystemExit):  # argparse names the choices
+        _resolve("serve", ["--kv-cache-dtype", "q8_0"])
+    assert EngineArgs.resolve({}, environ={"OLLAMA_KV_CACHE_TYPE": "Q8_0"}).kv_cache_dtype == "int8"
+    assert EngineArgs.resolve({"kv_cache_dtype": "auto"}, environ={"OLLAMA_KV_CACHE_TYPE": "q8_0"}).kv_cache_dtype == "auto"
+    with pytest.raises(ValueError, match="engine argument: kv-cache-dtype must be one of .*, got 'q8_0'"):
+        EngineArgs(kv_cache_dtype="q8_0")
+
+
+def test_kv_cache_dtypes_match_the_storage_module():
+    from jaxserve.engine_args import KV_CACHE_DTYPES
+    from jaxserve.kv_cache_dtype import kv_cache_dtype
+
+    for name in KV_CACHE_DTYPES:  # each one names a storage form (fp8 on an accelerator: targeting)
+        from jaxserve.precision import targeting
+        with targeting("cuda"):
+            assert kv_cache_dtype(name, "float32").name != ""
+    with pytest.raises(ValueError, match="kv_cache_dtype fp8_e4m3 runs on accelerators only.*use int8 on CPU"):
+        kv_cache_dtype("fp8", "float32")
 
 
 def test_structured_outputs_timeout_is_an_engine_argument():

@@ -9,6 +9,7 @@ import pytest
 
 from jaxserve import LLM, engine as engine_module
 from jaxserve.engine import kv_page_bytes
+from jaxserve.kv_cache_dtype import kv_cache_dtype
 from jaxserve.pallas_kernels import attention_backend
 from jaxserve.runner import step_memory_bytes
 from testlib import PAGE_SIZE
@@ -27,7 +28,7 @@ def test_accelerator_pages_are_what_weights_and_the_step_leave(tiny_checkpoint, 
                              max_num_seqs=4, max_num_batched_tokens=16, attention_fn=attention_backend("jnp"),
                              mesh=engine.runner.mesh)
     assert step > 0
-    page = kv_page_bytes(llm.loaded.config, PAGE_SIZE, leaves[0].dtype.itemsize)
+    page = kv_page_bytes(llm.loaded.config, PAGE_SIZE, llm.engine.runner.kv_cache_dtype)
     want = (limit // 2 - sum(x.nbytes for x in leaves) - step) // page + 1
     assert engine.pool.num_pages == engine.runner.kv_cache.k.shape[1] == want
     # The step's share counts: without it the cache would be larger by its worth in pages.
@@ -58,5 +59,6 @@ def test_a_memory_limit_too_small_for_the_cache_is_refused_naming_the_numbers(ti
 def test_explicit_kv_cache_memory_skips_the_measurement(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(engine_module, "accelerator_memory_limit", lambda: 1 << 16)  # would be refused
     llm = LLM(tiny_checkpoint("llama")[0], kv_cache_memory=1 << 20, **ARGS)
-    page = kv_page_bytes(llm.loaded.config, PAGE_SIZE, 4)
+    page = kv_page_bytes(llm.loaded.config, PAGE_SIZE, kv_cache_dtype("auto", "float32"))
+    assert page == 2 * 2 * PAGE_SIZE * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, head dim 16, float32
     assert llm.engine.pool.num_pages == (1 << 20) // page + 1

@@ -55,6 +55,22 @@ def test_lowering_for_cpu_keeps_the_cpu_forms(tiny_checkpoint):
     assert "xui16>" in forward.module and forward.kernel_calls == 0  # packed bf16 (precision.py)
 
 
+# 8-bit KV pages with their float32 scales [L, P, S, K] (tiny llama: 2 layers, 2 KV heads of 16);
+# under tensor parallelism the scales split over KV heads with their pages, into the shard_map.
+@pytest.mark.parametrize("kv_cache_dtype, element, tp", [("int8", "i8", 1), ("fp8", "f8E4M3FN", 1),
+                                                         ("fp8_e5m2", "f8E5M2", 1), ("int8", "i8", 2)])
+def test_8bit_kv_cache_lowers_for_cuda(tiny_checkpoint, kv_cache_dtype, element, tp):
+    plan, graphs = lowered(tiny_checkpoint("llama")[0], kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tp,
+                           max_num_seqs=8, max_num_batched_tokens=16)
+    assert plan.kv_cache_dtype == {"fp8": "fp8_e4m3"}.get(kv_cache_dtype, kv_cache_dtype)
+    assert_kernel_in_forward_graphs_only(graphs)
+    forward = next(g for g in graphs if g.key.kind == "forward")
+    P = DEFAULT_NUM_PAGES
+    assert f"tensor<2x{P}x16x2x16x{element}>" in forward.module  # the pages, stored 8-bit
+    assert f"tensor<2x{P}x16x2xf32>" in forward.module  # their scales
+    assert ("sdy.manual_computation" in forward.module) == (tp > 1)
+
+
 def test_tensor_parallel_attention_runs_per_shard():
     # SmolLM2: 9 heads, 3 KV heads over 3 shards (conftest forces 4 host devices).
     _, graphs = lowered(None, tensor_parallel_size=3, max_num_seqs=8, max_num_batched_tokens=16)

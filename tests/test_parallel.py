@@ -1,6 +1,6 @@
 """Sharding on a mesh of forced host devices (tests/conftest.py asks XLA for 4): tensor parallel
-2 and 4 on a tiny model (jnp attention and the Pallas kernel) and 3 on SmolLM2 give the one-device
-greedy tokens, with the parameter and
+2 and 4 on a tiny model (jnp attention and the Pallas kernel; 2 with an int8 KV cache too) and 3 on
+SmolLM2 give the one-device greedy tokens, with the parameter and
 KV cache shardings asserted; data parallel 2 serves requests on both replicas with the same outputs;
 sizes that cannot split the model are refused with the numbers."""
 from __future__ import annotations
@@ -61,6 +61,18 @@ def test_tensor_parallel_tiny_matches_one_device(tiny_folder, tiny_one_device, t
         assert spec(runner.kv_cache.k) == P()
     assert len(runner.kv_cache.k.sharding.device_set) == tp
     assert tokens(llm, TINY_PROMPTS) == tiny_one_device
+
+
+def test_tensor_parallel_2_with_int8_kv_matches_one_device(tiny_folder):
+    """int8 pages and their scales split over the KV heads alike; each shard attends its own."""
+    want = tokens(LLM(tiny_folder, kv_cache_dtype="int8", **TINY_ARGS), TINY_PROMPTS)
+    llm = LLM(tiny_folder, tensor_parallel_size=2, kv_cache_dtype="int8", **TINY_ARGS)
+    cache = llm.engine.runner.kv_cache
+    assert cache.k.dtype == cache.v.dtype == jnp.int8
+    assert spec(cache.k) == spec(cache.v) == P(None, None, None, "model", None)
+    assert spec(cache.k_scale) == spec(cache.v_scale) == P(None, None, None, "model")  # [L, P, S, K]
+    assert cache.k_scale.addressable_shards[0].data.shape[3] == 1  # 2 KV heads, one per shard
+    assert tokens(llm, TINY_PROMPTS) == want
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
