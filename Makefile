@@ -94,9 +94,11 @@ $(PEERS)/bin/llama-server: $(SDIST) $(PEERS)/.cmake-args
 
 peers: $(PEERS)/.installed $(PEERS)/bin/llama-server
 
+# Serving (jaxserve against both peers, C = 1/4/16/32) and single-stream runs, then the README table.
+# Options via ARGS, e.g. ARGS='--mode int8="--quantization int8" --requests-per-slot 1'.
 bench-peers: $(STAMP) peers
 	$(BIN)/pip install -q -e '.[test,bench]'
-	$(BIN)/python benchmarks/serving.py peers --peer-python $(PEERS)/bin/python
+	$(BIN)/python benchmarks/peers.py all --peer-python $(PEERS)/bin/python --llama-server $(PEERS)/bin/llama-server $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(PEERS) build *.egg-info
