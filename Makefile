@@ -56,7 +56,7 @@ bench: $(STAMP)
 # The peers of benchmarks/peers.py, built from one llama-cpp-python sdist for the CPU this runs on
 # (ggml's instruction sets from /proc/cpuinfo, GGML_NATIVE off: benchmarks/ggml_cmake_args.py):
 # llama-cpp-python[server] (its OpenAI server and its `Llama` API) in $(PEERS), and llama.cpp's own
-# `llama-server` from the sdist's vendor/llama.cpp in $(PEERS)/bin. About 15 minutes on 2 cores;
+# `llama-server` from the sdist's vendor/llama.cpp in $(PEERS)/bin. About 35 minutes on 2 busy cores;
 # rebuilt when the CPU's flags change. GGML_FLAGS=--amx turns on AMX tiles. Never part of `make test`.
 PEERS := .venv-peers
 LLAMA_CPP_PYTHON ?= 0.3.36
