@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-cuda test test-real serve generate bench bench-peers clean
+.PHONY: install install-cuda test test-real serve generate bench bench-peers peers clean FORCE
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -53,19 +53,52 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/offline_throughput.py
 
-# The serving peer: llama-cpp-python's OpenAI server, built from source in its own venv (it compiles
-# llama.cpp for this CPU: about 7 minutes on 2 cores). Never part of `make test`.
+# The peers of benchmarks/peers.py, built from one llama-cpp-python sdist for the CPU this runs on
+# (ggml's instruction sets from /proc/cpuinfo, GGML_NATIVE off: benchmarks/ggml_cmake_args.py):
+# llama-cpp-python[server] (its OpenAI server and its `Llama` API) in $(PEERS), and llama.cpp's own
+# `llama-server` from the sdist's vendor/llama.cpp in $(PEERS)/bin. About 35 minutes on 2 busy cores;
+# rebuilt when the CPU's flags change. GGML_FLAGS=--amx turns on AMX tiles. Never part of `make test`.
 PEERS := .venv-peers
 LLAMA_CPP_PYTHON ?= 0.3.36
-$(PEERS)/.installed:
+GGML_FLAGS ?=
+SDIST := $(PEERS)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+GGML_CMAKE_ARGS = $(shell $(PY) benchmarks/ggml_cmake_args.py $(GGML_FLAGS))
+LLAMA_SERVER_CMAKE_ARGS := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_CCACHE=OFF \
+	-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
+
+# Rewritten only when the flags differ, so a new host CPU rebuilds both peers and nothing else does.
+$(PEERS)/.cmake-args: FORCE
+	@mkdir -p $(PEERS)
+	@echo '$(GGML_CMAKE_ARGS)' | cmp -s - $@ || echo '$(GGML_CMAKE_ARGS)' > $@
+
+$(SDIST):
 	$(PY) -m venv $(PEERS)
 	$(PEERS)/bin/pip install -q --upgrade pip
-	$(PEERS)/bin/pip install -q --no-binary llama-cpp-python 'llama-cpp-python[server]==$(LLAMA_CPP_PYTHON)'
+	$(PEERS)/bin/pip download -q --no-deps --no-binary :all: -d $(PEERS)/src 'llama-cpp-python==$(LLAMA_CPP_PYTHON)'
+
+# --no-cache-dir: pip caches the wheel it builds by version and would ignore changed flags.
+$(PEERS)/.installed: $(SDIST) $(PEERS)/.cmake-args
+	-$(PEERS)/bin/pip uninstall -q -y llama-cpp-python
+	CMAKE_ARGS="$$(cat $(PEERS)/.cmake-args)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(PEERS)/bin/pip install -q --no-cache-dir --no-binary llama-cpp-python '$(SDIST)[server]'
 	touch $@
 
-bench-peers: $(STAMP) $(PEERS)/.installed
+$(PEERS)/bin/llama-server: $(SDIST) $(PEERS)/.cmake-args
+	rm -rf $(PEERS)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON) $(PEERS)/llama-server-build
+	tar -xzf $(SDIST) -C $(PEERS)/src
+	cmake -S $(PEERS)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(PEERS)/llama-server-build \
+		$(LLAMA_SERVER_CMAKE_ARGS) $$(cat $(PEERS)/.cmake-args) > $(PEERS)/llama-server-cmake.log
+	cmake --build $(PEERS)/llama-server-build --target llama-server -j2 > $(PEERS)/llama-server-build.log
+	cp $(PEERS)/llama-server-build/bin/llama-server $@
+
+peers: $(PEERS)/.installed $(PEERS)/bin/llama-server
+
+# Serving (jaxserve against both peers, C = 1/4/16/32) and single-stream runs, then the README table.
+# Options via ARGS, e.g. ARGS='--mode int8="--quantization int8" --requests-per-slot 1'.
+bench-peers: $(STAMP) peers
 	$(BIN)/pip install -q -e '.[test,bench]'
-	$(BIN)/python benchmarks/serving.py peers --peer-python $(PEERS)/bin/python
+	$(BIN)/python benchmarks/peers.py all --peer-python $(PEERS)/bin/python --llama-server $(PEERS)/bin/llama-server $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(PEERS) build *.egg-info

@@ -1,4 +1,4 @@
-"""Serving load generator for any OpenAI-compatible endpoint, and the jaxserve-vs-peer run.
+"""Serving load generator for any OpenAI-compatible endpoint, and helpers to start servers.
 
 Each concurrency level keeps C streamed ``/v1/completions`` requests in flight until N requests
 have finished, every one made to produce exactly ``--output-len`` tokens (``min_tokens`` with
@@ -8,8 +8,9 @@ inter-token latency (ITL) as mean / p50 / p99.
 
     # load one running server
     .venv/bin/python benchmarks/serving.py load --base-url http://127.0.0.1:8000 --label jaxserve
-    # start jaxserve and llama-cpp-python's server on the bundled GGUF, alternate them level by level
-    make bench-peers        # = .venv/bin/python benchmarks/serving.py peers --peer-python .venv-peers/bin/python
+
+jaxserve against llama.cpp's servers (and the single-stream `Llama` API) is benchmarks/peers.py
+(`make bench-peers`), built on this file's load generator and server helpers.
 """
 from __future__ import annotations
 
@@ -127,6 +128,15 @@ async def run_level(base_url: str, model: str | None, prompts: list[str], concur
     }
 
 
+def add_load_options(p: argparse.ArgumentParser, levels=LEVELS) -> None:
+    """The load's shape, shared with benchmarks/peers.py."""
+    p.add_argument("--levels", type=lambda v: [int(x) for x in v.split(",")], default=list(levels))
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--prompt-words", type=int, default=48, help="words per synthetic prompt (~70 tokens)")
+    p.add_argument("--requests-per-slot", type=int, default=2, help="requests per level = max(8, this x C)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def requests_for(concurrency: int, per_slot: int) -> int:
     return max(8, concurrency * per_slot)
 
@@ -168,28 +178,19 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> float:
     raise RuntimeError(f"server not ready after {timeout:.0f}s: {url}")
 
 
-def start_jaxserve(args) -> tuple[subprocess.Popen, str]:
+def start_jaxserve(args, extra_flags: list[str] = (), label: str = "jaxserve") -> tuple[subprocess.Popen, str]:
+    """`jaxserve serve` sized for args.levels; args.dtype (if set) and extra_flags are added to its flags."""
     port = free_port()
     cmd = [sys.executable, "-m", "jaxserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--max-num-seqs", str(max(args.levels)), "--max-num-batched-tokens", "512", "--max-model-len", "1024",
-           "--disable-log-requests", "--dtype", args.dtype]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(args.out_dir, "jaxserve.log"), "w"))
+           "--disable-log-requests"]
+    if getattr(args, "dtype", None):
+        cmd += ["--dtype", args.dtype]
+    cmd += list(extra_flags)
+    log = os.path.join(args.out_dir, f"{label}.log")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     base = f"http://127.0.0.1:{port}"
-    print(f"jaxserve ready in {wait_healthy(base + '/health', proc, 900):.1f}s", flush=True)
-    return proc, base
-
-
-def start_llama_cpp(args) -> tuple[subprocess.Popen, str]:
-    from jaxserve.models import bundled_model_path
-
-    port = free_port()
-    cmd = [args.peer_python, "-m", "llama_cpp.server", "--model", bundled_model_path(), "--host", "127.0.0.1",
-           "--port", str(port), "--n_threads", str(os.cpu_count() or 2), "--n_ctx", "2048",
-           # By default a new request cuts off the one streaming: every request must run to its end.
-           "--interrupt_requests", "False"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(args.out_dir, "llama_cpp.log"), "w"))
-    base = f"http://127.0.0.1:{port}"
-    print(f"llama-cpp-python server ready in {wait_healthy(base + '/v1/models', proc, 300):.1f}s", flush=True)
+    print(f"{label} ready in {wait_healthy(base + '/health', proc, 900):.1f}s ({' '.join(cmd[3:])})", flush=True)
     return proc, base
 
 
@@ -205,92 +206,17 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def plot(results: dict, path: str, output_len: int) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for label, levels in results.items():
-        c = [r["concurrency"] for r in levels]
-        ax1.plot(c, [r["output_tok_s"] for r in levels], marker="o", label=label)
-        ax2.plot(c, [r["ttft_s"]["p99"] * 1000 for r in levels], marker="o", label=label)
-    for ax, title in ((ax1, "output tokens/s"), (ax2, "p99 time to first token (ms)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent requests")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    ax2.set_yscale("log")
-    fig.suptitle(f"SmolLM2-135M-Instruct, {output_len} output tokens per request, 2-core CPU")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def run_peers(args) -> None:
-    os.makedirs(args.out_dir, exist_ok=True)
-    prompts = synthetic_prompts(256, args.prompt_words, args.seed)
-    servers = {"jaxserve": start_jaxserve(args)}
-    try:
-        if not args.skip_peer:
-            servers["llama-cpp-python"] = start_llama_cpp(args)
-        extra = {"jaxserve": {"ignore_eos": True}, "llama-cpp-python": {}}
-        results = {name: [] for name in servers}
-        models = {name: served_model(base) for name, (_, base) in servers.items()}
-        # One untimed request each, so neither pays a first-request cost inside the timed levels.
-        for name, (_, base) in servers.items():
-            asyncio.run(run_level(base, models[name], prompts, 1, 1, 8, extra[name]))
-        print(HEADER)
-        for c in args.levels:
-            for name, (_, base) in servers.items():  # alternate the servers level by level
-                r = asyncio.run(run_level(base, models[name], prompts, c, requests_for(c, args.requests_per_slot),
-                                          args.output_len, extra[name]))
-                results[name].append(r)
-                print_level(name, r)
-    finally:
-        for proc, _ in servers.values():
-            stop(proc)
-    with open(os.path.join(args.out_dir, "serving.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=1)
-    if "llama-cpp-python" in results:
-        print("\nratios jaxserve / llama-cpp-python:")
-        for ours, peer in zip(results["jaxserve"], results["llama-cpp-python"]):
-            if not (ours["completed"] and peer["completed"]):
-                continue
-            print(f"  concurrency {ours['concurrency']:>3}: output tok/s {ours['output_tok_s'] / peer['output_tok_s']:.2f}x"
-                  f", TTFT p50 {ours['ttft_s']['p50'] / peer['ttft_s']['p50']:.2f}x")
-    plot(results, os.path.join(args.out_dir, "serving.png"), args.output_len)
-    print(f"wrote {args.out_dir}/serving.json and serving.png")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("load", "peers"):
-        s = sub.add_parser(name)
-        s.add_argument("--levels", type=lambda v: [int(x) for x in v.split(",")], default=list(LEVELS))
-        s.add_argument("--output-len", type=int, default=128)
-        s.add_argument("--prompt-words", type=int, default=48, help="words per synthetic prompt (~70 tokens)")
-        s.add_argument("--requests-per-slot", type=int, default=2, help="requests per level = max(8, this x C)")
-        s.add_argument("--seed", type=int, default=0)
-    load = sub.choices["load"]
+    load = sub.add_parser("load")
+    add_load_options(load)
     load.add_argument("--base-url", required=True)
     load.add_argument("--model", default=None)
     load.add_argument("--label", default="server")
     load.add_argument("--extra-body", type=json.loads, default={}, help='JSON merged into every request')
     load.add_argument("--json", default=None)
-    peers = sub.choices["peers"]
-    peers.add_argument("--peer-python", default=".venv-peers/bin/python",
-                       help="a Python with llama-cpp-python[server] installed (make bench-peers builds it)")
-    peers.add_argument("--skip-peer", action="store_true")
-    peers.add_argument("--dtype", default="bfloat16",
-                       help="jaxserve's --dtype (default bfloat16: packed bf16 runs 1.4-1.7x float32's speed "
-                            "on CPUs with AVX512-BF16; llama.cpp reads its 4-bit GGUF weights either way)")
-    peers.add_argument("--out-dir", default="benchmarks/results")
     args = p.parse_args()
-    if args.command == "peers":
-        run_peers(args)
-        return
     prompts = synthetic_prompts(256, args.prompt_words, args.seed)
     print(HEADER)
     out = []
