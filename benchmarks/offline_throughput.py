@@ -140,11 +140,7 @@ def main() -> None:
     args = p.parse_args()
 
     from jaxserve.models import load_model  # only for the vocabulary size
-    loaded = load_model(args.model)
-    # Wait for its tokenizer (a GGUF's loads in a thread): two of those loading at once, this one and
-    # LLM's, raced on transformers 5.25's lazy attributes (AttributeError: ... 'TokenizersBackend').
-    loaded.tokenizer
-    vocab = loaded.config.vocab_size
+    vocab = load_model(args.model).config.vocab_size
     prompts = synthetic_prompts(args.num_prompts, args.min_prompt_len, args.max_prompt_len, vocab, args.seed)
 
     ours = [Jaxserve(args, dtype) for dtype in args.dtype.split(",")]

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from importlib import metadata
 from typing import Any
 
@@ -331,11 +332,21 @@ def gguf_file_identity(path: str) -> str:
     return digest.hexdigest()
 
 
+# GGUF tokenizers load in background threads (models/loader.py); two at once raced on transformers
+# 5.25's lazily imported attributes (AttributeError: ... 'TokenizersBackend'), so one at a time.
+_TOKENIZER_LOAD = threading.Lock()
+
+
 def load_gguf_tokenizer(path: str, reader: Any = None) -> Any:
     """The tokenizer (with its chat template) that AutoTokenizer.from_pretrained(folder,
     gguf_file=...) gives for this file, built without torch. The converted tokenizer is cached under
     <cache root>/gguf-tokenizers, keyed by the file's identity and the transformers and tokenizers
     versions; reader (an open gguf.GGUFReader of path) is only needed on a cache miss."""
+    with _TOKENIZER_LOAD:
+        return _load_gguf_tokenizer(path, reader)
+
+
+def _load_gguf_tokenizer(path: str, reader: Any) -> Any:
     folder = _tokenizer_cache_folder(path)
     if not os.path.isfile(os.path.join(folder, "tokenizer_init.json")):
         if reader is None:

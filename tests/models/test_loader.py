@@ -141,3 +141,12 @@ def test_bfloat16_checkpoint_loads(tiny_checkpoint, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, rounded, as_bf16)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a.astype(jnp.float32), b),
                            rounded, as_f32)
+
+
+def test_two_gguf_tokenizers_loading_at_once_both_load():
+    """Each GGUF load starts its tokenizer in a thread; two at once raced on transformers' lazily
+    imported attributes (seen when this ran first in a process: AttributeError 'TokenizersBackend')."""
+    from jaxserve.models import load_model
+
+    first, second = load_model(None), load_model(None)
+    assert second.tokenizer("Hello").input_ids == first.tokenizer("Hello").input_ids
