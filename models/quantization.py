@@ -19,6 +19,7 @@ dispatches on it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -61,6 +62,7 @@ class QuantizedWeight:
         return (self.q.astype(jnp.float32) * jnp.expand_dims(self.scale, self.contracted)).astype(dtype)
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one graph per weight shape (cached across starts), not op by op
 def quantize_int8(w: jax.Array, contracted: tuple[int, ...]) -> QuantizedWeight:
     """Symmetric int8 of `w` with one scale per slice over `contracted` (all-zero slices get scale 1)."""
     w32 = w.astype(jnp.float32)
