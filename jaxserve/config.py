@@ -64,7 +64,7 @@ class CompileConfig:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SpeculativeConfig:
-    draft_model: str | None             # the draft model's path; None: n-gram prompt lookup
+    draft_model: str | None             # the draft model (a path or name as --model takes); None: n-gram prompt lookup
     num_speculative_tokens: int         # k, the drafts proposed (and verified) per step and request
     ngram_max: int                      # longest n-gram looked up (n-gram lookup; 0 for a draft model)
     ngram_min: int                      # shortest n-gram looked up

@@ -37,7 +37,7 @@ from jaxserve.runner import BANNED_WIDTH, ModelRunner, StepResult, step_memory_b
 from jaxserve.sampling.core import SamplingRow, row_values
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerOutput
-from jaxserve.speculative import NgramSpeculator
+from jaxserve.speculative import DraftModelSpeculator, NgramSpeculator, Speculator
 from jaxserve.structured_output import GrammarCompiler
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,16 @@ def kv_page_bytes(model_config, block_size: int, kv_dtype: KVCacheDtype) -> int:
     return block_size * kv_dtype.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim)
 
 
+def check_draft_model(target_config, draft, name: str) -> None:
+    """A draft model must be loaded and speak the target's vocabulary (its drafts are token ids)."""
+    if draft is None:
+        raise ValueError(f"--speculative-model {name!r}: the draft model was not loaded (pass draft= to LLMEngine)")
+    if draft.config.vocab_size != target_config.vocab_size:
+        raise ValueError(f"--speculative-model {name!r}: the draft model's vocabulary ({draft.config.vocab_size} "
+                         f"tokens) differs from the target's ({target_config.vocab_size}); a draft model must "
+                         f"share the target's tokenizer")
+
+
 def accelerator_memory_limit() -> int | None:
     """Bytes the first device's allocator may hold, or None on a CPU (no such limit)."""
     device = jax.devices()[0]
@@ -109,11 +119,13 @@ def accelerator_memory_limit() -> int | None:
 
 
 def kv_pages_for(model_config, cache: CacheConfig, kv_dtype: KVCacheDtype, max_model_len: int, max_num_seqs: int,
-                 param_bytes: int, memory_limit: int | None = None, step_bytes: int = 0) -> int:
+                 param_bytes: int, memory_limit: int | None = None, step_bytes: int = 0,
+                 draft_page_bytes: int = 0) -> int:
     """Pages from kv_cache_memory, else from accelerator memory (memory_limit x
     gpu_memory_utilization, less the weights and the largest step's own memory), else sized to
-    fit on CPU. A smaller kv_dtype gets more pages from the same bytes."""
-    page_bytes = kv_page_bytes(model_config, cache.block_size, kv_dtype)
+    fit on CPU. A smaller kv_dtype gets more pages from the same bytes. draft_page_bytes: a
+    draft model's page beside each of the target's (speculative.py), paid from the same bytes."""
+    page_bytes = kv_page_bytes(model_config, cache.block_size, kv_dtype) + draft_page_bytes
     budget = cache.kv_cache_memory
     if budget is None and memory_limit is not None:
         budget = int(memory_limit * cache.gpu_memory_utilization) - param_bytes - step_bytes
@@ -133,12 +145,12 @@ class LLMEngine:
     def __init__(self, loaded, *, cache: CacheConfig, scheduler: SchedulerConfig, compile: CompileConfig,
                  attention_fn, seed: int = 0, profiler_dir: str | None = None, mesh=None,
                  structured_outputs_timeout: float = EngineArgs.structured_outputs_timeout,
-                 lora: LoRAConfig | None = None, speculative: SpeculativeConfig | None = None):
+                 lora: LoRAConfig | None = None, speculative: SpeculativeConfig | None = None, draft=None):
+        """draft: the loaded draft model (models/loader.LoadedModel) when speculative names one."""
         if lora is not None and not getattr(loaded.model, "supports_lora", False):
             raise ValueError(f"LoRA adapters are not supported for {loaded.config.architecture} models")
         if speculative is not None and speculative.draft_model is not None:
-            raise ValueError(f"--speculative-model {speculative.draft_model!r}: draft models are not supported "
-                             f"yet; use --speculative-model '[ngram]' (n-gram prompt lookup)")
+            check_draft_model(loaded.config, draft, speculative.draft_model)
         self.model_config = loaded.config
         self.max_model_len = scheduler.max_model_len
         self.vocab_size = loaded.config.vocab_size
@@ -151,14 +163,26 @@ class LLMEngine:
         # On an accelerator the cache gets what the weights and the largest step leave, the
         # step's share measured by XLA on its compiled graphs, not guessed.
         step_bytes = step_memory_bytes(loaded.model, loaded.params, **shape) if memory_limit is not None else 0
+        weight_bytes, draft_page_bytes = param_bytes(loaded.params), 0
+        if draft is not None:  # the draft's cache has a page for each of the target's, sized by one budget
+            draft_kv_dtype = kv_cache_dtype(cache.kv_cache_dtype, weights_dtype(draft.params))
+            draft_page_bytes = kv_page_bytes(draft.config, cache.block_size, draft_kv_dtype)
+            weight_bytes += param_bytes(draft.params)
         num_pages = kv_pages_for(loaded.config, cache, kv_dtype, scheduler.max_model_len,
-                                 scheduler.max_num_seqs, param_bytes(loaded.params), memory_limit, step_bytes)
+                                 scheduler.max_num_seqs, weight_bytes, memory_limit, step_bytes, draft_page_bytes)
         self.pool = BlockPool(num_pages, cache.block_size, cache.enable_prefix_caching)
         self.loras = LoRAManager(lora, loaded.config) if lora is not None else None
         self.scheduler = Scheduler(scheduler, self.pool, self.loras)
-        self.speculator = NgramSpeculator(speculative, scheduler.max_model_len) if speculative is not None else None
         self.runner = ModelRunner(loaded.model, loaded.params, num_pages=num_pages, **shape,
                                   exported_graphs_dir=os.path.join(compile.resolved_cache_dir(), "jaxserve-exported"))
+        self.speculator: Speculator | None = None
+        if draft is not None:
+            draft_runner = ModelRunner(draft.model, draft.params, num_pages=num_pages,
+                                       **{**shape, "kv_cache_dtype": draft_kv_dtype, "lora": None,
+                                          "num_speculative_tokens": 0})
+            self.speculator = DraftModelSpeculator(speculative, scheduler.max_model_len, draft_runner)
+        elif speculative is not None:
+            self.speculator = NgramSpeculator(speculative, scheduler.max_model_len)
         logger.info("KV cache: %d pages of %d tokens, %s (%.2f GiB)%s", num_pages, cache.block_size, kv_dtype.name,
                     num_pages * kv_page_bytes(loaded.config, cache.block_size, kv_dtype) / 2**30,
                     f", a step's own buffers {step_bytes / 2**30:.2f} GiB" if step_bytes else "")
@@ -169,6 +193,8 @@ class LLMEngine:
         self.profiler = Profiler(profiler_dir)
         if compile.warmup:
             self.runner.warmup()
+            if self.speculator is not None:
+                self.speculator.warmup()
         self.tokenizer = loaded.tokenizer  # last: a GGUF's loads in the background until here (models/loader.py)
         self.input_processor = InputProcessor(self.tokenizer, vocab_size=self.vocab_size,
                                               max_model_len=self.max_model_len, eos_token_ids=self._eos,
@@ -267,10 +293,13 @@ class LLMEngine:
             sched = self.scheduler.schedule()
             if not sched.seqs:
                 return []
+            if self.speculator is not None:
+                self.speculator.draft(sched)
             rows = [self._sampling_row(s.request) if s.samples else None for s in sched.seqs]
             fill_bitmask = self._bitmask_filler(sched)
         scheduled = time.perf_counter()
-        result = self.runner.execute(sched, rows, fill_bitmask)
+        result = self.runner.execute(sched, rows, fill_bitmask,
+                                     self.speculator.mirror if self.speculator is not None else None)
         executed = time.perf_counter()
         with annotate(PROCESS_OUTPUTS):
             if result.num_accepted is not None:
@@ -343,7 +372,7 @@ class LLMEngine:
         s.prefix_cache_queries = self.pool.prefix_queries
         s.prefix_cache_hits = self.pool.prefix_hits
         s.num_preemptions = self.scheduler.num_preemptions
-        s.num_compiled_graphs = self.runner.num_compiled
+        s.num_compiled_graphs = self.runner.num_compiled + (self.speculator.num_compiled if self.speculator else 0)
         s.compile_seconds = self.runner.compile_seconds
         s.compile_times = list(self.runner.compile_times)
         if self.speculator is not None:

@@ -213,10 +213,11 @@ class EngineArgs:
                                "more may be registered, and wait for a free slot", group=_LORA, minimum=1)
     max_lora_rank: int = option(16, "largest adapter rank; every adapter is padded to it, a larger one is "
                                     "refused", group=_LORA, minimum=1)
-    speculative_model: str | None = option(None, f"draft proposals: {NGRAM!r} (n-gram prompt lookup), verified in "
-                                                 "one step of the target: greedy output unchanged, sampled "
-                                                 "output distributed as without (a draft model's path is "
-                                                 "refused: not supported yet)",
+    speculative_model: str | None = option(None, f"draft proposals: {NGRAM!r} (n-gram prompt lookup) or a draft "
+                                                 "model of the target's vocabulary (a path or name as --model "
+                                                 "takes; greedy drafts, in --dtype), verified in one step of the "
+                                                 "target: greedy output unchanged, sampled output distributed "
+                                                 "as without",
                                            group=_SPEC)
     num_speculative_tokens: int | None = option(None, "draft tokens proposed per step (required with "
                                                       "--speculative-model)", group=_SPEC, minimum=1)

@@ -86,12 +86,18 @@ class LLM:
         self.loaded = self.loaded.for_max_model_len(args.max_model_len or limit).quantized(args.quantization)
         parallel = args.parallel_config()
         check_divisible(self.loaded.config, parallel.tensor_parallel_size)
+        speculative = args.speculative_config()
+        draft = None
+        if speculative is not None and speculative.draft_model is not None:
+            # In --dtype and unquantized (vLLM quantizes the draft only when told); one copy for every replica.
+            draft = load_model(speculative.draft_model, args.dtype).for_max_model_len(args.max_model_len or limit)
+            check_divisible(draft.config, parallel.tensor_parallel_size)
         replicas = [LLMEngine(self.loaded, cache=args.cache_config(),
                               scheduler=args.scheduler_config(args.max_model_len or limit), compile=compile_cfg,
                               attention_fn=get_attention(args.attention_backend), seed=args.seed + i,
                               profiler_dir=args.profiler_dir, mesh=mesh,
                               structured_outputs_timeout=args.structured_outputs_timeout, lora=args.lora_config(),
-                              speculative=args.speculative_config())
+                              speculative=speculative, draft=draft)
                     for i, mesh in enumerate(replica_meshes(build_mesh(parallel)))]
         self.engine = replicas[0] if len(replicas) == 1 else DataParallelEngine(replicas)
 

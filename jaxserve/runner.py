@@ -650,10 +650,13 @@ class ModelRunner:
         return targets
 
     def execute(self, sched: SchedulerOutput, rows: list[SamplingRow | None],
-                fill_bitmask: Callable[[np.ndarray], None] | None = None) -> StepResult:
+                fill_bitmask: Callable[[np.ndarray], None] | None = None,
+                observe: Callable[[tuple[int, int], ModelInputs], None] | None = None) -> StepResult:
         """One step. fill_bitmask: writes the structured-output bitmask of the step's constrained
         rows into the [B, words] int32 array it is given (all ones: the other rows stay
-        unconstrained), called while the forward graph runs; None when no row has a constraint."""
+        unconstrained), called while the forward graph runs; None when no row has a constraint.
+        observe: called with the step's bucket and (host) model inputs before its graphs are
+        queued (a draft model's mirror, jaxserve/speculative.py)."""
         start = time.perf_counter()
         for slot, adapter in sched.lora_writes:  # adapters this step's rows are the first to use
             self.write_lora(slot, adapter)
@@ -664,6 +667,8 @@ class ModelRunner:
             bucket, inputs = self.prepare(sched, rows, samplers)
             targets = self._prompt_targets(sched, bucket[0])
         prepared = time.perf_counter()
+        if observe is not None:
+            observe(bucket, inputs.model)
         out, prompt, bitmask_seconds, verified = self.run_graphs(bucket, inputs, targets, samplers, fill_bitmask)
         n = len(sched.seqs)
         tokens, spec_tokens, num_accepted = out.tokens[:n], None, None

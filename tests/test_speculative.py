@@ -1,6 +1,7 @@
-"""Speculative decoding with n-gram prompt lookup: greedy output token-identical to plain decoding,
-sampled output distributed as without speculation (the verify graph alone, and end to end),
-acceptance counts, no page leaked, nothing compiled after warm-up, and the options."""
+"""Speculative decoding with n-gram prompt lookup and with a draft model: greedy output
+token-identical to plain decoding, sampled output distributed as without speculation (the verify
+graph alone, and end to end), acceptance counts, no page leaked, nothing compiled after warm-up,
+and the options."""
 from __future__ import annotations
 
 import numpy as np
@@ -200,8 +201,9 @@ def _leading_run(tokens: list[int], last: int) -> int:
     return run
 
 
+@pytest.mark.parametrize("proposer", ["ngram", "draft_model"])
 @pytest.mark.parametrize("filters", [dict(), dict(top_k=20, top_p=0.9)], ids=["temperature", "top_k_top_p"])
-def test_sampled_tokens_are_distributed_as_without_speculation(markov, filters):
+def test_sampled_tokens_are_distributed_as_without_speculation(markov, filters, proposer):
     folder, logits = markov
     prompt = [16, 17, 18, 19, 20, 21, 22, 23, 16, 17]
     N = 480
@@ -211,7 +213,10 @@ def test_sampled_tokens_are_distributed_as_without_speculation(markov, filters):
     reach = [1.0, on[0], on[0] * on[1], on[0] * on[1] * on[2]]
     exact = np.array([reach[i] - (reach[i + 1] if i < 3 else 0.0) for i in range(4)])
     runs = {}
-    for name, extra in (("plain", {}), ("spec", NGRAM)):
+    # The draft model is the Markov model itself: its greedy drafts follow the cycle, which the
+    # target at temperature 1 takes only sometimes, so every accept / reject path is exercised.
+    spec = NGRAM if proposer == "ngram" else dict(speculative_model=folder, num_speculative_tokens=3)
+    for name, extra in (("plain", {}), ("spec", spec)):
         llm = LLM(folder, **TINY, **extra)
         params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=3, ignore_eos=True, **filters)
                   for seed in range(N)]
@@ -237,6 +242,74 @@ def test_smollm2_repetitive_code_is_identical_with_speculation(smollm2_llm):
     assert _generate(spec, prompts, params) == _generate(smollm2_llm, prompts, params)
     s = spec.stats()
     assert s.spec_decode_num_accepted_tokens > 0  # SmolLM2-135M copies loosely: about a third in 128 tokens
+
+
+# ---- a draft model -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_layer_draft(tmp_path_factory):
+    """A one-layer tiny llama of the tiny llama's vocabulary, its weights drawn apart: a draft the
+    target mostly rejects."""
+    folder = tmp_path_factory.mktemp("draft")
+    make_hf_model("llama", seed=5, num_hidden_layers=1).save_pretrained(str(folder), safe_serialization=True)
+    save_tiny_tokenizer(folder)
+    return str(folder)
+
+
+def test_a_draft_model_keeps_greedy_output_and_mirrors_the_targets_cache(tiny_pair, tiny_checkpoint, one_layer_draft):
+    plain, _ = tiny_pair
+    folder, _ = tiny_checkpoint("llama")
+    # Prompts sharing 8 tokens (two pages): the second pass is served from the prefix cache.
+    prompts = [[60, 61, 62, 63, 64, 65, 66, 67, 3 + i, 40 + i, 7, 120 + i] for i in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    expected = _generate(plain, prompts, params)
+    # The target drafting for itself: its drafts are its own greedy tokens, so every one is
+    # accepted, which holds only if the draft's cache holds what the target's does: prompts it
+    # prefilled, pages from the prefix cache, and (a cache of 20 pages for 5 requests of up to
+    # 13 pages) requests preempted and recomputed.
+    for kv_pages in (None, 20):
+        extra = {} if kv_pages is None else dict(kv_cache_memory=kv_pages * _page_bytes(folder, 2))
+        self_draft = LLM(folder, **TINY, **extra, speculative_model=folder, num_speculative_tokens=3)
+        compiled = COUNTER.count
+        for _ in range(2):
+            assert _generate(self_draft, prompts, params) == expected
+        assert COUNTER.count == compiled  # the mirror and propose graphs were built at warm-up
+        s = self_draft.stats()
+        assert s.spec_decode_num_draft_tokens > 100
+        assert s.spec_decode_num_accepted_tokens == s.spec_decode_num_draft_tokens, kv_pages
+        assert s.prefix_cache_hits > 0
+        if kv_pages is not None:
+            assert s.num_preemptions > 0
+    # A draft model the target disagrees with: output unchanged all the same.
+    other = LLM(folder, **TINY, speculative_model=one_layer_draft, num_speculative_tokens=3)
+    engine = other.engine
+    assert _generate(other, prompts, params) == expected
+    assert other.stats().spec_decode_num_draft_tokens > 0
+    # Aborted mid-flight: every page comes back.
+    engine.add_request("abort-me", prompts[0], SamplingParams(temperature=0, max_tokens=30))
+    for _ in range(4):
+        engine.step()
+    engine.abort_request("abort-me")
+    assert not engine.has_unfinished_requests()
+    assert engine.pool.num_free_pages == engine.pool.num_pages - 1 and not any(engine.pool.ref_counts)
+
+
+def _page_bytes(folder: str, num_models: int) -> int:
+    """Bytes of one KV page of TINY's block size for the tiny llama, times the models holding one."""
+    from jaxserve.engine import kv_page_bytes
+    from jaxserve.kv_cache_dtype import kv_cache_dtype
+    from jaxserve.models import load_model_config
+    import jax.numpy as jnp
+    config, _ = load_model_config(folder)
+    return num_models * kv_page_bytes(config, TINY["block_size"], kv_cache_dtype("auto", jnp.float32))
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused(tiny_checkpoint, tmp_path):
+    folder, _ = tiny_checkpoint("llama")
+    make_hf_model("llama", vocab_size=300).save_pretrained(str(tmp_path), safe_serialization=True)
+    save_tiny_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="vocabulary \\(300 tokens\\) differs from the target's"):
+        LLM(folder, **TINY, speculative_model=str(tmp_path), num_speculative_tokens=2)
 
 
 # ---- the options ---------------------------------------------------------------------------------
@@ -266,3 +339,7 @@ def test_speculative_flags_parse_on_every_command(command):
     args = engine_args_from(resolve_options_for(build_parser().parse_args(argv), environ={}))
     config = args.speculative_config()
     assert (config.draft_model, config.num_speculative_tokens, config.ngram_max, config.ngram_min) == (None, 5, 4, 2)
+    argv = argv[:argv.index("--speculative-model")] + ["--speculative-model", "/models/draft",
+                                                        "--num-speculative-tokens", "3"]
+    config = engine_args_from(resolve_options_for(build_parser().parse_args(argv), environ={})).speculative_config()
+    assert (config.draft_model, config.num_speculative_tokens) == ("/models/draft", 3)
