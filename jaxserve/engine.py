@@ -183,6 +183,10 @@ class LLMEngine:
             self.speculator = DraftModelSpeculator(speculative, scheduler.max_model_len, draft_runner)
         elif speculative is not None:
             self.speculator = NgramSpeculator(speculative, scheduler.max_model_len)
+        if speculative is not None:
+            logger.info("speculative decoding: %d drafts a step from %s", speculative.num_speculative_tokens,
+                        f"the draft model {draft.name}" if draft is not None
+                        else f"n-gram prompt lookup (n {speculative.ngram_max}..{speculative.ngram_min})")
         logger.info("KV cache: %d pages of %d tokens, %s (%.2f GiB)%s", num_pages, cache.block_size, kv_dtype.name,
                     num_pages * kv_page_bytes(loaded.config, cache.block_size, kv_dtype) / 2**30,
                     f", a step's own buffers {step_bytes / 2**30:.2f} GiB" if step_bytes else "")
