@@ -51,12 +51,12 @@ class LoweredGraph:
     error: str | None = None
 
     def describe(self) -> str:
-        T, B = self.key.shape if self.key.kind == "forward" else (None, self.key.shape)
+        T, B = self.key.shape if isinstance(self.key.shape, tuple) else (None, self.key.shape)
         shape = f"T={T:<5} B={B:<4}" if T is not None else f"{'':7} B={B:<4}" if B is not None else f"{'':13}"
         if self.error is not None:
-            return f"FAIL {self.key.kind:<9} {shape} {self.seconds:6.2f}s  {self.error}"
+            return f"FAIL {self.key.kind:<13} {shape} {self.seconds:6.2f}s  {self.error}"
         kernel = f"{self.kernel_calls} kernel call(s)" if self.kernel_calls else "no kernel call"
-        return (f"ok   {self.key.kind:<9} {shape} {self.seconds:6.2f}s  {len(self.module) / 1e3:8.1f} kB"
+        return (f"ok   {self.key.kind:<13} {shape} {self.seconds:6.2f}s  {len(self.module) / 1e3:8.1f} kB"
                 f"  {kernel}")
 
 
@@ -76,6 +76,7 @@ def lower_step_graphs(args: EngineArgs, platform: str, *, num_pages: int | None 
     from jaxserve.parallel import build_mesh, check_divisible, replica_meshes
     from jaxserve.precision import targeting
     from jaxserve.runner import ModelRunner
+    from jaxserve.speculative import DraftModelSpeculator
 
     from jaxserve.llm import resolve_runner
 
@@ -99,22 +100,32 @@ def lower_step_graphs(args: EngineArgs, platform: str, *, num_pages: int | None 
         params = jax.eval_shape(lambda key: quantize_params(family.init_params(key, dtype), args.quantization),
                                 jax.random.key(0))
         pages = num_pages if num_pages is not None else _pages_for(args, config, kv_dtype)
-        runner = ModelRunner(family, params, num_pages=pages, block_size=args.block_size,
-                             max_model_len=scheduler.max_model_len, max_num_seqs=scheduler.max_num_seqs,
-                             max_num_batched_tokens=scheduler.max_num_batched_tokens,
-                             attention_fn=attention_fn, mesh=mesh, abstract=True, lora=args.lora_config(),
-                             kv_cache_dtype=kv_dtype)
+        speculative = args.speculative_config()
+        shape = dict(num_pages=pages, block_size=args.block_size, max_model_len=scheduler.max_model_len,
+                     max_num_seqs=scheduler.max_num_seqs, max_num_batched_tokens=scheduler.max_num_batched_tokens,
+                     attention_fn=attention_fn, mesh=mesh, abstract=True)
+        runner = ModelRunner(family, params, **shape, lora=args.lora_config(), kv_cache_dtype=kv_dtype,
+                             num_speculative_tokens=speculative.num_speculative_tokens if speculative else 0)
+        exporters = [(key, runner) for key in runner.warmup_keys]
+        if speculative is not None and speculative.draft_model is not None:  # its mirror and propose graphs
+            draft_config = load_model_config(speculative.draft_model)[0].for_max_model_len(scheduler.max_model_len)
+            check_divisible(draft_config, parallel.tensor_parallel_size)
+            draft_family = model_class(draft_config.architecture)(draft_config)
+            draft_params = jax.eval_shape(lambda key: draft_family.init_params(key, dtype), jax.random.key(0))
+            draft_runner = ModelRunner(draft_family, draft_params, **shape, kv_cache_dtype=kv_dtype)
+            drafter = DraftModelSpeculator(speculative, scheduler.max_model_len, draft_runner)
+            exporters += [(key, drafter) for key in drafter.warmup_keys]
     plan = LoweringPlan(model=path, platform=platform, dtype=dtype.name, kv_cache_dtype=kv_dtype.name,
                         attention=_name(attention_fn),
                         num_pages=pages, block_size=args.block_size, mesh=dict(mesh.shape),
-                        num_graphs=len(runner.warmup_keys))
+                        num_graphs=len(exporters))
 
     def graphs() -> Iterator[LoweredGraph]:
-        for key in runner.warmup_keys:
+        for key, exporter in exporters:
             start = time.perf_counter()
             try:
                 with targeting(platform):
-                    module = runner.export(key, (platform,)).mlir_module()
+                    module = exporter.export(key, (platform,)).mlir_module()
             except Exception as error:  # reported per graph: the point is to see every failure
                 message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
                 yield LoweredGraph(key, time.perf_counter() - start, error=message)

@@ -31,7 +31,7 @@ from jaxserve.block_pool import NULL_PAGE
 from jaxserve.config import SpeculativeConfig
 from jaxserve.models.metadata import AttentionMetadata, KVCache
 from jaxserve.request import Request
-from jaxserve.runner import ModelInputs, ModelRunner, StepResult
+from jaxserve.runner import _UNCHECKED_CALLS, GraphKey, ModelInputs, ModelRunner, StepResult
 from jaxserve.sampling.core import argmax
 from jaxserve.sampling.core import row_values
 from jaxserve.sampling.registry import DEFAULT_SAMPLER
@@ -163,7 +163,7 @@ class DraftModelSpeculator(Speculator):
         # A step of one sequence still proposes for two rows: a one-row KV scatter is slow on XLA:CPU
         # (runner.token_buckets).
         self.batch_sizes = sorted({max(2, b) for b in r.batch_sizes})
-        self._compiled: dict[tuple, object] = {}
+        self._compiled: dict[GraphKey, object] = {}
         self.compile_seconds = 0.0
         self.proposals = 0  # propose graph runs, for tests
 
@@ -202,7 +202,7 @@ class DraftModelSpeculator(Speculator):
                                                     (kv_cache, last_tokens, jnp.zeros((B, K), jnp.int32)))
         return kv_cache, drafts
 
-    def _executable(self, key: tuple, args: tuple):
+    def _executable(self, key: GraphKey, args: tuple):
         exe = self._compiled.get(key)
         if exe is None:
             start = time.perf_counter()
@@ -210,30 +210,39 @@ class DraftModelSpeculator(Speculator):
             self._keep(key, exe, time.perf_counter() - start)
         return exe
 
-    def _lower(self, key: tuple, args: tuple):
-        return (self._mirror_fn if key[0] == "mirror" else self._propose_fn).lower(*args)
+    def _jitted(self, key: GraphKey):
+        return self._mirror_fn if key.kind == "draft_mirror" else self._propose_fn
 
-    def _keep(self, key: tuple, exe, seconds: float) -> None:
+    def _lower(self, key: GraphKey, args: tuple):
+        return self._jitted(key).lower(*args)
+
+    def export(self, key: GraphKey, platforms: tuple[str, ...] | None = None) -> jax.export.Exported:
+        """`key`'s graph lowered for `platforms` (as ModelRunner.export: `jaxserve lower`)."""
+        return jax.export.export(self._jitted(key), platforms=platforms, disabled_checks=_UNCHECKED_CALLS)(
+            *self._example_args(key))
+
+    def _keep(self, key: GraphKey, exe, seconds: float) -> None:
         self._compiled[key] = exe
         self.compile_seconds += seconds
 
-    def _example_args(self, key: tuple) -> tuple:
+    def _example_args(self, key: GraphKey) -> tuple:
         r = self.runner
-        if key[0] == "mirror":
-            T, B = key[1]
+        if key.kind == "draft_mirror":
+            T, B = key.shape
             attn = AttentionMetadata(
                 positions=np.zeros(T, np.int32), slot_mapping=np.zeros(T, np.int32),
                 cu_q_lens=np.zeros(B + 1, np.int32), kv_lens=np.zeros(B, np.int32),
                 page_table=np.full((B, r.page_table_width), NULL_PAGE, np.int32), num_seqs=np.int32(0))
             return r.params, r.kv_cache, np.zeros(T, np.int32), attn
-        B = key[1]
+        B = key.shape
         zeros = np.zeros(B, np.int32)
         return (r.params, r.kv_cache, zeros, zeros, zeros,
                 np.full((B, r.page_table_width), NULL_PAGE, np.int32), np.int32(0))
 
     @property
-    def warmup_keys(self) -> list[tuple]:
-        return [("mirror", b) for b in self.runner.buckets] + [("propose", b) for b in self.batch_sizes]
+    def warmup_keys(self) -> list[GraphKey]:
+        return ([GraphKey("draft_mirror", b, None) for b in self.runner.buckets]
+                + [GraphKey("draft_propose", b, None) for b in self.batch_sizes])
 
     @property
     def num_compiled(self) -> int:
@@ -277,7 +286,7 @@ class DraftModelSpeculator(Speculator):
         page_table[:n] = sched.block_table[np.fromiter((req.block_row for req in reqs), np.intp, n)]
         r = self.runner
         args = (r.params, r.kv_cache, last_tokens, starts, counts, page_table, np.int32(n))
-        propose = self._executable(("propose", B), args)
+        propose = self._executable(GraphKey("draft_propose", B, None), args)
         inputs = jax.device_put(args[2:], r._replicated)
         r.kv_cache, drafts = propose(r.params, r.kv_cache, *inputs)
         drafts = np.asarray(jax.device_get(drafts))
@@ -289,6 +298,6 @@ class DraftModelSpeculator(Speculator):
         """Queue the target's step through the draft model (asynchronous: nothing waits for it)."""
         r = self.runner
         args = (r.params, r.kv_cache, inputs.tokens, inputs.attn)
-        mirror = self._executable(("mirror", bucket), args)
+        mirror = self._executable(GraphKey("draft_mirror", bucket, None), args)
         tokens, attn = jax.device_put((inputs.tokens, inputs.attn), r._replicated)
         r.kv_cache = mirror(r.params, r.kv_cache, tokens, attn)

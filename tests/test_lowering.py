@@ -130,3 +130,21 @@ def test_int8_weights_lower_for_cuda_as_int8_dots(tiny_checkpoint):
     forward = next(g for g in graphs if g.key.kind == "forward")
     # The projections stay int8 on the device: int8 operands, int32 products.
     assert "xi8>" in forward.module and "xi32>" in forward.module
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "draft_model"])
+def test_speculative_graphs_lower_for_cuda(tiny_checkpoint, proposer):
+    folder = tiny_checkpoint("llama")[0]
+    spec = (dict(speculative_model="[ngram]", ngram_prompt_lookup_max=3) if proposer == "ngram"
+            else dict(speculative_model=tiny_checkpoint("mistral")[0]))  # a draft of another family, same vocabulary
+    plan, graphs = lowered(folder, num_speculative_tokens=3, **spec)
+    kinds = {}
+    for graph in graphs:
+        assert graph.error is None, graph.describe()
+        kinds.setdefault(graph.key.kind, []).append(graph)
+    expected = {"forward", "penalties", "sampler", "masked_sampler", "spec_forward", "verify"}
+    assert set(kinds) == expected | ({"draft_mirror", "draft_propose"} if proposer == "draft_model" else set())
+    assert plan.num_graphs == len(graphs)
+    # The draft model attends with the GPU kernel too: in its mirror and inside its propose loop.
+    for kind in ("spec_forward", "draft_mirror", "draft_propose"):
+        assert all(g.kernel_calls > 0 for g in kinds.get(kind, [])), kind
