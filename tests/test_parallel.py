@@ -142,3 +142,17 @@ def test_sizes_that_cannot_split_the_model_are_refused(smollm2_llm):
         build_mesh(ParallelConfig(tensor_parallel_size=4, data_parallel_size=2))
     with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
         ParallelConfig(tensor_parallel_size=0)
+
+
+def test_tensor_parallel_2_with_a_draft_model_matches_one_device(tiny_folder):
+    """The draft model's weights and cache split as the target's; drafting for itself, it still
+    has every draft accepted, so its mirrored cache is whole across the shards."""
+    want = tokens(LLM(tiny_folder, **TINY_ARGS), TINY_PROMPTS)
+    llm = LLM(tiny_folder, tensor_parallel_size=2, speculative_model=tiny_folder, num_speculative_tokens=3,
+              **TINY_ARGS)
+    draft = llm.engine.speculator.runner
+    assert spec(draft.kv_cache.k) == P(None, None, None, "model", None)
+    assert spec(draft.params["layers"]["attn"]["q_proj"]) == P(None, None, "model", None)
+    assert tokens(llm, TINY_PROMPTS) == want
+    s = llm.stats()
+    assert s.spec_decode_num_draft_tokens > 0 and s.spec_decode_num_accepted_tokens == s.spec_decode_num_draft_tokens
