@@ -1,13 +1,15 @@
-"""Speculative decoding: single-stream greedy decode tok/s with and without n-gram prompt lookup.
+"""Speculative decoding: single-stream greedy decode tok/s with and without n-gram prompt lookup
+(or a draft model).
 
 Two engines of the same model (the bundled SmolLM2 by default) in one process, one plain and one
-with ``--speculative-model "[ngram]"``, decode the same prompts in alternation for ``--rounds``
-rounds: a repetitive one (rewrite a piece of code with one change: most of the answer is in the
+with ``--speculative-model "[ngram]"`` (``--draft-model PATH``: that draft model instead), decode
+the same prompts in alternation for ``--rounds`` rounds: a repetitive one (rewrite a piece of code with one change: most of the answer is in the
 prompt) and a plain one (little to look up). Reports the median tok/s of each, their ratio, the
 acceptance rate (accepted / proposed drafts) and whether the greedy outputs were identical.
 
     .venv/bin/python benchmarks/speculative.py                      # 3 rounds, 128 tokens, k = 4
     .venv/bin/python benchmarks/speculative.py --rounds 1 --output-len 48   # quick look
+    .venv/bin/python benchmarks/speculative.py --draft-model smollm2        # the model drafting for itself
 """
 from __future__ import annotations
 
@@ -57,15 +59,18 @@ def main() -> None:
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
     parser.add_argument("--ngram-max", type=int, default=4)
     parser.add_argument("--ngram-min", type=int, default=2)
+    parser.add_argument("--draft-model", default=None,
+                        help="speculate with this draft model (same vocabulary) instead of n-gram lookup")
     args = parser.parse_args()
 
     from jaxserve import LLM
 
     shape = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=1024)
     engines = {"plain": LLM(args.model, **shape),
-               "ngram": LLM(args.model, **shape, speculative_model="[ngram]",
+               "ngram": LLM(args.model, **shape, speculative_model=args.draft_model or "[ngram]",
                             num_speculative_tokens=args.num_speculative_tokens,
-                            ngram_prompt_lookup_max=args.ngram_max, ngram_prompt_lookup_min=args.ngram_min)}
+                            **({} if args.draft_model else dict(ngram_prompt_lookup_max=args.ngram_max,
+                                                                ngram_prompt_lookup_min=args.ngram_min)))}
     for llm in engines.values():  # one short run each: first-use costs out of the timings
         decode(llm, "Hi", 4)
     rates = {(p, e): [] for p in PROMPTS for e in engines}
@@ -92,8 +97,9 @@ def main() -> None:
                                    greedy_identical=identical[prompt_name])
         print(f"{prompt_name:>10}: plain {plain:7.1f} tok/s  ngram {ngram:7.1f} tok/s  x{ngram / plain:.2f}  "
               f"acceptance {report[prompt_name]['acceptance_rate']}  identical {identical[prompt_name]}")
+    proposer = dict(draft_model=args.draft_model) if args.draft_model else dict(ngram=[args.ngram_min, args.ngram_max])
     print(json.dumps(dict(rounds=args.rounds, output_len=args.output_len, k=args.num_speculative_tokens,
-                          ngram=[args.ngram_min, args.ngram_max], results=report)))
+                          **proposer, results=report)))
 
 
 if __name__ == "__main__":
