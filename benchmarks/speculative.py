@@ -95,7 +95,8 @@ def main() -> None:
                                    acceptance_rate=round(accepted / drafted, 3) if drafted else None,
                                    drafts_per_round=drafted // args.rounds,
                                    greedy_identical=identical[prompt_name])
-        print(f"{prompt_name:>10}: plain {plain:7.1f} tok/s  ngram {ngram:7.1f} tok/s  x{ngram / plain:.2f}  "
+        label = "draft" if args.draft_model else "ngram"
+        print(f"{prompt_name:>10}: plain {plain:7.1f} tok/s  {label} {ngram:7.1f} tok/s  x{ngram / plain:.2f}  "
               f"acceptance {report[prompt_name]['acceptance_rate']}  identical {identical[prompt_name]}")
     proposer = dict(draft_model=args.draft_model) if args.draft_model else dict(ngram=[args.ngram_min, args.ngram_max])
     print(json.dumps(dict(rounds=args.rounds, output_len=args.output_len, k=args.num_speculative_tokens,
