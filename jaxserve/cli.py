@@ -2,9 +2,11 @@
 
 ``jaxserve serve [MODEL]`` runs the OpenAI- and Ollama-compatible HTTP server (flags named as
 vLLM's; flag > JAXSERVE_* environment > ``--config`` YAML > default). ``jaxserve run [MODEL]
-[PROMPT]`` chats in the terminal as ``ollama run``; ``jaxserve generate "prompt"`` streams one
-completion. ``jaxserve lower --platform cuda [MODEL]`` lowers every step graph an engine with
-these flags would compile, for a platform this machine need not have (jaxserve/lowering.py).
+[PROMPT]`` chats in the terminal as ``ollama run`` (MODEL: a stored model too); ``jaxserve generate
+"prompt"`` streams one completion. ``jaxserve lower --platform cuda [MODEL]`` lowers every step graph
+an engine with these flags would compile, for a platform this machine need not have
+(jaxserve/lowering.py). ``create``, ``list``, ``show``, ``cp`` and ``rm`` manage the model store
+(jaxserve/store_cli.py).
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 
+from jaxserve import store_cli
 from jaxserve.engine_args import (CACHE_ROOT_ENV, ENGINE_OPTIONS, EngineArgs, add_arguments, option, options_of,
                                   read_config_file, resolve_options)
 
@@ -220,6 +224,61 @@ def _looks_like_model(arg: str) -> bool:
     return arg == "smollm2" or os.path.exists(os.path.expanduser(arg))
 
 
+def _stored_model(arg: str):
+    """The stored model ``arg`` names (jaxserve/model_store.py), or None."""
+    from jaxserve.model_store import InvalidModelName, ModelStore
+
+    store = ModelStore()
+    try:
+        return store.get(arg) if store.exists(arg) else None
+    except InvalidModelName:  # not a model name: the prompt's first word
+        return None
+
+
+@dataclasses.dataclass
+class _Chat:
+    """What every `run` turn sends besides the conversation."""
+    sampling: Callable[[int], object]  # the prompt's token count -> its SamplingParams
+    prefix: list[dict] = dataclasses.field(default_factory=list)  # a stored model's system prompt and messages
+    template: object = None  # a stored model's GoTemplate; None: the tokenizer's chat template
+    lora: object = None  # a stored model's adapter (a LoRARequest)
+
+
+def _plain_chat(args: argparse.Namespace) -> _Chat:
+    from jaxserve.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.8 if args.temperature is None else args.temperature,
+                            max_tokens=args.max_tokens, seed=args.sample_seed,
+                            structured_outputs=_format_constraint(args.format))
+    return _Chat(sampling=lambda num_prompt_tokens: params)
+
+
+def _stored_chat(args: argparse.Namespace, model, max_model_len: int) -> _Chat:
+    """A stored model's defaults, as `ollama run` applies them: its options (Ollama's defaults for the
+    rest, as the server's) under the flags given, its system prompt and messages before the chat,
+    its template and its adapter."""
+    from jaxserve.go_template import GoTemplate
+    from jaxserve.lora import LoRARequest
+    from jaxserve.server.ollama_protocol import parse_options
+    from jaxserve.server.validation import RequestError
+
+    _format_constraint(args.format)  # checked now, not at the first answer
+    body = {"format": None if not args.format else "json" if args.format == "json" else json.loads(args.format)}
+    flags = {"temperature": args.temperature, "num_predict": args.max_tokens, "seed": args.sample_seed}
+    body["options"] = {**model.parameters, **{k: v for k, v in flags.items() if v is not None}}
+
+    def sampling(num_prompt_tokens: int):
+        try:
+            return parse_options(body, num_prompt_tokens=num_prompt_tokens, max_model_len=max_model_len)
+        except RequestError as e:
+            raise ValueError(f"{model.name}: {e.message}") from None
+
+    prefix = [{"role": "system", "content": model.system}] if model.system else []
+    prefix += [{"role": m.role, "content": m.content} for m in model.messages]
+    return _Chat(sampling, prefix, GoTemplate(model.template) if model.template is not None else None,
+                 LoRARequest(model.name, 1, model.adapters[0]) if model.adapters else None)
+
+
 def _print_stats(stats: dict) -> None:
     def dur(seconds):
         return f"{seconds * 1e3:.2f}ms" if seconds < 1 else f"{seconds:.3f}s"
@@ -238,14 +297,20 @@ def _print_stats(stats: dict) -> None:
     sys.stderr.flush()
 
 
-def _answer(llm, messages: list[dict], params, load_seconds: float, verbose: bool) -> str:
+def _answer(llm, chat: _Chat, history: list[dict], load_seconds: float, verbose: bool) -> str:
     """Stream one assistant answer to stdout; Ctrl-C stops it early."""
     tok = llm.get_tokenizer()
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tok(text, add_special_tokens=False).input_ids
+    messages = chat.prefix + history
+    if chat.template is not None:  # Ollama's prompt, tokenized with the special tokens (BOS) as llama.cpp does
+        text = chat.template.render(messages)
+        ids = tok(text).input_ids
+    else:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False).input_ids
+    params = chat.sampling(len(ids))
     engine = llm.engine
     start = time.monotonic()
-    engine.add_request("run", ids, params, prompt_text=text)
+    engine.add_request("run", ids, params, prompt_text=text, lora_request=chat.lora)
     printed, answer, first, num_out = 0, "", None, 0
     try:
         while engine.has_unfinished_requests():
@@ -293,21 +358,24 @@ def _generating_llm(engine_args):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from jaxserve.sampling_params import SamplingParams
-
     words = list(args.words)
-    if words and _looks_like_model(words[0]):
+    stored = None
+    if words and _looks_like_model(words[0]):  # a path or the bundled model: as before the store
         args.model = words.pop(0)
+    elif words and (stored := _stored_model(words[0])) is not None:
+        words.pop(0)
+        args.model = stored.source
+        if stored.adapters and not hasattr(args, "enable_lora"):  # flags hold only what was typed
+            args.enable_lora = True
     prompt = " ".join(words) if words else None
     engine_args = engine_args_from(resolve_options_for(args))
     _log_to_stderr("warning")  # a chat in the terminal: only what went wrong
     started = time.monotonic()
     llm = _generating_llm(engine_args)
     load_seconds = time.monotonic() - started
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sample_seed,
-                            structured_outputs=_format_constraint(args.format))
+    chat = _plain_chat(args) if stored is None else _stored_chat(args, stored, llm.engine.max_model_len)
     if prompt is not None:
-        _answer(llm, [{"role": "user", "content": prompt}], params, load_seconds, args.verbose)
+        _answer(llm, chat, [{"role": "user", "content": prompt}], load_seconds, args.verbose)
         return 0
     history: list[dict] = []
     while True:
@@ -321,7 +389,7 @@ def _run(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        history.append({"role": "assistant", "content": _answer(llm, history, params, load_seconds, args.verbose)})
+        history.append({"role": "assistant", "content": _answer(llm, chat, history, load_seconds, args.verbose)})
         load_seconds = 0.0
 
 
@@ -406,13 +474,15 @@ def build_parser() -> argparse.ArgumentParser:
                          description="With PROMPT: print the answer and exit. Without: an interactive "
                                      "multi-turn chat (/bye exits).")
     run.add_argument("words", nargs="*", metavar="[MODEL] [PROMPT]",
-                     help="an optional model (path or 'smollm2'), then the prompt")
+                     help="an optional model (a stored model's name, a path or 'smollm2'), then the prompt")
     _add_config_arg(run)
     s = run.add_argument_group("chat")
     s.add_argument("--verbose", action="store_true", help="print token counts, durations and rates")
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--max-tokens", type=int, default=None, help="default: up to the context length")
-    s.add_argument("--sample-seed", type=int, default=None)
+    s.add_argument("--temperature", type=float, default=None,
+                   help="default: a stored model's temperature, else 0.8")
+    s.add_argument("--max-tokens", type=int, default=None,
+                   help="default: a stored model's num_predict, else up to the context length")
+    s.add_argument("--sample-seed", type=int, default=None, help="default: a stored model's seed")
     s.add_argument("--format", default=None, help='the answer\'s format: "json", or a JSON schema')
     add_arguments(run, ENGINE_OPTIONS, defaults=_ONE_STREAM)
 
@@ -444,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-pages", type=int, default=None,
                    help=f"KV cache pages (default: from --kv-cache-memory, else {DEFAULT_NUM_PAGES})")
     add_arguments(low, ENGINE_OPTIONS)
+    store_cli.add_parsers(sub)
     return parser
 
 
@@ -453,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"serve": _serve, "run": _run, "generate": _generate, "lower": _lower}
+    commands = {"serve": _serve, "run": _run, "generate": _generate, "lower": _lower, **store_cli.COMMANDS}
     try:
         return commands[args.command](args)
     except (ValueError, OSError) as e:  # bad flags or files, a port in use: no traceback
