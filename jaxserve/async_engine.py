@@ -84,10 +84,15 @@ class RequestRecord:
     first_token_time: float | None
     finish_time: float
     finish_reasons: tuple[str, ...]   # one per completion; "abort" when the client left
+    scheduled_time: float | None = None  # when the scheduler first admitted it (None: never, or an embedding)
 
     @property
     def ttft(self) -> float | None:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.scheduled_time is None else self.scheduled_time - self.arrival_time
 
     @property
     def e2e(self) -> float:
@@ -109,6 +114,7 @@ class _Progress:
     def __init__(self, request_id: str, n: int, arrival: float):
         self.request_id = request_id
         self.arrival = arrival
+        self.scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.done = [False] * n
 
@@ -124,12 +130,14 @@ class _Progress:
             if c.finish_reason is not None:
                 done[c.index] = True
         if self.first_token_time is None and any(c.token_ids for c in pieces):
-            # The engine's own time of the first token: a FINAL_ONLY output comes at the end.
+            # The engine's own times of admission and first token: a FINAL_ONLY output comes at the end.
+            self.scheduled_time = out.metrics.get("scheduled_time")
             self.first_token_time = out.metrics.get("first_token_time") or now
         if not pieces and not out.finished:
             return None
         out.outputs = pieces
-        out.metrics = dict(arrival_time=self.arrival, first_token_time=self.first_token_time)
+        out.metrics = dict(arrival_time=self.arrival, scheduled_time=self.scheduled_time,
+                           first_token_time=self.first_token_time)
         if out.finished:
             out.metrics["finish_time"] = now
         return out
@@ -138,7 +146,8 @@ class _Progress:
         """The closing delta of a request the engine dropped (shutdown or an engine fault)."""
         pieces = [CompletionOutput(i, "", [], None, None, "abort") for i, d in enumerate(self.done) if not d]
         return RequestOutput(self.request_id, None, [], pieces, True, metrics=dict(
-            arrival_time=self.arrival, first_token_time=self.first_token_time, finish_time=now))
+            arrival_time=self.arrival, scheduled_time=self.scheduled_time, first_token_time=self.first_token_time,
+            finish_time=now))
 
 
 class Admission:
@@ -237,7 +246,7 @@ class RequestStream:
         self._engine._report(RequestRecord(
             self.request_id, self._log_id, self._prompt, self._num_prompt_tokens, self._num_generated,
             self._metrics.get("arrival_time", now), self._metrics.get("first_token_time"),
-            self._metrics.get("finish_time", now), reasons))
+            self._metrics.get("finish_time", now), reasons, self._metrics.get("scheduled_time")))
 
 
 class AsyncEngine:
@@ -245,7 +254,8 @@ class AsyncEngine:
 
     ``max_queue``: sequences allowed to wait beyond the ``max_num_seqs`` the engine runs at once
     (Ollama's OLLAMA_MAX_QUEUE); more are refused with QueueFullError.
-    ``on_request_done``: called on the event loop with a RequestRecord when a request ends.
+    ``on_request_done``: called on the event loop with a RequestRecord when a request ends, in the
+    task that closed its stream or awaited ``embed`` (so the caller's context variables are set).
     ``on_step``: called on the engine thread with each step's seconds (keep it cheap and thread-safe).
     """
 
@@ -363,7 +373,8 @@ class AsyncEngine:
             if params.structured_outputs is not None:
                 await self._compile(params.structured_outputs)
             accepted = self._loop.create_future()
-            self._post(("add", request_id, prompt, params, prompt_text, accepted, arrival, lora_request))
+            self._post(("add", request_id, prompt, params, prompt_text, accepted, arrival, lora_request,
+                        log_id or request_id))
             await accepted
         except asyncio.CancelledError:
             stream.close()  # the add may have landed already: the abort queued behind it undoes it
@@ -528,7 +539,7 @@ class AsyncEngine:
                 return stop
             kind = message[0]
             if kind == "add":
-                _, request_id, prompt, params, prompt_text, future, arrival, lora_request = message
+                _, request_id, prompt, params, prompt_text, future, arrival, lora_request, log_id = message
                 error = None
                 try:
                     if lora_request is not None and not any(r.lora_name == lora_request.lora_name
@@ -542,7 +553,8 @@ class AsyncEngine:
                 except ValueError as e:
                     error = _refusal(e)
                 except Exception as e:  # a bug, not the client's mistake: keep the loop alive
-                    logger.exception("add_request failed for %s", request_id)
+                    # This thread serves every request: the log line names its HTTP request itself.
+                    logger.exception("add_request failed for %s", request_id, extra={"xid": log_id})
                     error = EngineStepError(f"the engine could not take the request: {e}")
                 self._loop.call_soon_threadsafe(self._resolve, future, error)
             elif kind == "call":

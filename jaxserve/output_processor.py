@@ -170,7 +170,8 @@ class OutputProcessor:
             [CompletionOutput(0, piece, tokens, req.cumulative_logprob if logprobs else None,
                               [entry] if logprobs else None, req.finish_reason, req.stop_reason)],
             finished, req.prompt_logprobs if first else None, req.num_cached_tokens,
-            {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time})
+            {"arrival_time": req.arrival_time, "scheduled_time": req.scheduled_time,
+             "first_token_time": req.first_token_time})
 
     def _logprob_entry(self, num_top: int, token: int, logprob: float, top_ids, top_logprobs) -> dict[int, Logprob]:
         """vLLM's per-position logprobs: the chosen token, then the top ``num_top`` by rank."""
@@ -231,7 +232,8 @@ class OutputProcessor:
             prompt_logprobs, completion = req.prompt_logprobs, _completion(req, detok)
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [completion], finished,
                              prompt_logprobs, req.num_cached_tokens,
-                             {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time})
+                             {"arrival_time": req.arrival_time, "scheduled_time": req.scheduled_time,
+                              "first_token_time": req.first_token_time})
 
     def _output(self, state: RequestState) -> RequestOutput | None:
         """The request's output after a step it advanced in (None: its kind wants none yet)."""
@@ -253,7 +255,8 @@ class OutputProcessor:
                        min((r.first_token_time for r in children if r.first_token_time is not None), default=None))
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs, finished,
                              prompt_logprobs, first.num_cached_tokens,
-                             {"arrival_time": first.arrival_time, "first_token_time": first_token})
+                             {"arrival_time": first.arrival_time, "scheduled_time": first.scheduled_time,
+                              "first_token_time": first_token})
 
 
 def _completion(req: Request, detok: IncrementalDetokenizer, sent: list[int] | None = None) -> CompletionOutput:

@@ -69,6 +69,7 @@ class Request:
     draft_token_ids: tuple[int, ...] = ()
     stop_reason: int | str | None = None
     final_text: str | None = None    # the text cut at a stop string, once one is found
+    scheduled_time: float | None = None  # when the scheduler first admitted it (its queue time ends)
     first_token_time: float | None = None
     finish_time: float | None = None
 

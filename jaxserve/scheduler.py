@@ -13,6 +13,7 @@ after the step (``ScheduledSeq.reject``), its KV slots overwritten later.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -137,6 +138,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
+            if req.scheduled_time is None:  # a preempted request's second admission does not count
+                req.scheduled_time = time.monotonic()
             self.running.append(req)
             out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, n))
             budget -= n

@@ -4,6 +4,7 @@ engine faults, idling without spinning, shutdown."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ class FakeEngine:
         self.vocab_size = 100
         self.max_num_seqs = max_num_seqs
         self.requests = {}
+        self.scheduled = {}  # request id -> the time its first step began, reported as the engine does
         self.aborted = []
         self.steps = 0
         self.fail_next_step = False
@@ -70,6 +72,7 @@ class FakeEngine:
             raise RuntimeError("device on fire")
         outs = []
         for rid, (prompt, params, children) in list(self.requests.items()):
+            self.scheduled.setdefault(rid, time.monotonic())
             completions = []
             for i, toks in enumerate(children):
                 toks.append(len(toks))
@@ -81,7 +84,8 @@ class FakeEngine:
             if finished:
                 del self.requests[rid]
             if finished or params.output_kind is not RequestOutputKind.FINAL_ONLY:
-                outs.append(RequestOutput(rid, None, prompt, completions, finished))
+                outs.append(RequestOutput(rid, None, prompt, completions, finished,
+                                          metrics={"scheduled_time": self.scheduled[rid]}))
         return outs
 
 
@@ -116,6 +120,7 @@ def test_deltas_concatenate_to_the_full_output_and_the_engine_runs_in_one_thread
     (record,) = records
     assert record.log_id == "client-1" and record.num_generation_tokens == 8 and record.num_prompt_tokens == 2
     assert record.finish_reasons == ("length", "length") and record.ttft is not None and record.e2e >= record.ttft
+    assert 0 <= record.queue_time <= record.ttft  # the engine's admission time, as tracing spans show it
 
 
 def test_a_refused_request_raises_to_the_caller_and_leaves_the_others_running():
@@ -249,6 +254,23 @@ def test_an_engine_fault_fails_the_running_requests_and_the_loop_carries_on():
 
     fake, outs = _run(main())
     assert "x" in fake.aborted and outs[-1].finished
+
+
+def test_an_engine_bug_on_adding_is_logged_with_the_http_requests_id(caplog):
+    async def main():
+        fake = FakeEngine()
+        fake.add_request = lambda *args, **kwargs: 1 / 0  # a bug, not a refusal (ValueError)
+        engine = AsyncEngine(fake)
+        engine.start()
+        with pytest.raises(EngineStepError, match="could not take the request"):
+            await engine.add_request("x", [1], SamplingParams(max_tokens=2), log_id="client-7")
+        await engine.shutdown()
+
+    with caplog.at_level(logging.ERROR, logger="jaxserve.async_engine"):
+        _run(main())
+    (record,) = [r for r in caplog.records if "add_request failed" in r.getMessage()]
+    # The engine thread serves every request: it names the one it logs for (request_ids.XidFilter).
+    assert record.xid == "client-7"
 
 
 def test_idle_loop_sleeps_instead_of_spinning():
