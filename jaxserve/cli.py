@@ -56,7 +56,14 @@ class ServeOptions:
                                                 "and message.thinking (Ollama)", group="server",
                                           choices=REASONING_PARSERS)
     allowed_origins: tuple[str, ...] = option(_server_default("allowed_origins"),
-                                              "CORS origins allowed to call the API", group="server")
+                                              "CORS: origins whose pages may call the API", group="server")
+    allowed_methods: tuple[str, ...] = option(_server_default("allowed_methods"),
+                                              "CORS: methods a browser's preflight may ask for", group="server")
+    allowed_headers: tuple[str, ...] = option(_server_default("allowed_headers"),
+                                              "CORS: request headers a browser's preflight may ask for",
+                                              group="server")
+    allow_credentials: bool = option(False, "CORS: browsers may send cookies and Authorization cross-origin",
+                                     group="server")
     ssl_keyfile: str | None = option(None, "TLS private key file (with --ssl-certfile: serve HTTPS)",
                                      group="server")
     ssl_certfile: str | None = option(None, "TLS certificate file", group="server")
@@ -79,6 +86,8 @@ class ServeOptions:
     max_log_len: int | None = option(None, "characters of the prompt shown in request logs (default: all)",
                                      group="logging", minimum=0)
     disable_log_requests: bool = option(False, "no log line per request", group="logging")
+    otlp_traces_endpoint: str | None = option(None, "OpenTelemetry: send a span per request to this OTLP/HTTP "
+                                                    "collector (http://host:4318/v1/traces)", group="logging")
     log_level: str = option(_server_default("log_level"), "log level", group="logging",
                             env="JAXSERVE_LOGGING_LEVEL", choices=LOG_LEVELS)
 
@@ -107,10 +116,14 @@ def engine_args_from(values: dict) -> EngineArgs:
 
 
 def _log_to_stderr(level: str) -> logging.Logger:
-    """Our own handler on "jaxserve" (not the root logger: Sanic prints its own lines)."""
+    """Our own handler on "jaxserve" (not the root logger: Sanic prints its own lines); a line
+    written while an HTTP request is served names it ([xid=<X-Request-ID>])."""
+    from jaxserve.server.request_ids import LOG_FORMAT, XidFilter
+
     log = logging.getLogger("jaxserve")
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(XidFilter())
     log.addHandler(handler)
     log.setLevel(level.upper())
     log.propagate = False
@@ -146,7 +159,9 @@ def _serve(args: argparse.Namespace) -> int:
         served_model_names=names, host=o["host"], port=o["port"], api_key=o["api_key"],
         chat_template=_load_chat_template(o["chat_template"]), response_role=o["response_role"],
         tool_call_parser=o["tool_call_parser"], reasoning_parser=o["reasoning_parser"],
-        allowed_origins=tuple(o["allowed_origins"]), ssl_keyfile=o["ssl_keyfile"], ssl_certfile=o["ssl_certfile"],
+        allowed_origins=tuple(o["allowed_origins"]), allowed_methods=tuple(o["allowed_methods"]),
+        allowed_headers=tuple(o["allowed_headers"]), allow_credentials=o["allow_credentials"],
+        ssl_keyfile=o["ssl_keyfile"], ssl_certfile=o["ssl_certfile"], otlp_traces_endpoint=o["otlp_traces_endpoint"],
         max_log_len=o["max_log_len"], log_requests=not o["disable_log_requests"], log_level=o["log_level"],
         max_queue=o["max_queue"], request_timeout=o["request_timeout"],
         keep_alive_timeout=o["keep_alive_timeout"], backlog=o["backlog"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import os
 import types
 import typing
@@ -86,7 +87,13 @@ class Option:
                     raise ValueError(value)
                 return value
             if kind is tuple:
-                if isinstance(value, str):  # the environment's form: comma-separated
+                if isinstance(value, (list, tuple)) and len(value) == 1 and _is_json_list(value[0]):
+                    value = value[0]
+                if isinstance(value, str) and _is_json_list(value):  # vLLM's form: '["a", "b"]'
+                    value = json.loads(value)
+                    if not all(isinstance(v, str) for v in value):
+                        raise ValueError(value)
+                elif isinstance(value, str):  # the environment's form: comma-separated
                     return tuple(v.strip() for v in value.split(",") if v.strip())
                 if not isinstance(value, (list, tuple)):
                     raise ValueError(value)
@@ -109,6 +116,10 @@ class Option:
         if self.minimum is not None and (value < self.minimum or self.exclusive_minimum and value == self.minimum):
             relation = ">" if self.exclusive_minimum else ">="
             raise ValueError(f"{source}: {label} must be {relation} {self.minimum:g}, got {value!r}")
+
+
+def _is_json_list(value) -> bool:
+    return isinstance(value, str) and value.lstrip().startswith("[")
 
 
 _BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,

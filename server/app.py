@@ -1,5 +1,6 @@
 """The Sanic app factory: routes of both API families over one AsyncEngine, and the middleware
-every route shares (request ids, API key, CORS, errors in the caller's API format, request logs).
+every route shares (request ids, API key, CORS, errors in the caller's API format, request logs
+and spans).
 
 Single process: ``run_server(create_app(...), config)``; the engine thread starts with the server
 and stops (ending every open stream) when it shuts down.
@@ -10,7 +11,6 @@ import hmac
 import logging
 import math
 import time
-import uuid
 
 from sanic import HTTPResponse, Request, Sanic
 from sanic.exceptions import SanicException, ServiceUnavailable
@@ -18,9 +18,10 @@ from sanic.response import json as json_response
 
 from jaxserve.async_engine import (AsyncEngine, EngineClosedError, QueueFullError, RequestRecord,
                                    RequestRefusedError)
-from jaxserve.server import ollama_protocol, openai_protocol
+from jaxserve.server import ollama_protocol, openai_protocol, request_ids
 from jaxserve.server.chat import ChatOutputFormats
 from jaxserve.server.config import ServerConfig
+from jaxserve.server.cors import Cors
 from jaxserve.server.metrics import CONTENT_TYPE, Metrics
 from jaxserve.server.embedding_routes import bp as embedding_bp
 from jaxserve.server.lora_routes import bp as lora_bp
@@ -106,22 +107,41 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
     metrics = Metrics(engine, card.names[0])
     app.ctx.engine, app.ctx.card, app.ctx.config, app.ctx.metrics = engine, card, config, metrics
     app.ctx.chat_output = ChatOutputFormats.of(config, card, getattr(engine, "tokenizer", None))
+    tracer = None
+    if config.otlp_traces_endpoint is not None:
+        from jaxserve.server.tracing import RequestTracer  # the OpenTelemetry SDK loads only when asked for
+
+        tracer = RequestTracer(config.otlp_traces_endpoint, card.names[0])
+        logger.info("tracing: a span per request to %s (OTLP/HTTP)", tracer.url)
 
     def on_request_done(record: RequestRecord) -> None:
         metrics.observe(record)
         if config.log_requests:
             _log_record(config, record)
+        if tracer is not None:  # called in the task of the HTTP request the record belongs to
+            tracer.export(record, request_ids.current_request())
 
     engine.on_request_done = on_request_done
     engine.on_step = metrics.observe_step
     api_key = config.api_key.encode() if config.api_key else None
-    any_origin = "*" in config.allowed_origins
+    cors = Cors(config.allowed_origins, config.allowed_methods, config.allowed_headers, config.allow_credentials)
+
+    @app.signal("http.lifecycle.request")
+    async def name_request(request: Request):
+        # First thing once the head is in, so that every log line of the request carries its id.
+        request_ids.begin(request)
 
     @app.on_request
     async def before(request: Request):
         request.ctx.start = time.monotonic()
-        request.ctx.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        if api_key is not None and request.path not in _OPEN_PATHS and request.method != "OPTIONS":
+        if cors.is_preflight(request.method, request.headers):  # before the API key: browsers send none
+            headers, refusal = cors.preflight(request.headers)
+            if refusal is None:
+                return HTTPResponse(status=204, headers=headers)
+            response = error_response(request, 400, refusal, code="cors_refused")
+            response.headers.update(headers)
+            return response
+        if api_key is not None and request.path not in _OPEN_PATHS:
             given = request.headers.get("authorization", "")
             token = given[7:].encode() if given[:7].lower() == "bearer " else b""
             if not hmac.compare_digest(token, api_key):
@@ -130,14 +150,10 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
 
     @app.on_response
     async def after(request: Request, response: HTTPResponse):
-        request_id = getattr(request.ctx, "request_id", None) or request.headers.get("x-request-id")
-        response.headers["X-Request-ID"] = request_id or uuid.uuid4().hex
-        origin = request.headers.get("origin")
-        if origin and (any_origin or origin in config.allowed_origins):
-            response.headers["Access-Control-Allow-Origin"] = "*" if any_origin else origin
-            response.headers["Access-Control-Expose-Headers"] = "X-Request-ID"
-            if not any_origin:
-                response.headers["Vary"] = "Origin"
+        # Runs as a streamed response's head goes out too (request.respond).
+        response.headers[request_ids.HEADER] = getattr(request.ctx, "request_id", None) or request_ids.begin(request)
+        if not cors.is_preflight(request.method, request.headers):
+            response.headers.update(cors.response_headers(request.headers.get("origin")))
 
     @app.exception(Exception)
     async def on_error(request: Request, error: Exception):
@@ -159,20 +175,12 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
                                   f"{config.request_timeout:g} s", code="request_timeout")
         if isinstance(error, SanicException):
             status = error.status_code
-            if request.method == "OPTIONS" and status in (404, 405):
-                return _preflight(request)
             message = {404: f"route {request.method} {request.path} not found",
                        405: f"method {request.method} not allowed on {request.path}",
                        413: f"request body larger than {config.max_request_bytes} bytes"}.get(status, str(error))
             return error_response(request, status, message)
         logger.exception("internal error on %s %s", request.method, request.path)
         return error_response(request, 500, "internal server error")
-
-    def _preflight(request: Request) -> HTTPResponse:
-        return HTTPResponse(status=204, headers={
-            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-            "Access-Control-Allow-Headers": request.headers.get("access-control-request-headers", "*"),
-            "Access-Control-Max-Age": "600"})
 
     @app.post("/start_profile")
     async def start_profile(request: Request):
@@ -213,5 +221,10 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
     async def stop_engine(app):
         # Ends every open stream (finish_reason "abort") so the graceful shutdown is quick.
         await engine.shutdown(timeout=config.shutdown_timeout)
+
+    @app.after_server_stop
+    async def stop_tracing(app):
+        if tracer is not None:  # the spans of the requests that ended last, aborted ones too
+            tracer.shutdown(timeout=config.shutdown_timeout)
 
     return app

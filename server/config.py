@@ -1,4 +1,5 @@
-"""`ServerConfig`: the HTTP server's own settings (bind address, auth, logging, limits).
+"""`ServerConfig`: the HTTP server's own settings (bind address, auth, CORS, TLS, logging and
+tracing, limits).
 
 Built once by the CLI from flags, environment and YAML; the engine's settings live in
 jaxserve.config. Frozen: handlers read it, nothing changes it while serving.
@@ -7,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import urllib.parse
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token: method and header names
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -21,9 +25,16 @@ class ServerConfig:
     response_role: str = "assistant"        # role of the generated chat message
     tool_call_parser: str | None = None     # the model's tool-call format (None: from its chat template)
     reasoning_parser: str | None = None     # splits <think> text into reasoning / thinking (None: no split)
-    allowed_origins: tuple[str, ...] = ("*",)  # CORS origins; "*" allows any
+    # CORS as vLLM's (Starlette's CORSMiddleware): "*" allows any origin, method or header.
+    allowed_origins: tuple[str, ...] = ("*",)  # origins whose pages may call the API
+    allowed_methods: tuple[str, ...] = ("*",)  # methods a preflight may ask for
+    allowed_headers: tuple[str, ...] = ("*",)  # request headers a preflight may ask for
+    allow_credentials: bool = False         # browsers may send cookies and Authorization cross-origin
     ssl_keyfile: str | None = None          # serve HTTPS when both files are given
     ssl_certfile: str | None = None
+    # OTLP/HTTP collector URL (http://host:4318/v1/traces; one without a path gets /v1/traces):
+    # one span per engine request. None: no tracing.
+    otlp_traces_endpoint: str | None = None
     max_log_len: int | None = None          # characters of the prompt shown in request logs; None = all
     log_requests: bool = True               # one log line per finished request
     log_level: str = "info"                 # root log level
@@ -59,6 +70,20 @@ class ServerConfig:
             raise ValueError(f"max_log_len must be >= 0 or None, got {self.max_log_len!r}")
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
             raise ValueError("ssl_keyfile and ssl_certfile must be given together")
+        for field in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            values = getattr(self, field)
+            if not isinstance(values, tuple) or not values or not all(isinstance(v, str) and v for v in values):
+                raise ValueError(f"{field} must be a non-empty tuple of non-empty strings, got {values!r}")
+        for field in ("allowed_methods", "allowed_headers"):  # HTTP tokens: a comma would join two
+            bad = [v for v in getattr(self, field) if v != "*" and not _TOKEN.fullmatch(v)]
+            if bad:
+                raise ValueError(f"{field}: {bad[0]!r} is not an HTTP method or header name (or \"*\")")
+        if self.otlp_traces_endpoint is not None:
+            url = urllib.parse.urlsplit(self.otlp_traces_endpoint)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError(f"otlp_traces_endpoint must be an http:// or https:// URL of an OTLP/HTTP "
+                                 f"collector (spans go over HTTP/protobuf, usually port 4318), "
+                                 f"got {self.otlp_traces_endpoint!r}")
         for path in (self.ssl_keyfile, self.ssl_certfile):
             if path is not None and not os.path.isfile(path):
                 raise ValueError(f"TLS file {path!r} does not exist")

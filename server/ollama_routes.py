@@ -29,6 +29,7 @@ def _model(request: Request, body: dict, adapters: bool = False) -> str:
         raise RequestError("model is required", param="model")
     if not request.app.ctx.card.matches(name) and not (adapters and _lora(request, name) is not None):
         raise RequestError(f'model "{name}" not found, try pulling it first', param="model", status=404)
+    request.ctx.model = name  # for the request's span
     return name
 
 

@@ -29,7 +29,8 @@ def _target(request: Request, name: str | None) -> tuple[str, LoRARequest | None
     """The model a request names, and the LoRA adapter it runs with (None: the base model)."""
     card = request.app.ctx.card
     if name is None:
-        return card.names[0], None
+        name = card.names[0]
+    request.ctx.model = name  # for the request's span
     if name in card.names:
         return name, None
     lora = request.app.ctx.engine.loras.get(name)

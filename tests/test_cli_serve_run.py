@@ -34,6 +34,8 @@ def test_flag_beats_environment_beats_config_beats_default(tmp_path):
     o = _resolve(["--config", str(config)], env)
     assert (o["port"], o["api_key"], o["log_level"], o["host"]) == (9002, "env", "debug", "0.0.0.0")
     assert o["allowed_origins"] == ("http://a.example", "http://b.example")
+    assert (o["allowed_methods"], o["allowed_headers"], o["allow_credentials"], o["otlp_traces_endpoint"]) == (
+        ("*",), ("*",), False, None)
     o = _resolve(["--config", str(config), "--port", "9003", "--enable-prefix-caching", "my-model"], env)
     assert (o["port"], o["api_key"], o["enable_prefix_caching"], o["model"]) == (9003, "env", True, "my-model")
 
@@ -89,3 +91,17 @@ def test_run_format_constrains_the_answer():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert list(json.loads(done.stdout)) == ["ok"]
+
+
+def test_list_flags_take_several_values_or_vllms_json_list():
+    o = _resolve(["--allowed-origins", '["http://a.example", "http://b.example"]', "--allowed-methods", "GET", "POST",
+                  "--allow-credentials", "--otlp-traces-endpoint", "http://127.0.0.1:4318"])
+    assert o["allowed_origins"] == ("http://a.example", "http://b.example")
+    assert o["allowed_methods"] == ("GET", "POST") and o["allow_credentials"] is True
+    assert o["otlp_traces_endpoint"] == "http://127.0.0.1:4318"
+    o = _resolve([], {"JAXSERVE_ALLOWED_HEADERS": '["Content-Type", "Authorization"]'})
+    assert o["allowed_headers"] == ("Content-Type", "Authorization")
+    with pytest.raises(ValueError, match="allowed-origins must be a list of strings"):
+        _resolve(["--allowed-origins", '["http://a.example", 3]'])
+    with pytest.raises(ValueError, match="allowed-origins must be a list of strings"):
+        _resolve(["--allowed-origins", '["unclosed'])

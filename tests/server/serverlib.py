@@ -28,9 +28,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path, env: dict | None = None):
+    """`verify`: what httpx checks an HTTPS server's certificate with (an ssl.SSLContext of the
+    test's CA); the URL is https:// when one is given."""
+
+    def __init__(self, args: list[str], log_path, env: dict | None = None, verify=None):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.verify = verify if verify is not None else True
+        self.url = f"{'https' if verify is not None else 'http'}://127.0.0.1:{self.port}"
         self.log_path = log_path
         jaxserve = os.path.join(os.path.dirname(sys.executable), "jaxserve")
         self.log = open(log_path, "w")
@@ -43,7 +47,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"jaxserve serve exited with {self.proc.returncode}:\n{self.read_log()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=2, verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -71,10 +75,10 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running(args: list[str], log_path, env: dict | None = None):
+def running(args: list[str], log_path, env: dict | None = None, verify=None):
     """A ready `jaxserve serve` for a fixture to yield; stopped with SIGINT (as Ctrl-C) on the way
     out, and required to exit cleanly."""
-    srv = ServerProcess(args, log_path, env)
+    srv = ServerProcess(args, log_path, env, verify)
     try:
         srv.wait_ready()
         yield srv
