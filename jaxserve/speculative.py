@@ -165,7 +165,6 @@ class DraftModelSpeculator(Speculator):
         self.batch_sizes = sorted({max(2, b) for b in r.batch_sizes})
         self._compiled: dict[GraphKey, object] = {}
         self.compile_seconds = 0.0
-        self.proposals = 0  # propose graph runs, for tests
 
     # ---- device side -------------------------------------------------------------------------
 
@@ -290,7 +289,6 @@ class DraftModelSpeculator(Speculator):
         inputs = jax.device_put(args[2:], r._replicated)
         r.kv_cache, drafts = propose(r.params, r.kv_cache, *inputs)
         drafts = np.asarray(jax.device_get(drafts))
-        self.proposals += 1
         for i, seq in enumerate(drafting):
             seq.draft_token_ids = seq.request.draft_token_ids = tuple(drafts[i, :counts[i]].tolist())
 
