@@ -191,8 +191,12 @@ class DraftModelSpeculator(Speculator):
             attn = AttentionMetadata(positions=positions, slot_mapping=jnp.where(writes, pages * S + positions % S, 0),
                                      cu_q_lens=cu_q_lens, kv_lens=jnp.where(real, positions + 1, 0),
                                      page_table=page_table, num_seqs=num_seqs)
-            hidden, kv = self.runner.model.forward(params, tokens, kv, attn, attention_fn=self.runner._attention)
-            tokens = argmax(self.runner.model.compute_logits(params, hidden))
+            # Tied to the loop counter, the weights look loop-variant to XLA, which otherwise hoists
+            # bf16 -> f32 converts (the [V, D] embedding's) out of the loop and reads float32 copies
+            # every step (benchmarks/README.md, multi-step decode).
+            params_j, _ = jax.lax.optimization_barrier((params, j))
+            hidden, kv = self.runner.model.forward(params_j, tokens, kv, attn, attention_fn=self.runner._attention)
+            tokens = argmax(self.runner.model.compute_logits(params_j, hidden))
             return kv, tokens, drafts.at[:, j].set(tokens)
 
         with jax.named_scope("draft_propose"):
