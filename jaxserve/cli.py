@@ -272,7 +272,7 @@ def _stored_chat(args: argparse.Namespace, model, max_model_len: int) -> _Chat:
     """A stored model's defaults, as `ollama run` applies them: its options (Ollama's defaults for the
     rest, as the server's) under the flags given, its system prompt and messages before the chat,
     its template and its adapter."""
-    from jaxserve.go_template import GoTemplate
+    from jaxserve import stored_defaults
     from jaxserve.lora import LoRARequest
     from jaxserve.server.ollama_protocol import parse_options
     from jaxserve.server.validation import RequestError
@@ -280,7 +280,7 @@ def _stored_chat(args: argparse.Namespace, model, max_model_len: int) -> _Chat:
     _format_constraint(args.format)  # checked now, not at the first answer
     body = {"format": None if not args.format else "json" if args.format == "json" else json.loads(args.format)}
     flags = {"temperature": args.temperature, "num_predict": args.max_tokens, "seed": args.sample_seed}
-    body["options"] = {**model.parameters, **{k: v for k, v in flags.items() if v is not None}}
+    body["options"] = stored_defaults.options(model, {k: v for k, v in flags.items() if v is not None})
 
     def sampling(num_prompt_tokens: int):
         try:
@@ -288,9 +288,8 @@ def _stored_chat(args: argparse.Namespace, model, max_model_len: int) -> _Chat:
         except RequestError as e:
             raise ValueError(f"{model.name}: {e.message}") from None
 
-    prefix = [{"role": "system", "content": model.system}] if model.system else []
-    prefix += [{"role": m.role, "content": m.content} for m in model.messages]
-    return _Chat(sampling, prefix, GoTemplate(model.template) if model.template is not None else None,
+    # The conversation never starts with a system message of its own: the model's always leads.
+    return _Chat(sampling, stored_defaults.chat_messages(model, []), stored_defaults.template(model),
                  LoRARequest(model.name, 1, model.adapters[0]) if model.adapters else None)
 
 

@@ -18,6 +18,7 @@ from sanic.response import json as json_response
 
 from jaxserve.async_engine import (AsyncEngine, EngineClosedError, QueueFullError, RequestRecord,
                                    RequestRefusedError)
+from jaxserve.model_store import ModelStore
 from jaxserve.server import ollama_protocol, openai_protocol, request_ids
 from jaxserve.server.chat import ChatOutputFormats
 from jaxserve.server.config import ServerConfig
@@ -26,8 +27,10 @@ from jaxserve.server.metrics import CONTENT_TYPE, Metrics
 from jaxserve.server.embedding_routes import bp as embedding_bp
 from jaxserve.server.lora_routes import bp as lora_bp
 from jaxserve.server.model_card import ModelCard
+from jaxserve.server.model_pool import KEEP_ALIVE_DEFAULT, LoadedModel, Loader, ModelPool
 from jaxserve.server.ollama_routes import bp as ollama_bp
 from jaxserve.server.openai_routes import bp as openai_bp
+from jaxserve.server.store_routes import bp as store_bp
 from jaxserve.server.validation import RequestError
 
 logger = logging.getLogger("jaxserve.server")
@@ -98,7 +101,15 @@ def run_server(app: Sanic, config: ServerConfig) -> None:
             debug=False, backlog=config.backlog)
 
 
-def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, name: str = "jaxserve") -> Sanic:
+def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, name: str = "jaxserve",
+               store: ModelStore | None = None, loader: Loader | None = None, max_loaded_models: int = 3,
+               models_memory: int | None = None, keep_alive: float = KEEP_ALIVE_DEFAULT,
+               engine_bytes: int | None = None) -> Sanic:
+    """``store``: the models /api/create writes and requests may name (default ModelStore(): JAXSERVE_MODELS).
+    ``loader``: loads other weights on demand (server/model_pool.py; None: this model only), at most
+    ``max_loaded_models`` at once (this one included) in ``models_memory`` bytes, each kept
+    ``keep_alive`` seconds after its last request unless the request says otherwise.
+    ``engine_bytes``: this model's weights and KV cache (default: its files' size)."""
     app = Sanic(name)
     app.config.REQUEST_MAX_SIZE = config.max_request_bytes
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = config.shutdown_timeout
@@ -107,6 +118,12 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
     metrics = Metrics(engine, card.names[0])
     app.ctx.engine, app.ctx.card, app.ctx.config, app.ctx.metrics = engine, card, config, metrics
     app.ctx.chat_output = ChatOutputFormats.of(config, card, getattr(engine, "tokenizer", None))
+    app.ctx.store = store if store is not None else ModelStore()
+    served = LoadedModel(ModelPool.key_of(card.source), engine, card, app.ctx.chat_output,
+                         size=engine_bytes or card.size_bytes, chat_template=config.chat_template, pinned=True)
+    app.ctx.pool = ModelPool(served, loader, max_loaded=max_loaded_models, memory_budget=models_memory,
+                             keep_alive=keep_alive)
+    app.ctx.adapter_locks = {}  # a stored model's adapter name -> the lock of its first registration
     tracer = None
     if config.otlp_traces_endpoint is not None:
         from jaxserve.server.tracing import RequestTracer  # the OpenTelemetry SDK loads only when asked for
@@ -212,14 +229,17 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
     app.blueprint(ollama_bp)
     app.blueprint(embedding_bp)
     app.blueprint(lora_bp)
+    app.blueprint(store_bp)
 
     @app.before_server_start
     async def start_engine(app):
         engine.start()
+        app.add_task(app.ctx.pool.reap(), name="jaxserve-keep-alive")
 
     @app.before_server_stop
     async def stop_engine(app):
         # Ends every open stream (finish_reason "abort") so the graceful shutdown is quick.
+        await app.ctx.pool.close()
         await engine.shutdown(timeout=config.shutdown_timeout)
 
     @app.after_server_stop

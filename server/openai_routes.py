@@ -1,10 +1,11 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (JSON or SSE), and
 vLLM's /tokenize, /detokenize, /health, /version (/v1/embeddings is server/embedding_routes.py). A
 request's `model` is a served name of the base model or the name of a LoRA adapter (listed by
-/v1/models with the base model as its parent).
+/v1/models with the base model as its parent); /v1/models lists the stored models too.
 """
 from __future__ import annotations
 
+import datetime
 import time
 import uuid
 
@@ -18,6 +19,7 @@ from jaxserve.lora import LoRARequest
 from jaxserve.server import logprobs
 from jaxserve.server import openai_protocol as proto
 from jaxserve.server.chat import normalize_messages, render_chat
+from jaxserve.server.model_targets import STORED_ADAPTER_PREFIX
 from jaxserve.server.streaming import Shape, respond
 from jaxserve.server.tool_calls import ParsedText
 from jaxserve.server.validation import RequestError, get, parse_json_body, require_capability
@@ -277,11 +279,20 @@ def _model_entry(card, name: str, lora: LoRARequest | None) -> dict:
             "parent": parent, "max_model_len": card.max_model_len}
 
 
+def _stored_entry(model) -> dict:
+    """A stored model's /v1/models entry: its root is its weights, its parent what it was made FROM."""
+    created = int(datetime.datetime.fromisoformat(model.created_at.replace("Z", "+00:00")).timestamp())
+    return {"id": model.name, "object": "model", "created": created, "owned_by": "jaxserve", "root": model.source,
+            "parent": model.base}
+
+
 @bp.get("/v1/models")
 async def models(request: Request):
     card = request.app.ctx.card
     data = [_model_entry(card, name, None) for name in card.names]
-    data += [_model_entry(card, name, lora) for name, lora in request.app.ctx.engine.loras.items()]
+    data += [_model_entry(card, name, lora) for name, lora in request.app.ctx.engine.loras.items()
+             if not name.startswith(STORED_ADAPTER_PREFIX)]
+    data += [_stored_entry(m) for m in request.app.ctx.store.list() if not card.matches(m.name)]
     return json_response({"object": "list", "data": data})
 
 
