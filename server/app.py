@@ -1,4 +1,5 @@
-"""The Sanic app factory: routes of both API families over one AsyncEngine, and the middleware
+"""The Sanic app factory: routes of both API families over the served model's AsyncEngine and the
+models loaded on demand beside it (server/model_pool.py), and the middleware
 every route shares (request ids, API key, CORS, errors in the caller's API format, request logs
 and spans).
 
@@ -118,12 +119,6 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
     metrics = Metrics(engine, card.names[0])
     app.ctx.engine, app.ctx.card, app.ctx.config, app.ctx.metrics = engine, card, config, metrics
     app.ctx.chat_output = ChatOutputFormats.of(config, card, getattr(engine, "tokenizer", None))
-    app.ctx.store = store if store is not None else ModelStore()
-    served = LoadedModel(ModelPool.key_of(card.source), engine, card, app.ctx.chat_output,
-                         size=engine_bytes or card.size_bytes, chat_template=config.chat_template, pinned=True)
-    app.ctx.pool = ModelPool(served, loader, max_loaded=max_loaded_models, memory_budget=models_memory,
-                             keep_alive=keep_alive)
-    app.ctx.adapter_locks = {}  # a stored model's adapter name -> the lock of its first registration
     tracer = None
     if config.otlp_traces_endpoint is not None:
         from jaxserve.server.tracing import RequestTracer  # the OpenTelemetry SDK loads only when asked for
@@ -131,15 +126,29 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
         tracer = RequestTracer(config.otlp_traces_endpoint, card.names[0])
         logger.info("tracing: a span per request to %s (OTLP/HTTP)", tracer.url)
 
-    def on_request_done(record: RequestRecord) -> None:
-        metrics.observe(record)
-        if config.log_requests:
-            _log_record(config, record)
-        if tracer is not None:  # called in the task of the HTTP request the record belongs to
-            tracer.export(record, request_ids.current_request())
+    def watch(model: LoadedModel) -> None:
+        """Metrics, request logs and spans of a loaded model's engine."""
+        label = model.card.names[0]
 
-    engine.on_request_done = on_request_done
-    engine.on_step = metrics.observe_step
+        def on_request_done(record: RequestRecord) -> None:
+            metrics.observe(record, label)
+            if config.log_requests:
+                _log_record(config, record)
+            if tracer is not None:  # called in the task of the HTTP request the record belongs to
+                tracer.export(record, request_ids.current_request())
+
+        model.engine.on_request_done = on_request_done
+        model.engine.on_step = lambda seconds: metrics.observe_step(seconds, label)
+        metrics.add_engine(model.engine, label)
+
+    app.ctx.store = store if store is not None else ModelStore()
+    served = LoadedModel(ModelPool.key_of(card.source), engine, card, app.ctx.chat_output,
+                         size=engine_bytes or card.size_bytes, chat_template=config.chat_template, pinned=True)
+    watch(served)
+    app.ctx.pool = ModelPool(served, loader, max_loaded=max_loaded_models, memory_budget=models_memory,
+                             keep_alive=keep_alive, on_load=watch,
+                             on_unload=lambda model: metrics.remove_engine(model.card.names[0]))
+    app.ctx.adapter_locks = {}  # a stored model's adapter name -> the lock of its first registration
     api_key = config.api_key.encode() if config.api_key else None
     cors = Cors(config.allowed_origins, config.allowed_methods, config.allowed_headers, config.allow_credentials)
 

@@ -72,10 +72,16 @@ def _weights(name: str) -> str | None:
     return name if name == BUNDLED_ALIAS or (os.path.isabs(name) and os.path.exists(name)) else None
 
 
+def _lookup(request: Request, name: str) -> tuple[StoredModel | None, str | None]:
+    """(the stored model, its weights) a name means; (None, weights) for a path or the bundled
+    alias; (None, None) for nothing. An absolute path is never a stored model's name."""
+    model = None if os.path.isabs(name) else stored_model(request, name)
+    return model, model.source if model is not None else _weights(name)
+
+
 def weights_of(request: Request, name: str) -> str | None:
     """The weights a stored model or a path names, None when neither."""
-    model = stored_model(request, name)
-    return model.source if model is not None else _weights(name)
+    return _lookup(request, name)[1]
 
 
 async def resolve(request: Request, name: str, *, api: str = "ollama", adapters: bool = True,
@@ -88,8 +94,7 @@ async def resolve(request: Request, name: str, *, api: str = "ollama", adapters:
         return _target(name, ctx.pool.served)
     if adapters and (lora := _served_lora(ctx.engine, name)) is not None:
         return _target(name, ctx.pool.served, lora=lora)
-    model = stored_model(request, name)
-    source = model.source if model is not None else _weights(name)
+    model, source = _lookup(request, name)
     if source is None:
         raise not_found(name, api)
     if ctx.pool.key_of(source) == ctx.pool.served.key:

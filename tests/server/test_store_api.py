@@ -62,8 +62,8 @@ def _chat(client, model, messages, **options):
 
 
 def test_create_from_fields_and_from_a_modelfile_then_show_and_list(server, client, tiny):
-    done = client.create(model="terse", from_=MODEL, system="w10 w11", parameters={"temperature": 0, "top_k": 5},
-                         messages=[{"role": "user", "content": "w12"}, {"role": "assistant", "content": "w13"}],
+    done = client.create(model="terse", from_=MODEL, system="w50 w51", parameters={"temperature": 0, "top_k": 5},
+                         messages=[{"role": "user", "content": "w52"}, {"role": "assistant", "content": "w53"}],
                          license="MIT")
     assert done.status == "success"
     with httpx.stream("POST", f"{server.url}/api/create", timeout=60, json={
@@ -76,13 +76,13 @@ def test_create_from_fields_and_from_a_modelfile_then_show_and_list(server, clie
     show = client.show("terse")
     assert show.parameters == f"{'temperature':<30} 0\n{'top_k':<30} 5"
     raw = _show_raw(server, "terse")
-    assert raw["system"] == "w10 w11" and show.license == "MIT"
-    assert raw["messages"] == [{"role": "user", "content": "w12"}, {"role": "assistant", "content": "w13"}]
+    assert raw["system"] == "w50 w51" and show.license == "MIT"
+    assert raw["messages"] == [{"role": "user", "content": "w52"}, {"role": "assistant", "content": "w53"}]
     assert show.template == CHAT_TEMPLATE  # no TEMPLATE: the weights' own chat template
     assert show.modelinfo["general.architecture"] == "llama" and show.capabilities == ["completion"]
     assert show.details.family == "llama"
-    assert f"\nFROM {os.path.realpath(tiny)}\n" in show.modelfile and "\nSYSTEM w10 w11\n" in show.modelfile
-    assert "MESSAGE user w12\nMESSAGE assistant w13\n" in show.modelfile
+    assert f"\nFROM {os.path.realpath(tiny)}\n" in show.modelfile and "\nSYSTEM w50 w51\n" in show.modelfile
+    assert "MESSAGE user w52\nMESSAGE assistant w53\n" in show.modelfile
     other = client.show("ns/other:v1")
     assert other.template == "{{ .System }} {{ .Prompt }}" and other.parameters.count("stop") == 2
 
@@ -105,19 +105,19 @@ def test_create_from_fields_and_from_a_modelfile_then_show_and_list(server, clie
 
 
 def test_a_stored_model_answers_with_its_parameters_system_prompt_and_messages(client):
-    client.create(model="persona", from_=MODEL, system="w10 w11", parameters=GREEDY,
-                  messages=[{"role": "user", "content": "w12"}, {"role": "assistant", "content": "w13"}])
-    question = [{"role": "user", "content": "w20 w21"}]
-    want = _chat(client, MODEL, [{"role": "system", "content": "w10 w11"}, {"role": "user", "content": "w12"},
-                                 {"role": "assistant", "content": "w13"}] + question)
+    client.create(model="persona", from_=MODEL, system="w50 w51", parameters=GREEDY,
+                  messages=[{"role": "user", "content": "w52"}, {"role": "assistant", "content": "w53"}])
+    question = [{"role": "user", "content": "w60 w61"}]
+    want = _chat(client, MODEL, [{"role": "system", "content": "w50 w51"}, {"role": "user", "content": "w52"},
+                                 {"role": "assistant", "content": "w53"}] + question)
     # Greedy and 6 tokens come from the model's parameters: the request sends no options.
     assert client.chat(model="persona", messages=question).message.content == want
     assert want != _chat(client, MODEL, question)  # the prefix changes the answer
     # A request that starts with a system message of its own goes without the model's (Ollama's rule);
     # the model's messages still come first.
-    own = [{"role": "system", "content": "w30"}] + question
+    own = [{"role": "system", "content": "w70"}] + question
     assert client.chat(model="persona", messages=own).message.content == _chat(
-        client, MODEL, [{"role": "user", "content": "w12"}, {"role": "assistant", "content": "w13"}, *own])
+        client, MODEL, [{"role": "user", "content": "w52"}, {"role": "assistant", "content": "w53"}, *own])
     # The request's options override the model's: 2 tokens instead of 6.
     two = client.chat(model="persona", messages=question, options={"num_predict": 2})
     assert two.eval_count == 2 and want.startswith(two.message.content)
@@ -127,15 +127,15 @@ def test_a_stored_model_answers_with_its_parameters_system_prompt_and_messages(c
     stopped = client.chat(model="stopper", messages=question).message.content
     assert stopped == want[:want.index(words[2])] and stopped.split() == words[:2]
 
-    generated = client.generate(model="persona", prompt="w20 w21").response
+    generated = client.generate(model="persona", prompt="w60 w61").response
     assert generated == want  # generate puts the system prompt and messages before the prompt too
 
 
 def test_a_stored_template_renders_the_prompt(client):
     client.create(model="templated", from_=MODEL, template="{{ if .System }}{{ .System }} {{ end }}{{ .Prompt }}",
                   system="w3 w4", parameters=GREEDY)
-    got = client.generate(model="templated", prompt="w20 w21")
-    want = client.generate(model=MODEL, prompt="w3 w4 w20 w21", raw=True, options=GREEDY)
+    got = client.generate(model="templated", prompt="w60 w61")
+    want = client.generate(model=MODEL, prompt="w3 w4 w60 w61", raw=True, options=GREEDY)
     assert got.response == want.response and got.context == want.context
 
 
@@ -153,7 +153,7 @@ def test_copy_and_delete(server, client):
         client.copy("orig", "again")
     assert e.value.status_code == 404
     with pytest.raises(ollama.ResponseError) as e:
-        client.chat(model="orig", messages=[{"role": "user", "content": "w1"}])
+        client.chat(model="orig", messages=[{"role": "user", "content": "w4"}])
     assert e.value.status_code == 404
     assert _show_raw(server, "copied:v2")["system"] == "w5"  # a copy outlives its source
 
@@ -171,14 +171,14 @@ def test_pull_without_a_hub_errors_promptly_and_push_is_refused(server, client):
         client.push("terse")
     assert e.value.status_code == 501 and "push" in e.value.error
     assert httpx.get(f"{server.url}/health").status_code == 200
-    assert _chat(client, MODEL, [{"role": "user", "content": "w1"}])
+    assert _chat(client, MODEL, [{"role": "user", "content": "w4"}])
 
 
 @pytest.mark.parametrize("name", ["../escape", "../../etc/passwd", "a/b/c/d", "x/..", "..\\x", "/abs"])
 def test_names_that_would_leave_the_store_are_refused(server, client, name):
     calls = [lambda: client.create(model=name, from_=MODEL), lambda: client.show(name),
              lambda: client.delete(name), lambda: client.copy("terse", name),
-             lambda: client.chat(model=name, messages=[{"role": "user", "content": "w1"}]),
+             lambda: client.chat(model=name, messages=[{"role": "user", "content": "w4"}]),
              lambda: client.pull(name)]
     for call in calls:
         with pytest.raises(ollama.ResponseError) as e:
