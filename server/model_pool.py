@@ -83,7 +83,7 @@ class ModelPool:
         self.keep_alive = keep_alive
         self.on_load, self.on_unload = on_load, on_unload
         self.models: dict[str, LoadedModel] = {served.key: served}
-        self._loading: dict[str, asyncio.Future] = {}
+        self._loading: dict[str, asyncio.Task] = {}  # one load per weights, awaited by every request for them
         self._changed = asyncio.Event()  # set when a model goes idle or unloads: room may be free
 
     @staticmethod
@@ -100,10 +100,10 @@ class ModelPool:
         it is not (requests for it meanwhile wait). Raises ModelLoadError."""
         key = self.key_of(source)
         while (model := self.models.get(key)) is None:
-            if key in self._loading:
-                await asyncio.shield(self._loading[key])
-                continue
-            await self._load(key, source)
+            if key not in self._loading:  # a task: a waiter that goes away does not stop the load
+                task = self._loading[key] = asyncio.ensure_future(self._load(key, source))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read, even with no waiter
+            await asyncio.shield(self._loading[key])
         model.active += 1
         model.last_used = time.monotonic()
         return model
@@ -139,15 +139,14 @@ class ModelPool:
                     await self.unload(model)
 
     async def close(self) -> None:
+        for task in list(self._loading.values()):
+            task.cancel()
         for model in self.loaded():
             if not model.pinned:
                 await model.engine.shutdown()
         self.models = {self.served.key: self.served}
 
     async def _load(self, key: str, source: str) -> None:
-        done = asyncio.get_running_loop().create_future()
-        done.add_done_callback(lambda f: f.exception())  # waiters re-raise it; nobody need read it
-        self._loading[key] = done
         try:
             if self.loader is None:
                 raise ModelLoadError("this server serves one model (no other can be loaded)")
@@ -165,10 +164,6 @@ class ModelPool:
                 self.on_load(model)
             logger.info("loaded %s in %.1f s (%d models loaded)", source, time.monotonic() - started,
                         len(self.models))
-            done.set_result(None)
-        except BaseException as e:
-            done.set_exception(e if isinstance(e, Exception) else ModelLoadError(f"loading {source} was cancelled"))
-            raise
         finally:
             del self._loading[key]
 

@@ -15,6 +15,8 @@ from sanic import Request
 
 from jaxserve.lora import LoRARequest
 from jaxserve.model_store import InvalidModelName, ModelNotFoundError, StoredModel
+from jaxserve import stored_defaults
+from jaxserve.server.chat import render_chat
 from jaxserve.server.model_pool import LoadedModel, ModelLoadError, parse_keep_alive
 from jaxserve.server.validation import RequestError
 
@@ -116,6 +118,22 @@ async def _acquire(request: Request, source: str, keep_alive: float | None) -> L
         raise RuntimeError("a request resolved two models")
     request.ctx.lease = (loaded, keep_alive)
     return loaded
+
+
+def render_prompt(tokenizer, target: Target, messages: list[dict], *, tools=None, template_kwargs: dict | None = None,
+                  add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+    """(prompt text, token ids) of a conversation: a stored model's Go template (tokenized with the
+    special tokens, BOS included, as llama.cpp does), else the chat template. On the tokenizer thread."""
+    template = stored_defaults.template(target.stored) if target.stored is not None else None
+    if template is None:
+        return render_chat(tokenizer, messages, target.chat_template, add_generation_prompt=add_generation_prompt,
+                           tools=tools, template_kwargs=template_kwargs)
+    try:
+        text = template.render(messages, tools=[t.as_template_dict() for t in tools or ()],
+                               think=(template_kwargs or {}).get("enable_thinking"))
+    except ValueError as e:
+        raise RequestError(f"model {target.stored.name}: {e}", param="model") from None
+    return text, tokenizer(text).input_ids
 
 
 def holds_model(handler):

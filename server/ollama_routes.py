@@ -19,8 +19,9 @@ from jaxserve.async_engine import GENERATE, RequestRefusedError
 from jaxserve.input_processor import RequestValidationError, check_token_ids
 from jaxserve.server import logprobs
 from jaxserve.server import ollama_protocol as proto
-from jaxserve.server.chat import ChoiceParser, normalize_messages, render_chat
-from jaxserve.server.model_targets import Target, holds_model, keep_alive_of, resolve, stored_model
+from jaxserve.server.chat import ChoiceParser, normalize_messages
+from jaxserve.server.model_targets import (Target, holds_model, keep_alive_of, render_prompt, resolve,
+                                           stored_model)
 from jaxserve.server.streaming import NDJSON, Shape, respond
 from jaxserve.server.tool_calls import parse_tools
 from jaxserve.server.validation import RequestError, get, parse_json_body, require_capability
@@ -60,20 +61,6 @@ def _with_options(body: dict, target: Target) -> dict:
     if target.stored is None:
         return body
     return {**body, "options": stored_defaults.options(target.stored, get(body, "options", "object", {}))}
-
-
-def _render(tokenizer, target: Target, messages: list[dict], chat_template: str | None, *, tools=None,
-            template_kwargs: dict) -> tuple[str, list[int]]:
-    """(prompt text, token ids): a stored model's Go template (tokenized with the special tokens, BOS
-    included, as llama.cpp does), else the tokenizer's chat template. On the tokenizer thread."""
-    template = stored_defaults.template(target.stored) if target.stored is not None else None
-    if template is None:
-        return render_chat(tokenizer, messages, chat_template, tools=tools, template_kwargs=template_kwargs)
-    try:
-        text = template.render(messages, tools=tools, think=template_kwargs.get("enable_thinking"))
-    except ValueError as e:
-        raise RequestError(f"model {target.stored.name}: {e}", param="model") from None
-    return text, tokenizer(text).input_ids
 
 
 def _loaded(model: str, key: str, empty) -> dict:
@@ -235,7 +222,7 @@ async def generate(request: Request):
             messages = stored_defaults.generate_messages(target.stored, prompt, system, with_context=bool(context))
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return _render(tokenizer, target, messages, target.chat_template, template_kwargs=template_kwargs)
+        return render_prompt(tokenizer, target, messages, template_kwargs=template_kwargs)
 
     formats = target.formats
     template_kwargs, show_thinking = _thinking(body, model, formats)
@@ -269,8 +256,8 @@ async def chat(request: Request):
     template_kwargs, show_thinking = _thinking(body, model, formats)
     parser = formats.parser(tools=bool(tools))
     with engine.admit(1) as admission:  # before the template waits for the tokenizer thread
-        text, ids = await engine.with_tokenizer(lambda tokenizer: _render(
-            tokenizer, target, messages, target.chat_template, tools=tools, template_kwargs=template_kwargs))
+        text, ids = await engine.with_tokenizer(lambda tokenizer: render_prompt(
+            tokenizer, target, messages, tools=tools, template_kwargs=template_kwargs))
         return await _run(request, _with_options(body, target), target, ids, text, _chat_piece(config.response_role),
                           lambda out_ids: {},
                           admission, parser, show_thinking,

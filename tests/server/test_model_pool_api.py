@@ -150,3 +150,23 @@ def test_a_model_that_cannot_load_gets_an_error_and_the_others_keep_serving(serv
     got = client.generate(model=MODEL, prompt=PROMPTS[2], raw=True, options=GREEDY)
     assert got.response == oracle["llama"][PROMPTS[2]]
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_openai_routes_answer_stored_and_loaded_models(server, client, oracle):
+    url = f"{server.url}/v1"
+    done = httpx.post(f"{url}/completions", timeout=60, json={
+        "model": "second", "prompt": PROMPTS[3], "temperature": 0, "max_tokens": 8}).json()
+    assert done["model"] == "second" and done["choices"][0]["text"] == oracle["other"][PROMPTS[3]]
+    question = [{"role": "user", "content": "w60 w61"}]
+    # second-terse's parameters (3 tokens) fill what the request leaves out; its system prompt comes first.
+    chat = httpx.post(f"{url}/chat/completions", timeout=60, json={
+        "model": "second-terse", "messages": question, "temperature": 0}).json()
+    want = client.chat(model="second-terse", messages=question, options={"temperature": 0, "repeat_penalty": 1.0})
+    assert chat["choices"][0]["message"]["content"] == want.message.content
+    assert chat["usage"]["completion_tokens"] == 3 == want.eval_count
+    assert chat["usage"]["prompt_tokens"] == want.prompt_eval_count  # "w50" then the question
+    more = httpx.post(f"{url}/chat/completions", timeout=60, json={
+        "model": "second-terse", "messages": question, "temperature": 0, "max_tokens": 5}).json()
+    assert more["usage"]["completion_tokens"] == 5
+    missing = httpx.post(f"{url}/chat/completions", json={"model": "nothing", "messages": question})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
