@@ -276,11 +276,16 @@ def _model_loader(engine_args: EngineArgs, config: ServerConfig):
         from jaxserve.server.chat import ChatOutputFormats
         from jaxserve.server.model_pool import LoadedModel, ModelPool
 
+        on_device = jax.devices()[0].platform != "cpu"
+        if on_device and engine_args.kv_cache_memory is None:
+            # Each engine sizes its KV cache from the device's whole memory: the served one has it.
+            raise ValueError("on an accelerator a second model needs --kv-cache-memory (the KV cache bytes of "
+                             "every engine), as the served model's engine holds --gpu-memory-utilization of "
+                             "the device")
         llm = LLM.from_engine_args(dataclasses.replace(engine_args, model=source))
         card = _model_card((source,), llm, engine_args, None)
         engine = AsyncEngine(llm.engine, max_queue=config.max_queue)
         size = _loaded_bytes(llm)
-        on_device = jax.devices()[0].platform != "cpu"
         formats = ChatOutputFormats.of(dataclasses.replace(config, chat_template=None), card, engine.tokenizer)
         return LoadedModel(ModelPool.key_of(source), engine, card, formats, size=size,
                            device_bytes=size if on_device else 0)

@@ -5,6 +5,9 @@ cache. A hub that cannot be reached is said so within ``timeout`` seconds.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import hashlib
+import os
 
 HF_HOSTS = ("hf.co", "huggingface.co")
 DEFAULT_QUANT = "Q4_K_M"
@@ -35,10 +38,13 @@ def hf_repo(name: str) -> tuple[str, str] | None:
 def find_gguf(repo: str, quant: str, timeout: float) -> HubFile:
     """The repository's .gguf file whose name holds ``quant`` (any case). Raises HubError."""
     from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
         info = HfApi().model_info(repo, files_metadata=True, timeout=timeout)
-    except Exception as e:  # offline mode, DNS, refused connection, timeout, 404...
+    except RepositoryNotFoundError:
+        raise HubError(f"{repo}: no such repository on the Hugging Face hub ({constants.ENDPOINT})") from None
+    except Exception as e:  # offline mode, DNS, refused connection, timeout...
         raise HubError(f"cannot reach the Hugging Face hub ({constants.ENDPOINT}) for {repo}: "
                        f"{type(e).__name__}: {str(e)[:200]}") from None
     ggufs = [s for s in info.siblings or () if s.rfilename.endswith(".gguf")]
@@ -51,6 +57,15 @@ def find_gguf(repo: str, quant: str, timeout: float) -> HubFile:
     return HubFile(repo, s.rfilename, getattr(s, "size", None) or 0, getattr(lfs, "sha256", "") if lfs else "")
 
 
+def downloaded_bytes(file: HubFile) -> int:
+    """Bytes of the file in huggingface_hub's cache so far (its partial blob while downloading)."""
+    from huggingface_hub import constants
+
+    folder = os.path.join(constants.HF_HUB_CACHE, "models--" + file.repo.replace("/", "--"), "blobs")
+    sizes = [os.path.getsize(p) for p in glob.glob(os.path.join(folder, "*.incomplete")) if os.path.isfile(p)]
+    return max(sizes, default=0)
+
+
 def download(file: HubFile) -> str:
     """The file's path in the huggingface_hub cache (downloaded unless it is there)."""
     from huggingface_hub import hf_hub_download
@@ -59,3 +74,13 @@ def download(file: HubFile) -> str:
         return hf_hub_download(file.repo, file.filename)
     except Exception as e:
         raise HubError(f"downloading {file.repo}/{file.filename} failed: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def verify(path: str, sha256: str) -> None:
+    """The downloaded file's sha256 is the hub's (LFS files say it). Raises HubError."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        raise HubError(f"{path}: sha256 {digest.hexdigest()} is not the hub's {sha256}")

@@ -6,7 +6,6 @@ request's options, system prompt and messages around the conversation, template,
 """
 from __future__ import annotations
 
-import os
 import time
 import uuid
 

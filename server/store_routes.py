@@ -147,17 +147,43 @@ async def pull(request: Request):
                            status=502) from None
     except hub_pull.HubError as e:
         raise RequestError(str(e), status=502 if str(e).startswith("cannot reach") else 404) from None
+    lines = _pulled(request, found, stored_name)
+    if not get(body, "stream", "bool", True):
+        async for line in lines:
+            if "error" in line:
+                raise RequestError(line["error"], status=502)
+        return json_response(line)
+    response = await request.respond(content_type="application/x-ndjson")
+    async for line in lines:
+        await response.send(dumps(line) + "\n")
+    await response.eof()
+
+
+async def _pulled(request: Request, found: hub_pull.HubFile, stored_name: str):
+    """Ollama's pull lines: the manifest, the file's progress (about twice a second), then the
+    store's manifest; an error ends them with {"error": ...}."""
+    yield {"status": "pulling manifest"}
     digest = f"sha256:{found.sha256}" if found.sha256 else f"{found.repo}/{found.filename}"
+    status = f"pulling {found.sha256[:12] if found.sha256 else found.filename}"
+    download = asyncio.ensure_future(asyncio.to_thread(hub_pull.download, found))
+    yield {"status": status, "digest": digest, "total": found.size, "completed": 0}
+    while not download.done():
+        await asyncio.wait([download], timeout=0.5)
+        if not download.done():
+            done_bytes = hub_pull.downloaded_bytes(found)
+            yield {"status": status, "digest": digest, "total": found.size, "completed": min(done_bytes, found.size)}
     try:
-        path = await asyncio.to_thread(hub_pull.download, found)
+        path = download.result()
+        yield {"status": status, "digest": digest, "total": found.size, "completed": found.size}
+        if found.sha256:
+            yield {"status": "verifying sha256 digest"}
+            await asyncio.to_thread(hub_pull.verify, path, found.sha256)
+        yield {"status": "writing manifest"}
         await asyncio.to_thread(request.app.ctx.store.create, stored_name, Modelfile(base=path))
     except (hub_pull.HubError, ModelfileError) as e:
-        raise RequestError(str(e), status=502) from None
-    return _statuses(body, [{"status": "pulling manifest"},
-                            {"status": f"pulling {found.filename}", "digest": digest, "total": found.size,
-                             "completed": found.size},
-                            {"status": "verifying sha256 digest"}, {"status": "writing manifest"},
-                            {"status": "success"}])
+        yield {"error": str(e)}
+        return
+    yield {"status": "success"}
 
 
 @bp.post("/api/push")

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
+import http.server
+import json
 import shutil
+import threading
 import time
 
 import httpx
@@ -15,7 +19,7 @@ import ollama
 import pytest
 
 from jaxserve import LLM, SamplingParams
-from serverlib import running, scrape
+from serverlib import free_port, running, scrape
 from test_store_api import with_chat_template
 
 MODEL = "tiny"
@@ -32,10 +36,69 @@ def folders(tiny_checkpoint, tmp_path_factory):
     return {name: with_chat_template(tiny_checkpoint(kind)[0], root / name) for name, kind in kinds.items()}
 
 
+HUB_FILE = bytes(range(256)) * 4096  # 1 MiB "GGUF" the fake hub serves
+HUB_REPO, HUB_FILENAME = "tester/Tiny-GGUF", "tiny.Q8_0.gguf"
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """The few Hugging Face hub routes huggingface_hub's model_info and hf_hub_download use, for
+    one repository holding one GGUF file."""
+    sha256 = hashlib.sha256(HUB_FILE).hexdigest()
+
+    def log_message(self, *args):
+        pass
+
+    def _file_headers(self):
+        self.send_header("X-Repo-Commit", "c" * 40)
+        self.send_header("ETag", f'"{self.sha256}"')
+        self.send_header("Content-Length", str(len(HUB_FILE)))
+
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        if path.startswith(f"/api/models/{HUB_REPO}"):
+            body = json.dumps({"id": HUB_REPO, "sha": "c" * 40, "siblings": [
+                {"rfilename": "README.md", "size": 10},
+                {"rfilename": HUB_FILENAME, "size": len(HUB_FILE),
+                 "lfs": {"sha256": self.sha256, "size": len(HUB_FILE), "pointerSize": 130}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif path == f"/{HUB_REPO}/resolve/main/{HUB_FILENAME}":
+            self.send_response(200)
+            self._file_headers()
+            self.end_headers()
+            self.wfile.write(HUB_FILE)
+        else:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    def do_HEAD(self):
+        if self.path.split("?")[0] == f"/{HUB_REPO}/resolve/main/{HUB_FILENAME}":
+            self.send_response(200)
+            self._file_headers()
+        else:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+        self.end_headers()
+
+
 @pytest.fixture(scope="module")
-def server(folders, tmp_path_factory):
+def hub():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), FakeHub)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(folders, hub, tmp_path_factory):
     folder = tmp_path_factory.mktemp("pool-server")
-    env = {"JAXSERVE_MODELS": str(folder / "store"), "OLLAMA_KEEP_ALIVE": "10m", "OLLAMA_MAX_LOADED_MODELS": "3"}
+    env = {"JAXSERVE_MODELS": str(folder / "store"), "OLLAMA_KEEP_ALIVE": "10m", "OLLAMA_MAX_LOADED_MODELS": "3",
+           "HF_ENDPOINT": hub, "HF_HUB_CACHE": str(folder / "hf-cache"), "HF_HUB_OFFLINE": "0"}
     with running(["--model", folders["llama"], "--served-model-name", MODEL, "--max-model-len", "128"],
                  folder / "serve.log", env=env) as srv:
         yield srv
@@ -170,3 +233,23 @@ def test_openai_routes_answer_stored_and_loaded_models(server, client, oracle):
     assert more["usage"]["completion_tokens"] == 5
     missing = httpx.post(f"{url}/chat/completions", json={"model": "nothing", "messages": question})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_pull_from_a_hub_streams_progress_and_stores_the_model(server, client):
+    name = f"hf.co/{HUB_REPO}:Q8_0"
+    lines = list(client.pull(name, stream=True))
+    assert lines[0].status == "pulling manifest" and lines[-1].status == "success"
+    progress = [line for line in lines if line.total]
+    assert progress[0].completed in (0, None) and progress[-1].completed == progress[-1].total == len(HUB_FILE)
+    assert progress[-1].digest == f"sha256:{FakeHub.sha256}"
+    assert [line.status for line in lines[-3:]] == ["verifying sha256 digest", "writing manifest", "success"]
+    stored = client.show(name)
+    assert "hf-cache" in stored.modelfile and stored.modelfile.rstrip().split("\n")[-1].endswith(HUB_FILENAME)
+    assert "hf.co/tester/tiny-gguf:q8_0" in [m.model for m in client.list().models]
+    assert client.pull(name).status == "success"  # one object; the file is in the cache now
+    with pytest.raises(ollama.ResponseError) as e:  # Ollama's default quantization, Q4_K_M: none here
+        client.pull(f"hf.co/{HUB_REPO}")
+    assert e.value.status_code == 404 and "Q4_K_M" in e.value.error and HUB_FILENAME in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        client.pull("hf.co/tester/nothing-here:Q8_0")
+    assert e.value.status_code == 404 and "no such repository" in e.value.error
