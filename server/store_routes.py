@@ -118,12 +118,18 @@ async def copy(request: Request):
 async def delete(request: Request):
     body = parse_json_body(request.body)
     name = model_name(body)
+    store, pool = request.app.ctx.store, request.app.ctx.pool
     try:
-        await asyncio.to_thread(request.app.ctx.store.delete, name)
+        source = store.get(name).source
+        await asyncio.to_thread(store.delete, name)
     except InvalidModelName as e:
         raise RequestError(str(e), param="model") from None
     except ModelNotFoundError:
         raise RequestError(f"model '{name}' not found", param="model", status=404) from None
+    # As Ollama's: its weights unload, unless another stored model runs on them (or they are busy).
+    loaded = pool.models.get(pool.key_of(source))
+    if loaded is not None and not any(pool.key_of(m.source) == loaded.key for m in store.list()):
+        await pool.unload(loaded)
     return HTTPResponse(status=200)
 
 

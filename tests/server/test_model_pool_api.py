@@ -197,6 +197,15 @@ def test_the_least_recently_used_idle_model_makes_room(client, folders):
     client.create(model="llama-again", from_=folders["llama"])  # the served weights: nothing loads
     assert client.generate(model="llama-again", prompt="w4", options=GREEDY).eval_count > 0
     assert len(client.ps().models) == 4
+    # Deleting a model unloads its weights unless another stored model runs on them.
+    client.create(model="rope-a", from_=folders["rope"])
+    client.copy("rope-a", "rope-b")
+    client.delete("rope-a")
+    assert "rope-b:latest" in _loaded(client)
+    client.delete("rope-b")
+    assert "rope-b:latest" not in _loaded(client) and len(client.ps().models) == 3
+    client.delete("llama-again")  # the served model stays
+    assert "tiny:latest" in _loaded(client)
 
 
 def test_a_model_that_cannot_load_gets_an_error_and_the_others_keep_serving(server, client, folders, tmp_path,
