@@ -13,9 +13,9 @@ import os
 
 from sanic import Request
 
+from jaxserve import stored_defaults
 from jaxserve.lora import LoRARequest
 from jaxserve.model_store import InvalidModelName, ModelNotFoundError, StoredModel
-from jaxserve import stored_defaults
 from jaxserve.server.chat import render_chat
 from jaxserve.server.model_pool import LoadedModel, ModelLoadError, parse_keep_alive
 from jaxserve.server.validation import RequestError

@@ -19,8 +19,8 @@ from jaxserve.input_processor import RequestValidationError, check_token_ids
 from jaxserve.server import logprobs
 from jaxserve.server import ollama_protocol as proto
 from jaxserve.server.chat import ChoiceParser, normalize_messages
-from jaxserve.server.model_targets import (Target, holds_model, keep_alive_of, render_prompt, resolve,
-                                           stored_model)
+from jaxserve.server.model_targets import (Target, holds_model, keep_alive_of, not_found, render_prompt,
+                                           resolve, stored_model, weights_of)
 from jaxserve.server.streaming import NDJSON, Shape, respond
 from jaxserve.server.tool_calls import parse_tools
 from jaxserve.server.validation import RequestError, get, parse_json_body, require_capability
@@ -43,8 +43,6 @@ async def target_of(request: Request, body: dict, *, adapters: bool = True) -> T
 
 async def _unload(request: Request, name: str, key: str, empty) -> dict:
     """Ollama's empty request with keep_alive 0: the model unloads (the served model stays)."""
-    from jaxserve.server.model_targets import not_found, weights_of
-
     pool = request.app.ctx.pool
     source = pool.served.card.source if request.app.ctx.card.matches(name) else weights_of(request, name)
     if source is None:
