@@ -83,6 +83,16 @@ class ServeOptions:
                                                       "/v1/unload_lora_adapter (vLLM's "
                                                       "VLLM_ALLOW_RUNTIME_LORA_UPDATING): clients may then make "
                                                       "the server read adapters from its disk", group="server")
+    keep_alive: str = option("5m", "how long a model loaded on demand (a stored model over other weights) stays "
+                                   "after its last request, as Ollama's keep_alive: a duration (10m, 1h), "
+                                   "seconds, or negative for ever; a request's keep_alive overrides it",
+                             group="models", foreign_env=("OLLAMA_KEEP_ALIVE", str))
+    max_loaded_models: int = option(3, "models loaded at once, the served one (always loaded) included; the least "
+                                       "recently used idle one unloads to make room", group="models", minimum=1,
+                                    foreign_env=("OLLAMA_MAX_LOADED_MODELS", int))
+    models_memory: int | None = option(None, "bytes of weights and KV cache the loaded models may hold together "
+                                             "(default: no limit but --max-loaded-models)", group="models",
+                                       minimum=1)
     max_log_len: int | None = option(None, "characters of the prompt shown in request logs (default: all)",
                                      group="logging", minimum=0)
     disable_log_requests: bool = option(False, "no log line per request", group="logging")
@@ -174,16 +184,17 @@ def _serve(args: argparse.Namespace) -> int:
     taken = [a.lora_name for a in adapters if a.lora_name in names]
     if taken:
         raise ValueError(f"--lora-modules: {', '.join(taken)} is already the name of the served model")
+    from jaxserve.server.model_pool import parse_keep_alive
+
+    keep_alive = parse_keep_alive(o["keep_alive"])  # refused now, not when the first model unloads
     log = _log_to_stderr(config.log_level)
 
     import jax
 
     from jaxserve.async_engine import AsyncEngine
     from jaxserve.llm import LLM
-    from jaxserve.models.quantization import QuantizedWeight, weights_dtype
     from jaxserve.parallel import initialize_distributed
     from jaxserve.server.app import create_app, run_server
-    from jaxserve.server.model_card import ModelCard
 
     if engine_args.distributed:  # joined first: only process 0 binds the port
         initialize_distributed(engine_args.coordinator_address, engine_args.num_processes, engine_args.process_id)
@@ -208,17 +219,11 @@ def _serve(args: argparse.Namespace) -> int:
             follow(engine, address)
             return 0
         engine = MirroredEngine(engine, address, jax.process_count() - 1)
-    # An int8 weight counts its values, not its scales (QuantizedWeight.size).
-    leaves = jax.tree_util.tree_leaves(loaded.params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
-    tok = loaded.tokenizer
-    card = ModelCard.build(names, source=loaded.source, model_config=loaded.config,
-                           num_params=sum(int(x.size) for x in leaves),
-                           dtype_name=engine_args.quantization or str(weights_dtype(loaded.params)),
-                           max_model_len=engine.max_model_len, chat_template=config.chat_template or tok.chat_template,
-                           stop=tuple(tok.decode([t]) for t in loaded.config.eos_token_ids),
-                           capabilities=("embed",) if llm.runner_type == "pooling" else ("generate",))
+    card = _model_card(names, llm, engine_args, config.chat_template)
     async_engine = AsyncEngine(engine, max_queue=config.max_queue)
-    app = create_app(async_engine, card, config)
+    loader = None if jax.process_count() > 1 else _model_loader(engine_args, config)
+    app = create_app(async_engine, card, config, loader=loader, max_loaded_models=o["max_loaded_models"],
+                     models_memory=o["models_memory"], keep_alive=keep_alive, engine_bytes=_loaded_bytes(llm))
     if adapters:
         log.info("LoRA adapters: %s", ", ".join(f"{a.lora_name} ({a.lora_path})" for a in adapters))
     log.info("model %s loaded and compiled in %.1f s; serving as %s on %s://%s:%d", loaded.source,
@@ -231,6 +236,60 @@ def _serve(args: argparse.Namespace) -> int:
             # The followers' EOF lets them exit too: JAX's exit barrier waits for every process.
             engine.close()
     return 0
+
+
+def _model_card(names, llm, engine_args, chat_template: str | None):
+    """What the model-listing routes say about a loaded LLM (server/model_card.py)."""
+    import jax
+
+    from jaxserve.models.quantization import QuantizedWeight, weights_dtype
+    from jaxserve.server.model_card import ModelCard
+
+    loaded, tok = llm.loaded, llm.loaded.tokenizer
+    # An int8 weight counts its values, not its scales (QuantizedWeight.size).
+    leaves = jax.tree_util.tree_leaves(loaded.params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    return ModelCard.build(names, source=loaded.source, model_config=loaded.config,
+                           num_params=sum(int(x.size) for x in leaves),
+                           dtype_name=engine_args.quantization or str(weights_dtype(loaded.params)),
+                           max_model_len=llm.engine.max_model_len, chat_template=chat_template or tok.chat_template,
+                           stop=tuple(tok.decode([t]) for t in loaded.config.eos_token_ids),
+                           capabilities=("embed",) if llm.runner_type == "pooling" else ("generate",))
+
+
+def _loaded_bytes(llm) -> int:
+    """Bytes a loaded LLM holds on its device: weights and KV cache."""
+    import jax
+
+    runner = getattr(llm.engine, "runner", None)
+    arrays = jax.tree_util.tree_leaves((llm.loaded.params, getattr(runner, "kv_cache", None)))
+    return sum(int(getattr(x, "nbytes", 0)) for x in arrays)
+
+
+def _model_loader(engine_args: EngineArgs, config: ServerConfig):
+    """The server's loader of other weights (server/model_pool.py): the served model's engine
+    options but the model; its chat template and the names it answers to are its own."""
+    def load(source: str):
+        import jax
+
+        from jaxserve.async_engine import AsyncEngine
+        from jaxserve.llm import LLM
+        from jaxserve.server.chat import ChatOutputFormats
+        from jaxserve.server.model_pool import LoadedModel, ModelPool
+
+        on_device = jax.devices()[0].platform != "cpu"
+        if on_device and engine_args.kv_cache_memory is None:
+            # Each engine sizes its KV cache from the device's whole memory: the served one has it.
+            raise ValueError("on an accelerator a second model needs --kv-cache-memory (the KV cache bytes of "
+                             "every engine), as the served model's engine holds --gpu-memory-utilization of "
+                             "the device")
+        llm = LLM.from_engine_args(dataclasses.replace(engine_args, model=source))
+        card = _model_card((source,), llm, engine_args, None)
+        engine = AsyncEngine(llm.engine, max_queue=config.max_queue)
+        size = _loaded_bytes(llm)
+        formats = ChatOutputFormats.of(dataclasses.replace(config, chat_template=None), card, engine.tokenizer)
+        return LoadedModel(ModelPool.key_of(source), engine, card, formats, size=size,
+                           device_bytes=size if on_device else 0)
+    return load
 
 
 # ---- jaxserve run --------------------------------------------------------------------------------
@@ -272,7 +331,7 @@ def _stored_chat(args: argparse.Namespace, model, max_model_len: int) -> _Chat:
     """A stored model's defaults, as `ollama run` applies them: its options (Ollama's defaults for the
     rest, as the server's) under the flags given, its system prompt and messages before the chat,
     its template and its adapter."""
-    from jaxserve.go_template import GoTemplate
+    from jaxserve import stored_defaults
     from jaxserve.lora import LoRARequest
     from jaxserve.server.ollama_protocol import parse_options
     from jaxserve.server.validation import RequestError
@@ -280,7 +339,7 @@ def _stored_chat(args: argparse.Namespace, model, max_model_len: int) -> _Chat:
     _format_constraint(args.format)  # checked now, not at the first answer
     body = {"format": None if not args.format else "json" if args.format == "json" else json.loads(args.format)}
     flags = {"temperature": args.temperature, "num_predict": args.max_tokens, "seed": args.sample_seed}
-    body["options"] = {**model.parameters, **{k: v for k, v in flags.items() if v is not None}}
+    body["options"] = stored_defaults.options(model, {k: v for k, v in flags.items() if v is not None})
 
     def sampling(num_prompt_tokens: int):
         try:
@@ -288,9 +347,8 @@ def _stored_chat(args: argparse.Namespace, model, max_model_len: int) -> _Chat:
         except RequestError as e:
             raise ValueError(f"{model.name}: {e.message}") from None
 
-    prefix = [{"role": "system", "content": model.system}] if model.system else []
-    prefix += [{"role": m.role, "content": m.content} for m in model.messages]
-    return _Chat(sampling, prefix, GoTemplate(model.template) if model.template is not None else None,
+    # The conversation never starts with a system message of its own: the model's always leads.
+    return _Chat(sampling, stored_defaults.chat_messages(model, []), stored_defaults.template(model),
                  LoRARequest(model.name, 1, model.adapters[0]) if model.adapters else None)
 
 

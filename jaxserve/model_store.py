@@ -174,15 +174,17 @@ class ModelStore:
                 logger.warning("skipping the unreadable manifest %s: %s", path, e)
         return sorted(models, key=lambda m: m.modified_at, reverse=True)
 
-    def create(self, name: str, modelfile: Modelfile, base_dir: str | None = None) -> StoredModel:
+    def create(self, name: str, modelfile: Modelfile, base_dir: str | None = None,
+               served: dict[str, str] | None = None) -> StoredModel:
         """Create (or replace) ``name``; relative FROM and ADAPTER paths are read from ``base_dir``
-        (the Modelfile's folder; default the working directory)."""
+        (the Modelfile's folder; default the working directory). ``served``: names a server answers
+        to that are not in the store -> their weights (FROM may name them)."""
         target = parse_name(name)
         base_dir = base_dir or os.getcwd()
         if modelfile.base is None:
             raise ModelfileError("no FROM line: a model needs a base (a stored model, a .gguf file, an HF folder "
                                  "or 'smollm2')")
-        source, parent = self._resolve_base(modelfile.base, base_dir, modelfile.lines.get("FROM"))
+        source, parent = self._resolve_base(modelfile.base, base_dir, modelfile.lines.get("FROM"), served or {})
         m = modelfile
         adapters = tuple(_adapter_path(a, base_dir, m.lines.get("ADAPTER")) for a in m.adapters)
         if parent is not None:  # carried over, unless this Modelfile sets it
@@ -234,11 +236,14 @@ class ModelStore:
             os.rmdir(folder)
             folder = os.path.dirname(folder)
 
-    def _resolve_base(self, base: str, base_dir: str, line: int | None) -> tuple[str, StoredModel | None]:
+    def _resolve_base(self, base: str, base_dir: str, line: int | None,
+                      served: dict[str, str]) -> tuple[str, StoredModel | None]:
         """(weights source, the stored model it came from or None)."""
         path = os.path.join(base_dir, os.path.expanduser(base))
         if os.path.exists(path):
             return _weights_path(path, line), None
+        if base in served or base.removesuffix(":latest") in served:
+            return served.get(base) or served[base.removesuffix(":latest")], None
         from jaxserve.models.loader import BUNDLED_ALIAS  # imports jax: only when no path matched
 
         if base == BUNDLED_ALIAS:

@@ -1,4 +1,5 @@
-"""The Sanic app factory: routes of both API families over one AsyncEngine, and the middleware
+"""The Sanic app factory: routes of both API families over the served model's AsyncEngine and the
+models loaded on demand beside it (server/model_pool.py), and the middleware
 every route shares (request ids, API key, CORS, errors in the caller's API format, request logs
 and spans).
 
@@ -18,6 +19,7 @@ from sanic.response import json as json_response
 
 from jaxserve.async_engine import (AsyncEngine, EngineClosedError, QueueFullError, RequestRecord,
                                    RequestRefusedError)
+from jaxserve.model_store import ModelStore
 from jaxserve.server import ollama_protocol, openai_protocol, request_ids
 from jaxserve.server.chat import ChatOutputFormats
 from jaxserve.server.config import ServerConfig
@@ -26,8 +28,10 @@ from jaxserve.server.metrics import CONTENT_TYPE, Metrics
 from jaxserve.server.embedding_routes import bp as embedding_bp
 from jaxserve.server.lora_routes import bp as lora_bp
 from jaxserve.server.model_card import ModelCard
+from jaxserve.server.model_pool import KEEP_ALIVE_DEFAULT, LoadedModel, Loader, ModelPool
 from jaxserve.server.ollama_routes import bp as ollama_bp
 from jaxserve.server.openai_routes import bp as openai_bp
+from jaxserve.server.store_routes import bp as store_bp
 from jaxserve.server.validation import RequestError
 
 logger = logging.getLogger("jaxserve.server")
@@ -98,7 +102,15 @@ def run_server(app: Sanic, config: ServerConfig) -> None:
             debug=False, backlog=config.backlog)
 
 
-def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, name: str = "jaxserve") -> Sanic:
+def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, name: str = "jaxserve",
+               store: ModelStore | None = None, loader: Loader | None = None, max_loaded_models: int = 3,
+               models_memory: int | None = None, keep_alive: float = KEEP_ALIVE_DEFAULT,
+               engine_bytes: int | None = None) -> Sanic:
+    """``store``: the models /api/create writes and requests may name (default ModelStore(): JAXSERVE_MODELS).
+    ``loader``: loads other weights on demand (server/model_pool.py; None: this model only), at most
+    ``max_loaded_models`` at once (this one included) in ``models_memory`` bytes, each kept
+    ``keep_alive`` seconds after its last request unless the request says otherwise.
+    ``engine_bytes``: this model's weights and KV cache (default: its files' size)."""
     app = Sanic(name)
     app.config.REQUEST_MAX_SIZE = config.max_request_bytes
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = config.shutdown_timeout
@@ -114,15 +126,29 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
         tracer = RequestTracer(config.otlp_traces_endpoint, card.names[0])
         logger.info("tracing: a span per request to %s (OTLP/HTTP)", tracer.url)
 
-    def on_request_done(record: RequestRecord) -> None:
-        metrics.observe(record)
-        if config.log_requests:
-            _log_record(config, record)
-        if tracer is not None:  # called in the task of the HTTP request the record belongs to
-            tracer.export(record, request_ids.current_request())
+    def watch(model: LoadedModel) -> None:
+        """Metrics, request logs and spans of a loaded model's engine."""
+        label = model.card.names[0]
 
-    engine.on_request_done = on_request_done
-    engine.on_step = metrics.observe_step
+        def on_request_done(record: RequestRecord) -> None:
+            metrics.observe(record, label)
+            if config.log_requests:
+                _log_record(config, record)
+            if tracer is not None:  # called in the task of the HTTP request the record belongs to
+                tracer.export(record, request_ids.current_request())
+
+        model.engine.on_request_done = on_request_done
+        model.engine.on_step = lambda seconds: metrics.observe_step(seconds, label)
+        metrics.add_engine(model.engine, label)
+
+    app.ctx.store = store if store is not None else ModelStore()
+    served = LoadedModel(ModelPool.key_of(card.source), engine, card, app.ctx.chat_output,
+                         size=engine_bytes or card.size_bytes, chat_template=config.chat_template, pinned=True)
+    watch(served)
+    app.ctx.pool = ModelPool(served, loader, max_loaded=max_loaded_models, memory_budget=models_memory,
+                             keep_alive=keep_alive, on_load=watch,
+                             on_unload=lambda model: metrics.remove_engine(model.card.names[0]))
+    app.ctx.adapter_locks = {}  # a stored model's adapter name -> the lock of its first registration
     api_key = config.api_key.encode() if config.api_key else None
     cors = Cors(config.allowed_origins, config.allowed_methods, config.allowed_headers, config.allow_credentials)
 
@@ -212,14 +238,17 @@ def create_app(engine: AsyncEngine, card: ModelCard, config: ServerConfig, *, na
     app.blueprint(ollama_bp)
     app.blueprint(embedding_bp)
     app.blueprint(lora_bp)
+    app.blueprint(store_bp)
 
     @app.before_server_start
     async def start_engine(app):
         engine.start()
+        app.add_task(app.ctx.pool.reap(), name="jaxserve-keep-alive")
 
     @app.before_server_stop
     async def stop_engine(app):
         # Ends every open stream (finish_reason "abort") so the graceful shutdown is quick.
+        await app.ctx.pool.close()
         await engine.shutdown(timeout=config.shutdown_timeout)
 
     @app.after_server_stop

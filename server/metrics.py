@@ -1,7 +1,9 @@
 """Prometheus metrics for /metrics, named as vLLM's with a ``jaxserve:`` prefix, in a registry of
 their own (a second app in one process never collides with the first).
 
-Engine-wide gauges and counters are read from the AsyncEngine's stats snapshot at scrape time;
+Every loaded model's samples carry its model_name (the served model's name; a model loaded on
+demand, its weights' path or alias). Engine-wide gauges and counters are read from each
+AsyncEngine's stats snapshot at scrape time;
 per-request histograms are observed when each request ends, the step-time histogram after every
 engine step (from the engine thread: prometheus_client metrics are thread-safe), and the compile-time
 histogram is rebuilt from the list of compile durations at scrape time.
@@ -23,69 +25,82 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class _EngineCollector:
-    """Reads the engine's stats snapshot whenever Prometheus scrapes."""
+    """Reads each engine's stats snapshot whenever Prometheus scrapes: one sample per model."""
 
-    def __init__(self, engine, model_name: str):
-        self.engine = engine
-        self.labels = {"model_name": model_name}
+    def __init__(self):
+        self.engines: dict[str, object] = {}  # model_name -> AsyncEngine
 
-    def _gauge(self, name, doc, value):
-        g = GaugeMetricFamily(f"jaxserve:{name}", doc, labels=list(self.labels))
-        g.add_metric(list(self.labels.values()), value)
-        return g
-
-    def _counter(self, name, doc, value):
-        c = CounterMetricFamily(f"jaxserve:{name}", doc, labels=list(self.labels))
-        c.add_metric(list(self.labels.values()), value)
-        return c
+    @staticmethod
+    def _family(kind, name, doc, stats, value_of, extra_labels=()):
+        """One metric family over (model_name, stats) pairs; with extra_labels, value_of gives
+        [(label values, value)] per model."""
+        family = kind(f"jaxserve:{name}", doc, labels=["model_name", *extra_labels])
+        for model, s in stats:
+            for labels, value in (value_of(s) if extra_labels else [((), value_of(s))]):
+                family.add_metric([model, *labels], value)
+        return family
 
     def collect(self):
-        s = self.engine.stats()
-        yield self._gauge("num_requests_running", "Sequences in the running batch.", s.num_running)
-        yield self._gauge("num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting)
-        yield self._gauge("kv_cache_usage_perc", "Share of KV cache pages held by requests (1 = full).",
-                          s.kv_cache_usage)
-        yield self._counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                            s.prefix_cache_queries)
-        yield self._counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.", s.prefix_cache_hits)
-        yield self._counter("prompt_tokens", "Prompt tokens computed (recomputation included).", s.prompt_tokens)
-        yield self._counter("generation_tokens", "Tokens generated.", s.generation_tokens)
-        yield self._counter("num_preemptions", "Requests preempted for lack of KV pages.", s.num_preemptions)
-        yield self._gauge("num_compiled_graphs", "XLA executables compiled by the runner.", s.num_compiled_graphs)
-        yield self._counter("compile_seconds", "Seconds spent compiling step graphs.", s.compile_seconds)
-        yield self._counter("engine_step_seconds", "Seconds spent in engine steps.", s.step_seconds_total)
-        if s.spec_decode_accepted_per_position:  # speculative decoding is on
-            yield from self._spec_decode(s)
+        stats = [(model, engine.stats()) for model, engine in list(self.engines.items())]
+        gauge, counter = GaugeMetricFamily, CounterMetricFamily
+        for kind, name, doc, value_of in (
+                (gauge, "num_requests_running", "Sequences in the running batch.", lambda s: s.num_running),
+                (gauge, "num_requests_waiting", "Sequences waiting to be scheduled.", lambda s: s.num_waiting),
+                (gauge, "kv_cache_usage_perc", "Share of KV cache pages held by requests (1 = full).",
+                 lambda s: s.kv_cache_usage),
+                (counter, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                 lambda s: s.prefix_cache_queries),
+                (counter, "prefix_cache_hits", "Prompt tokens served from the prefix cache.",
+                 lambda s: s.prefix_cache_hits),
+                (counter, "prompt_tokens", "Prompt tokens computed (recomputation included).",
+                 lambda s: s.prompt_tokens),
+                (counter, "generation_tokens", "Tokens generated.", lambda s: s.generation_tokens),
+                (counter, "num_preemptions", "Requests preempted for lack of KV pages.", lambda s: s.num_preemptions),
+                (gauge, "num_compiled_graphs", "XLA executables compiled by the runner.",
+                 lambda s: s.num_compiled_graphs),
+                (counter, "compile_seconds", "Seconds spent compiling step graphs.", lambda s: s.compile_seconds),
+                (counter, "engine_step_seconds", "Seconds spent in engine steps.", lambda s: s.step_seconds_total)):
+            yield self._family(kind, name, doc, stats, value_of)
+        speculative = [(m, s) for m, s in stats if s.spec_decode_accepted_per_position]
+        if speculative:
+            yield from self._spec_decode(speculative)
         yield self._histogram("compile_time_seconds", "Seconds to compile each step graph (warm-up included).",
-                              s.compile_times, _COMPILE_BUCKETS)
+                              stats, _COMPILE_BUCKETS)
 
-    def _spec_decode(self, s):
-        yield self._counter("spec_decode_num_drafts", "Sequences verified with draft tokens, over all steps.",
-                            s.spec_decode_num_drafts)
-        yield self._counter("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.",
-                            s.spec_decode_num_draft_tokens)
-        yield self._counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.",
-                            s.spec_decode_num_accepted_tokens)
-        c = CounterMetricFamily("jaxserve:spec_decode_num_accepted_tokens_per_pos",
-                                "Draft tokens accepted, by their position among a step's drafts.",
-                                labels=list(self.labels) + ["position"])
-        for position, count in enumerate(s.spec_decode_accepted_per_position):
-            c.add_metric(list(self.labels.values()) + [str(position)], count)
-        yield c
+    def _spec_decode(self, stats):
+        counter = CounterMetricFamily
+        yield self._family(counter, "spec_decode_num_drafts", "Sequences verified with draft tokens, over all steps.",
+                           stats, lambda s: s.spec_decode_num_drafts)
+        yield self._family(counter, "spec_decode_num_draft_tokens", "Draft tokens proposed and verified.",
+                           stats, lambda s: s.spec_decode_num_draft_tokens)
+        yield self._family(counter, "spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                           stats, lambda s: s.spec_decode_num_accepted_tokens)
+        yield self._family(counter, "spec_decode_num_accepted_tokens_per_pos",
+                           "Draft tokens accepted, by their position among a step's drafts.", stats,
+                           lambda s: [((str(p),), c) for p, c in enumerate(s.spec_decode_accepted_per_position)],
+                           extra_labels=("position",))
 
-    def _histogram(self, name, doc, values, buckets):
-        counts = [sum(1 for v in values if v <= b) for b in buckets] + [len(values)]
-        h = HistogramMetricFamily(f"jaxserve:{name}", doc, labels=list(self.labels))
-        h.add_metric(list(self.labels.values()), list(zip([str(b) for b in buckets] + ["+Inf"], counts)),
-                     sum_value=sum(values))
+    @staticmethod
+    def _histogram(name, doc, stats, buckets):
+        h = HistogramMetricFamily(f"jaxserve:{name}", doc, labels=["model_name"])
+        for model, s in stats:
+            values = s.compile_times
+            counts = [sum(1 for v in values if v <= b) for b in buckets] + [len(values)]
+            h.add_metric([model], list(zip([str(b) for b in buckets] + ["+Inf"], counts)), sum_value=sum(values))
         return h
 
 
 class Metrics:
+    """Every loaded model's metrics, told apart by the model_name label: the served model's from the
+    start, a model loaded on demand from add_engine() until remove_engine() (its engine's gauges
+    and counters leave with it; its request histograms stay)."""
+
     def __init__(self, engine, model_name: str):
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(engine, model_name))
+        self.engines = _EngineCollector()
+        self.registry.register(self.engines)
         self.model_name = model_name
+        self.add_engine(engine, model_name)
         labels = ["model_name"]
         self.success = Counter("jaxserve:request_success", "Finished requests by finish reason.",
                                labels + ["finished_reason"], registry=self.registry)
@@ -98,17 +113,24 @@ class Metrics:
         self.step = Histogram("jaxserve:engine_step_time_seconds", "Seconds of each engine step (schedule, "
                               "device step, outputs).", labels, buckets=_STEP_BUCKETS, registry=self.registry)
 
-    def observe_step(self, seconds: float) -> None:
-        self.step.labels(self.model_name).observe(seconds)
+    def add_engine(self, engine, model_name: str) -> None:
+        self.engines.engines[model_name] = engine
 
-    def observe(self, record: RequestRecord) -> None:
+    def remove_engine(self, model_name: str) -> None:
+        self.engines.engines.pop(model_name, None)
+
+    def observe_step(self, seconds: float, model_name: str | None = None) -> None:
+        self.step.labels(model_name or self.model_name).observe(seconds)
+
+    def observe(self, record: RequestRecord, model_name: str | None = None) -> None:
+        model_name = model_name or self.model_name
         for reason in record.finish_reasons:
-            self.success.labels(self.model_name, reason).inc()
+            self.success.labels(model_name, reason).inc()
         if record.ttft is not None:
-            self.ttft.labels(self.model_name).observe(record.ttft)
+            self.ttft.labels(model_name).observe(record.ttft)
         if record.time_per_output_token is not None:
-            self.tpot.labels(self.model_name).observe(record.time_per_output_token)
-        self.e2e.labels(self.model_name).observe(record.e2e)
+            self.tpot.labels(model_name).observe(record.time_per_output_token)
+        self.e2e.labels(model_name).observe(record.e2e)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -192,8 +192,39 @@ def show(card, name: str) -> dict:
             "modified_at": card.modified_at}
 
 
-def ps(card) -> dict:
-    far = "2318-01-01T00:00:00Z"  # served until the process stops: keep_alive has no end here
-    return {"models": [{"name": tag(n), "model": tag(n), "size": card.size_bytes, "digest": card.digest,
-                        "details": details(card), "expires_at": far, "size_vram": 0,
-                        "context_length": card.max_model_len} for n in card.names]}
+def ps(loaded: list[tuple[list[str], object]]) -> dict:
+    """/api/ps of the loaded models: (names it answers to, its model_pool.LoadedModel) each."""
+    far = "2318-01-01T00:00:00Z"  # a model kept until the process stops (the served one, keep_alive < 0)
+    models = []
+    for names, m in loaded:
+        expires = far if m.expires_at == float("inf") else datetime.datetime.fromtimestamp(
+            m.expires_at, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+        models += [{"name": tag(n), "model": tag(n), "size": m.size, "digest": m.card.digest,
+                    "details": details(m.card), "expires_at": expires, "size_vram": m.device_bytes,
+                    "context_length": m.card.max_model_len} for n in names]
+    return {"models": models}
+
+
+def stored_details(model, card) -> dict:
+    """A stored model's details: its weights' card when they are loaded, else what its source says."""
+    base = details(card) if card is not None else {
+        "parent_model": "", "format": "gguf" if model.source.endswith(".gguf") else "safetensors", "family": "",
+        "families": [], "parameter_size": "", "quantization_level": ""}
+    return {**base, "parent_model": model.base if model.base != model.source else ""}
+
+
+def stored_tag(model, card) -> dict:
+    return {"name": model.name, "model": model.name, "modified_at": model.modified_at, "size": model.size,
+            "digest": model.digest, "details": stored_details(model, card)}
+
+
+def show_stored(model, card) -> dict:
+    """/api/show of a stored model; model_info and capabilities come from its weights' card when
+    they are loaded (a model not yet loaded is assumed to generate)."""
+    template = model.template if model.template is not None else (card.chat_template or "" if card else "")
+    return {"modelfile": model.show_modelfile(), "parameters": model.parameters_text(), "template": template,
+            "system": model.system or "", "license": "\n".join(model.license),
+            "messages": [{"role": m.role, "content": m.content} for m in model.messages],
+            "details": stored_details(model, card), "model_info": dict(card.model_info) if card else {},
+            "capabilities": [_CAPABILITIES[c] for c in card.capabilities] if card else ["completion"],
+            "modified_at": model.modified_at}

@@ -1,5 +1,8 @@
 """Ollama-compatible routes on the same port: /api/generate and /api/chat (NDJSON stream by default),
-/api/tags, /api/show, /api/ps, /api/version (the embedding routes are server/embedding_routes.py).
+/api/tags, /api/show, /api/ps, /api/version (the embedding routes are server/embedding_routes.py; the
+store's, /api/create, /api/copy, /api/delete, /api/pull and /api/push, server/store_routes.py).
+A stored model answers with its defaults (jaxserve/stored_defaults.py): parameters under the
+request's options, system prompt and messages around the conversation, template, adapter.
 """
 from __future__ import annotations
 
@@ -10,11 +13,14 @@ from sanic import Blueprint, Request
 from sanic.response import json as json_response
 
 import jaxserve
+from jaxserve import stored_defaults
 from jaxserve.async_engine import GENERATE, RequestRefusedError
 from jaxserve.input_processor import RequestValidationError, check_token_ids
 from jaxserve.server import logprobs
 from jaxserve.server import ollama_protocol as proto
-from jaxserve.server.chat import ChoiceParser, normalize_messages, render_chat
+from jaxserve.server.chat import ChoiceParser, normalize_messages
+from jaxserve.server.model_targets import (Target, holds_model, keep_alive_of, not_found, render_prompt,
+                                           resolve, stored_model, weights_of)
 from jaxserve.server.streaming import NDJSON, Shape, respond
 from jaxserve.server.tool_calls import parse_tools
 from jaxserve.server.validation import RequestError, get, parse_json_body, require_capability
@@ -22,21 +28,36 @@ from jaxserve.server.validation import RequestError, get, parse_json_body, requi
 bp = Blueprint("ollama")
 
 
-def _model(request: Request, body: dict, adapters: bool = False) -> str:
-    """The model a request names; `adapters`: a LoRA adapter's name is one too (see _lora)."""
+def model_name(body: dict) -> str:
     name = get(body, "model", "str") or get(body, "name", "str")  # "name" is the older spelling
     if not name:
         raise RequestError("model is required", param="model")
-    if not request.app.ctx.card.matches(name) and not (adapters and _lora(request, name) is not None):
-        raise RequestError(f'model "{name}" not found, try pulling it first', param="model", status=404)
-    request.ctx.model = name  # for the request's span
     return name
 
 
-def _lora(request: Request, model: str):
-    """The LoRA adapter a generating request names (Ollama clients may add ":latest"), else None."""
-    loras = request.app.ctx.engine.loras
-    return loras.get(model) or (loras.get(model[:-len(":latest")]) if model.endswith(":latest") else None)
+async def target_of(request: Request, body: dict, *, adapters: bool = True) -> Target:
+    """The model a request names: the served one, a served adapter, a stored model or weights by
+    path, loaded if they are not (the route must be wrapped in @holds_model)."""
+    return await resolve(request, model_name(body), adapters=adapters, keep_alive=keep_alive_of(body))
+
+
+async def _unload(request: Request, name: str, key: str, empty) -> dict:
+    """Ollama's empty request with keep_alive 0: the model unloads (the served model stays)."""
+    pool = request.app.ctx.pool
+    source = pool.served.card.source if request.app.ctx.card.matches(name) else weights_of(request, name)
+    if source is None:
+        raise not_found(name, "ollama")
+    loaded = pool.models.get(pool.key_of(source))
+    if loaded is not None:
+        await pool.unload(loaded)
+    return {"model": name, "created_at": proto.now_rfc3339(), key: empty, "done": True, "done_reason": "unload"}
+
+
+def _with_options(body: dict, target: Target) -> dict:
+    """The body with a stored model's parameters under its own options."""
+    if target.stored is None:
+        return body
+    return {**body, "options": stored_defaults.options(target.stored, get(body, "options", "object", {}))}
 
 
 def _loaded(model: str, key: str, empty) -> dict:
@@ -142,13 +163,13 @@ def _chat_piece(role: str):
     return piece
 
 
-async def _run(request: Request, body: dict, model: str, ids: list[int], text: str, piece, final_extra,
+async def _run(request: Request, body: dict, target: Target, ids: list[int], text: str, piece, final_extra,
                admission, parser: ChoiceParser | None = None, show_thinking: bool = True,
                keep_special_tokens: bool = False):
     """Submit one request (its place held by ``admission``) and answer as NDJSON (default) or one
     JSON object (stream false). ``piece(text, thinking, calls) -> dict`` is the per-chunk payload;
     ``final_extra(output_ids)`` adds the closing object's route-specific fields."""
-    engine = request.app.ctx.engine
+    engine, model = target.engine, target.name
     num_top = proto.logprobs_request(body)
     params = proto.parse_options(body, num_prompt_tokens=len(ids), max_model_len=engine.max_model_len,
                                  logprobs=num_top, keep_special_tokens=keep_special_tokens)
@@ -156,7 +177,7 @@ async def _run(request: Request, body: dict, model: str, ids: list[int], text: s
     try:
         stream = await engine.add_request(f"ollama-{uuid.uuid4().hex}", ids, params, prompt_text=text,
                                           log_id=request.ctx.request_id, admission=admission, stream=streaming,
-                                          lora_request=_lora(request, model))
+                                          lora_request=target.lora)
     except RequestRefusedError as e:  # a constraint the engine refused came from `format`
         raise e.renamed({"structured_outputs.json": "format", "structured_outputs.json_object": "format"}) from None
     shape = _OllamaShape(model, len(ids), request.ctx.start, num_top, piece, final_extra, parser, show_thinking)
@@ -171,17 +192,18 @@ def _thinking(body: dict, model: str, formats) -> tuple[dict, bool]:
 
 
 @bp.post("/api/generate")
+@holds_model
 async def generate(request: Request):
     body = parse_json_body(request.body)
-    model = _model(request, body, adapters=True)
-    engine, config = request.app.ctx.engine, request.app.ctx.config
+    prompt = get(body, "prompt", "str", "")
+    context = get(body, "context", "int_list", [])
+    if not prompt and not context and keep_alive_of(body) == 0:
+        return json_response(await _unload(request, model_name(body), "response", ""))
+    target = await target_of(request, body)
+    model, engine, config = target.name, target.engine, request.app.ctx.config
     require_capability(engine, GENERATE, f'"{model}" does not support generate')
     proto.refuse_unsupported(body)
-    prompt = get(body, "prompt", "str", "")
     system = get(body, "system", "str")
-    context = get(body, "context", "int_list", [])
-    if not isinstance(body.get("keep_alive"), (str, int, float, type(None))):
-        raise RequestError("keep_alive must be a duration string or a number of seconds", param="keep_alive")
     if not prompt and not context:
         return json_response(_loaded(model, "response", ""))
     raw = get(body, "raw", "bool", False)
@@ -193,55 +215,90 @@ async def generate(request: Request):
     def encode(tokenizer) -> tuple[str, list[int]]:
         if raw:
             return prompt, tokenizer(prompt).input_ids if prompt else []
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return render_chat(tokenizer, messages, config.chat_template, template_kwargs=template_kwargs)
+        if target.stored is not None:
+            messages = stored_defaults.generate_messages(target.stored, prompt, system, with_context=bool(context))
+        else:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return render_prompt(tokenizer, target, messages, template_kwargs=template_kwargs)
 
-    formats = request.app.ctx.chat_output
+    formats = target.formats
     template_kwargs, show_thinking = _thinking(body, model, formats)
     parser = formats.parser(tools=False) if not raw else None
     with engine.admit(1) as admission:  # before the prompt waits for the tokenizer thread
         text, ids = await engine.with_tokenizer(encode)
         ids = list(context) + ids
-        return await _run(request, body, model, ids, text, _generate_piece,
+        return await _run(request, _with_options(body, target), target, ids, text, _generate_piece,
                           lambda out_ids: {"context": ids + out_ids}, admission, parser, show_thinking)
 
 
 @bp.post("/api/chat")
+@holds_model
 async def chat(request: Request):
     body = parse_json_body(request.body)
-    model = _model(request, body, adapters=True)
-    engine, config = request.app.ctx.engine, request.app.ctx.config
+    messages = normalize_messages(get(body, "messages", "array", []))
+    config = request.app.ctx.config
+    if not messages and keep_alive_of(body) == 0:
+        return json_response(await _unload(request, model_name(body), "message",
+                                           {"role": config.response_role, "content": ""}))
+    target = await target_of(request, body)
+    model, engine = target.name, target.engine
     require_capability(engine, GENERATE, f'"{model}" does not support chat')
     proto.refuse_unsupported(body)
-    messages = normalize_messages(get(body, "messages", "array", []))
     if not messages:
         return json_response(_loaded(model, "message", {"role": config.response_role, "content": ""}))
-    formats = request.app.ctx.chat_output
+    if target.stored is not None:
+        messages = stored_defaults.chat_messages(target.stored, messages)
+    formats = target.formats
     tools = parse_tools(body.get("tools"))
     template_kwargs, show_thinking = _thinking(body, model, formats)
     parser = formats.parser(tools=bool(tools))
     with engine.admit(1) as admission:  # before the template waits for the tokenizer thread
-        text, ids = await engine.with_tokenizer(lambda tokenizer: render_chat(
-            tokenizer, messages, config.chat_template, tools=tools, template_kwargs=template_kwargs))
-        return await _run(request, body, model, ids, text, _chat_piece(config.response_role), lambda out_ids: {},
+        text, ids = await engine.with_tokenizer(lambda tokenizer: render_prompt(
+            tokenizer, target, messages, tools=tools, template_kwargs=template_kwargs))
+        return await _run(request, _with_options(body, target), target, ids, text, _chat_piece(config.response_role),
+                          lambda out_ids: {},
                           admission, parser, show_thinking,
                           keep_special_tokens=bool(tools) and formats.needs_special_tokens)
 
 
 @bp.get("/api/tags")
 async def tags(request: Request):
-    return json_response(proto.tags(request.app.ctx.card))
+    card = request.app.ctx.card
+    listed = proto.tags(card)
+    listed["models"] += [proto.stored_tag(m, _card_of(request, m)) for m in request.app.ctx.store.list()
+                         if not card.matches(m.name)]
+    return json_response(listed)
+
+
+def _card_of(request: Request, model) -> object | None:
+    """The ModelCard of a stored model's weights when they are loaded, else None."""
+    pool = request.app.ctx.pool
+    loaded = pool.models.get(pool.key_of(model.source))
+    return loaded.card if loaded is not None else None
 
 
 @bp.post("/api/show")
 async def show(request: Request):
     body = parse_json_body(request.body)
-    return json_response(proto.show(request.app.ctx.card, _model(request, body)))
+    name = model_name(body)
+    request.ctx.model = name
+    card = request.app.ctx.card
+    if card.matches(name):
+        return json_response(proto.show(card, name))
+    model = stored_model(request, name)
+    if model is None:
+        raise RequestError(f"model '{name}' not found", param="model", status=404)
+    return json_response(proto.show_stored(model, _card_of(request, model)))
 
 
 @bp.get("/api/ps")
 async def ps(request: Request):
-    return json_response(proto.ps(request.app.ctx.card))
+    pool, store = request.app.ctx.pool, request.app.ctx.store
+    names: dict[str, list[str]] = {m.key: [] for m in pool.loaded()}
+    for stored in store.list():  # the stored models over each loaded model's weights
+        names.get(pool.key_of(stored.source), []).append(stored.name)
+    names[pool.served.key] = list(pool.served.card.names)
+    return json_response(proto.ps([(names[m.key] or list(m.card.names), m) for m in pool.loaded()]))
 
 
 @bp.get("/api/version")

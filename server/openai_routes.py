@@ -1,10 +1,13 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (JSON or SSE), and
 vLLM's /tokenize, /detokenize, /health, /version (/v1/embeddings is server/embedding_routes.py). A
-request's `model` is a served name of the base model or the name of a LoRA adapter (listed by
-/v1/models with the base model as its parent).
+request's `model` is a served name of the base model, the name of a LoRA adapter (listed by
+/v1/models with the base model as its parent) or, on the generating routes, a stored model (its
+parameters filling the fields the request leaves out; its system prompt, messages and template as
+on Ollama's routes) or weights by path, loaded on demand (server/model_pool.py).
 """
 from __future__ import annotations
 
+import datetime
 import time
 import uuid
 
@@ -12,12 +15,14 @@ from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
 
 import jaxserve
+from jaxserve import stored_defaults
 from jaxserve.async_engine import GENERATE, RequestRefusedError
 from jaxserve.input_processor import RequestValidationError, check_token_ids
 from jaxserve.lora import LoRARequest
 from jaxserve.server import logprobs
 from jaxserve.server import openai_protocol as proto
 from jaxserve.server.chat import normalize_messages, render_chat
+from jaxserve.server.model_targets import STORED_ADAPTER_PREFIX, Target, holds_model, render_prompt, resolve
 from jaxserve.server.streaming import Shape, respond
 from jaxserve.server.tool_calls import ParsedText
 from jaxserve.server.validation import RequestError, get, parse_json_body, require_capability
@@ -38,6 +43,15 @@ def _target(request: Request, name: str | None) -> tuple[str, LoRARequest | None
         raise RequestError(f"The model `{name}` does not exist.", param="model", status=404,
                            code="model_not_found")
     return name, lora
+
+
+async def _resolve(request: Request, body: dict) -> tuple[Target, dict]:
+    """The model a generating request names (served, an adapter, a stored model or weights by path,
+    loaded if need be: the route must be wrapped in @holds_model) and the body with a stored
+    model's parameters where the request sets nothing."""
+    name = get(body, "model", "str") or request.app.ctx.card.names[0]
+    target = await resolve(request, name, api="openai")
+    return target, (stored_defaults.openai_body(target.stored, body) if target.stored is not None else body)
 
 
 def _model(request: Request, name: str | None) -> str:
@@ -62,11 +76,11 @@ def _constraint_field(field: str | None) -> dict[str, str]:
 
 async def _add_all(request: Request, prompts: list[tuple[list[int], str | None]], params, kind: str,
                    admission, stream: bool, field_names: dict[str, str] | None = None,
-                   lora: LoRARequest | None = None) -> list:
+                   lora: LoRARequest | None = None, engine=None) -> list:
     """One engine request per prompt, each taking its places from ``admission``; if any is refused,
     the ones already queued are aborted, and the refusal names its field as this API does
-    (``field_names``: the engine's name -> this API's)."""
-    engine = request.app.ctx.engine
+    (``field_names``: the engine's name -> this API's; ``engine``: default the served model's)."""
+    engine = engine or request.app.ctx.engine
     base = f"{kind}-{uuid.uuid4().hex}"
     streams = []
     try:
@@ -230,17 +244,18 @@ def _call_fragment(f) -> dict:
 # ---- /v1/completions -----------------------------------------------------------------------------
 
 @bp.post("/v1/completions")
+@holds_model
 async def completions(request: Request):
-    req = proto.parse_completion(parse_json_body(request.body))
-    model, lora = _target(request, req.model)
-    engine = request.app.ctx.engine
+    target, body = await _resolve(request, parse_json_body(request.body))
+    req = proto.parse_completion(body)
+    model, lora, engine = target.name, target.lora, target.engine
     require_capability(engine, GENERATE, _embedding_only(model, "Completions"))
     # Places are held (or refused) before the prompts wait for the tokenizer thread.
     with engine.admit(len(req.prompts) * req.params.n,
                       what="n" if len(req.prompts) == 1 else "n times the number of prompts") as admission:
         prompts = await engine.with_tokenizer(lambda tokenizer: _tokenize(tokenizer, req.prompts))
         streams = await _add_all(request, prompts, req.params, "cmpl", admission, req.stream,
-                                 _constraint_field(req.constraint_field), lora)
+                                 _constraint_field(req.constraint_field), lora, engine)
     choices = proto.CompletionChoices(engine.tokenizer, prompts, req.params.n, req.echo, req.params.logprobs)
     shape = _CompletionsShape(streams[0].request_id, model, req, choices, sum(len(ids) for ids, _ in prompts))
     return await respond(request, streams, shape, stream=req.stream)
@@ -249,21 +264,23 @@ async def completions(request: Request):
 # ---- /v1/chat/completions ------------------------------------------------------------------------
 
 @bp.post("/v1/chat/completions")
+@holds_model
 async def chat_completions(request: Request):
-    formats = request.app.ctx.chat_output
-    req = proto.parse_chat(parse_json_body(request.body), formats)
-    model, lora = _target(request, req.model)
-    engine, config = request.app.ctx.engine, request.app.ctx.config
+    target, body = await _resolve(request, parse_json_body(request.body))
+    formats, config = target.formats, request.app.ctx.config
+    req = proto.parse_chat(body, formats)
+    model, lora, engine = target.name, target.lora, target.engine
     require_capability(engine, GENERATE, _embedding_only(model, "Chat Completions"))
+    messages = stored_defaults.chat_messages(target.stored, req.messages) if target.stored else req.messages
     # tool_choice none: the prompt leaves the tools out, so the model answers in words.
     tools = req.tools if req.parses_tools else None
     with engine.admit(req.params.n) as admission:  # before the template waits for the tokenizer thread
-        text, ids = await engine.with_tokenizer(lambda tokenizer: render_chat(
-            tokenizer, req.messages, config.chat_template, add_generation_prompt=req.add_generation_prompt,
-            tools=tools, template_kwargs=req.template_kwargs))
+        text, ids = await engine.with_tokenizer(lambda tokenizer: render_prompt(
+            tokenizer, target, messages, add_generation_prompt=req.add_generation_prompt, tools=tools,
+            template_kwargs=req.template_kwargs))
         (stream,) = await _add_all(request, [(ids, text)], req.params, "chatcmpl", admission, req.stream,
                                    {"prompt": "messages", "max_tokens": req.max_tokens_field,
-                                    **_constraint_field(req.constraint_field)}, lora)
+                                    **_constraint_field(req.constraint_field)}, lora, engine)
     shape = _ChatShape(stream.request_id, model, req, config.response_role, len(ids), formats)
     return await respond(request, [stream], shape, stream=req.stream)
 
@@ -277,11 +294,20 @@ def _model_entry(card, name: str, lora: LoRARequest | None) -> dict:
             "parent": parent, "max_model_len": card.max_model_len}
 
 
+def _stored_entry(model) -> dict:
+    """A stored model's /v1/models entry: its root is its weights, its parent what it was made FROM."""
+    created = int(datetime.datetime.fromisoformat(model.created_at.replace("Z", "+00:00")).timestamp())
+    return {"id": model.name, "object": "model", "created": created, "owned_by": "jaxserve", "root": model.source,
+            "parent": model.base}
+
+
 @bp.get("/v1/models")
 async def models(request: Request):
     card = request.app.ctx.card
     data = [_model_entry(card, name, None) for name in card.names]
-    data += [_model_entry(card, name, lora) for name, lora in request.app.ctx.engine.loras.items()]
+    data += [_model_entry(card, name, lora) for name, lora in request.app.ctx.engine.loras.items()
+             if not name.startswith(STORED_ADAPTER_PREFIX)]
+    data += [_stored_entry(m) for m in request.app.ctx.store.list() if not card.matches(m.name)]
     return json_response({"object": "list", "data": data})
 
 

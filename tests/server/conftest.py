@@ -13,6 +13,7 @@ def server(tmp_path_factory):
     """The default server (no API key, profiling on), shared by every test that needs one."""
     folder = tmp_path_factory.mktemp("server")
     with running(["--served-model-name", MODEL, "--max-queue", "512"], folder / "serve.log",
-                 env={"JAXSERVE_PROFILER_DIR": str(folder / "profiles")}) as srv:
+                 env={"JAXSERVE_PROFILER_DIR": str(folder / "profiles"),
+                      "JAXSERVE_MODELS": str(folder / "store")}) as srv:  # an empty store: one model listed
         yield srv
 

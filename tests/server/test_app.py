@@ -50,7 +50,8 @@ def test_server_config_refuses_bad_values(kwargs, words):
 def test_the_http_timeouts_and_the_listen_backlog_reach_sanic(monkeypatch):
     engine = SimpleNamespace(max_model_len=64, stats=lambda: None)
     config = ServerConfig(("m",), request_timeout=7.0, keep_alive_timeout=3.0, backlog=4096)
-    app = create_app(engine, SimpleNamespace(names=("m",)), config, name="test-http-settings")
+    app = create_app(engine, SimpleNamespace(names=("m",), source="/m", size_bytes=0), config,
+                     name="test-http-settings")
     # The response timeout starts as the request timeout (a body still arriving); the app lifts it
     # per request once the body is in (tests/server/test_burst.py checks both over HTTP).
     assert (app.config.REQUEST_TIMEOUT, app.config.RESPONSE_TIMEOUT, app.config.KEEP_ALIVE_TIMEOUT) == (7.0, 7.0, 3.0)

@@ -3,6 +3,7 @@ stats in nanoseconds, and model descriptions the `ollama` client's own types acc
 from __future__ import annotations
 
 import dataclasses
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +11,7 @@ from ollama._types import ListResponse, ProcessResponse, ShowResponse
 
 from jaxserve.server import ollama_protocol as proto
 from jaxserve.server.model_card import ModelCard
+from jaxserve.server.model_pool import LoadedModel, parse_keep_alive
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.server.validation import RequestError
 
@@ -118,5 +120,24 @@ def test_model_descriptions_parse_with_the_ollama_client_types(tmp_path):
     show = ShowResponse(**proto.show(card, "tiny"))
     assert show.modelinfo["llama.block_count"] == 2 and show.parameters == 'stop "</s>"'
     assert show.template == "{{ messages }}" and show.details.family == "llama"
-    ps = ProcessResponse(**proto.ps(card))
+    served = LoadedModel("/tiny", engine=None, card=card, formats=None, size=5000, pinned=True)
+    other = LoadedModel("/other", engine=None, card=card, formats=None, size=3000, device_bytes=3000,
+                        expires_at=time.time() + 60)
+    ps = ProcessResponse(**proto.ps([(["tiny"], served), (["a", "b:v1"], other)]))
+    assert [m.model for m in ps.models] == ["tiny:latest", "a:latest", "b:v1"]
     assert ps.models[0].context_length == 64 and ps.models[0].expires_at.year > 2100
+    assert ps.models[0].size == 5000 and ps.models[0].size_vram == 0 and ps.models[2].size_vram == 3000
+    assert 50 < (ps.models[1].expires_at.timestamp() - time.time()) <= 60
+
+
+@pytest.mark.parametrize("value,seconds", [(0, 0.0), (30, 30.0), (1.5, 1.5), ("10m", 600.0), ("1h30m", 5400.0),
+                                           ("250ms", 0.25), ("300", 300.0), ("0", 0.0), ("0s", 0.0),
+                                           (-1, float("inf")), ("-1m", float("inf")), ("-1", float("inf"))])
+def test_keep_alive_is_read_as_ollama_reads_it(value, seconds):
+    assert parse_keep_alive(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "10x", "", True, [5], {"m": 1}, "m"])
+def test_keep_alive_that_is_no_duration_is_refused(value):
+    with pytest.raises(ValueError, match="keep_alive"):
+        parse_keep_alive(value)
