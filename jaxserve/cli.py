@@ -6,7 +6,7 @@ vLLM's; flag > JAXSERVE_* environment > ``--config`` YAML > default). ``jaxserve
 "prompt"`` streams one completion. ``jaxserve lower --platform cuda [MODEL]`` lowers every step graph
 an engine with these flags would compile, for a platform this machine need not have
 (jaxserve/lowering.py). ``create``, ``list``, ``show``, ``cp`` and ``rm`` manage the model store
-(jaxserve/store_cli.py).
+(jaxserve/store_cli.py); ``ps``, ``stop`` and ``pull`` ask a running server (jaxserve/client_cli.py).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from jaxserve import store_cli
+from jaxserve import client_cli, store_cli
 from jaxserve.engine_args import (CACHE_ROOT_ENV, ENGINE_OPTIONS, EngineArgs, add_arguments, option, options_of,
                                   read_config_file, resolve_options)
 
@@ -588,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"KV cache pages (default: from --kv-cache-memory, else {DEFAULT_NUM_PAGES})")
     add_arguments(low, ENGINE_OPTIONS)
     store_cli.add_parsers(sub)
+    client_cli.add_parsers(sub)
     return parser
 
 
@@ -597,9 +598,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"serve": _serve, "run": _run, "generate": _generate, "lower": _lower, **store_cli.COMMANDS}
+    commands = {"serve": _serve, "run": _run, "generate": _generate, "lower": _lower, **store_cli.COMMANDS,
+                **client_cli.COMMANDS}
     try:
         return commands[args.command](args)
+    except client_cli.ServerError as e:  # as Ollama's client: the server's word, exit status 1
+        parser.exit(1, f"jaxserve: error: {e}\n")
     except (ValueError, OSError) as e:  # bad flags or files, a port in use: no traceback
         parser.exit(2, f"jaxserve: error: {e}\n")
 

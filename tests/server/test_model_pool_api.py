@@ -2,7 +2,8 @@
 (at most three models loaded, OLLAMA_KEEP_ALIVE 10m) loads stored models over other tiny weights on
 demand; each answers as its own LLM does, also interleaved with the served model; keep_alive 0
 unloads and the next request reloads; the least recently used idle model makes room; a model that
-cannot load gets an error while the others keep serving; /api/ps and /metrics follow."""
+cannot load gets an error while the others keep serving; /api/ps and /metrics follow; `jaxserve ps`,
+`stop` and `pull` ask this server."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +11,10 @@ import datetime
 import hashlib
 import http.server
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -262,3 +266,38 @@ def test_pull_from_a_hub_streams_progress_and_stores_the_model(server, client):
     with pytest.raises(ollama.ResponseError) as e:
         client.pull("hf.co/tester/nothing-here:Q8_0")
     assert e.value.status_code == 404 and "no such repository" in e.value.error
+
+
+def test_the_cli_lists_stops_and_pulls_through_the_server(server, client):
+    env = {**os.environ, "JAXSERVE_HOST": server.url}
+
+    def jaxserve(*argv) -> tuple[int, str, str]:
+        done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "jaxserve"), *argv], env=env,
+                              capture_output=True, text=True, timeout=120)
+        return done.returncode, done.stdout, done.stderr
+
+    client.generate(model="second", prompt="", keep_alive="10m")
+    digests = {m.model: m.digest[:12] for m in client.ps().models}
+    code, out, err = jaxserve("ps")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "ID", "SIZE", "PROCESSOR", "UNTIL"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}  # NAME ID SIZE (2 words) PROCESSOR UNTIL
+    assert rows["tiny:latest"][1] == digests["tiny:latest"]
+    assert rows["tiny:latest"][4:] == ["100%", "CPU", "Forever"]
+    assert rows["second:latest"][1] == digests["second:latest"]
+    assert rows["second:latest"][4:] in (["100%", "CPU", "9", "minutes", "from", "now"],
+                                         ["100%", "CPU", "10", "minutes", "from", "now"])
+    assert jaxserve("stop", "second") == (0, "", "")
+    assert "second:latest" not in _loaded(client)
+    assert jaxserve("stop", "nothing") == (1, "", 'jaxserve: error: couldn\'t find model "nothing" to stop\n')
+    code, _, err = jaxserve("stop", MODEL)
+    assert code == 1 and err.startswith("jaxserve: error: tiny:latest is still loaded: the model `jaxserve serve`")
+
+    code, out, err = jaxserve("pull", f"hf.co/{HUB_REPO}:Q8_0")
+    lines = err.splitlines()
+    assert (code, out, lines[0]) == (0, "", "pulling manifest")
+    assert lines[-4:] == [f"pulling {FakeHub.sha256[:12]}: 100% 1.0 MB/1.0 MB", "verifying sha256 digest",
+                          "writing manifest", "success"]
+    code, out, err = jaxserve("pull", f"hf.co/{HUB_REPO}")
+    assert code == 1 and err.startswith("jaxserve: error: ") and "Q4_K_M" in err
