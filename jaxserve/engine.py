@@ -162,6 +162,7 @@ class LLMEngine:
         memory_limit = accelerator_memory_limit() if cache.kv_cache_memory is None else None
         # On an accelerator the cache gets what the weights and the largest step leave, the
         # step's share measured by XLA on its compiled graphs, not guessed.
+        # (The target's graphs only: a draft model's mirror and propose buffers are not counted yet.)
         step_bytes = step_memory_bytes(loaded.model, loaded.params, **shape) if memory_limit is not None else 0
         weight_bytes, draft_page_bytes = param_bytes(loaded.params), 0
         if draft is not None:  # the draft's cache has a page for each of the target's, sized by one budget

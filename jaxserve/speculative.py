@@ -15,6 +15,10 @@ come from the **propose** graph, k greedy steps of the draft model in one `lax.f
 after scheduling (the scheduler has by then given the drafts their pages and trimmed them to
 the budget). Greedy drafts are certain (q one-hot), so verification is the n-gram one and the
 emitted tokens are distributed as the target alone would sample them.
+
+The mirror computes a drafting row's last token and first k - 1 drafts again, after propose has
+already written the same K/V: that is k of the draft's tokens per row per step spent on having no
+per-request state. Skipping them would leave only the k-th draft to write.
 """
 from __future__ import annotations
 
