@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.block_pool import NULL_PAGE
+from jaxserve.code_maps import release_dropped_graphs
 from jaxserve.models.metadata import AttentionMetadata, KVCache
 from jaxserve.models.pooling import pool
 from jaxserve.models.quantization import weights_dtype
@@ -128,6 +129,7 @@ class PoolingRunner:
     def warmup(self) -> None:
         """Compile every bucket's graph now (lowered here, compiled on worker threads)."""
         todo = [b for b in self.buckets if b not in self._compiled]
+        release_dropped_graphs()
         with ThreadPoolExecutor(_COMPILE_THREADS) as pool_:
             started = {b: (time.perf_counter(), pool_.submit(self._lower(b).compile)) for b in todo}
             for bucket, (start, future) in started.items():

@@ -57,6 +57,7 @@ from jax.sharding import Mesh
 
 from jaxserve import sampling
 from jaxserve.block_pool import NULL_PAGE
+from jaxserve.code_maps import release_dropped_graphs
 from jaxserve.graph_cache import ExportedGraphStore, describe_arguments, describe_callable, platform_fingerprint
 from jaxserve.lora import LoRAAdapter, LoRAConfig
 from jaxserve.models.lora import LoRAWeights, module_shapes, write_slot
@@ -499,6 +500,7 @@ class ModelRunner:
         cache): XLA releases the GIL, lowering holds it. Measured on 2 vCPUs, warm: SmolLM2's 7
         graphs of `jaxserve run` in about 1.0 s instead of 1.85 s one after another."""
         todo = [key for key in self.warmup_keys if key not in self._compiled]
+        release_dropped_graphs()
         with ThreadPoolExecutor(max_workers=_COMPILE_THREADS) as pool:
             pending = []
             for key in todo:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.block_pool import NULL_PAGE
+from jaxserve.code_maps import release_dropped_graphs
 from jaxserve.config import SpeculativeConfig
 from jaxserve.models.metadata import AttentionMetadata, KVCache
 from jaxserve.request import Request
@@ -258,6 +259,7 @@ class DraftModelSpeculator(Speculator):
     def warmup(self) -> None:
         """Compile every mirror and propose graph (lowered here, compiled by worker threads)."""
         todo = [key for key in self.warmup_keys if key not in self._compiled]
+        release_dropped_graphs()
         with ThreadPoolExecutor(max_workers=2) as pool:
             pending = []
             for key in todo:

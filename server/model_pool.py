@@ -17,6 +17,8 @@ import re
 import time
 from collections.abc import Callable
 
+from jaxserve.code_maps import release_dropped_graphs
+
 logger = logging.getLogger("jaxserve.server")
 
 KEEP_ALIVE_DEFAULT = 300.0  # Ollama's 5 minutes
@@ -126,6 +128,9 @@ class ModelPool:
         await model.engine.shutdown()
         if self.on_unload is not None:
             self.on_unload(model)
+        # Its weights, cache and compiled graphs sit in reference cycles: collect them once the
+        # callers have let go of it (jaxserve/code_maps.py), and before the next load.
+        asyncio.get_running_loop().call_soon(release_dropped_graphs, True)
         self._changed.set()
         return True
 
@@ -134,9 +139,9 @@ class ModelPool:
         while True:
             await asyncio.sleep(period)
             now = time.time()
-            for model in self.loaded():
-                if not model.active and model.expires_at <= now:
-                    await self.unload(model)
+            expired = [m for m in self.loaded() if not m.active and m.expires_at <= now]
+            while expired:  # popped, so no local name keeps an unloaded engine alive
+                await self.unload(expired.pop())
 
     async def close(self) -> None:
         for task in list(self._loading.values()):
@@ -151,6 +156,7 @@ class ModelPool:
             if self.loader is None:
                 raise ModelLoadError("this server serves one model (no other can be loaded)")
             await self._make_room(_files_size(key))
+            release_dropped_graphs(force=True)  # the models just unloaded leave memory first
             started = time.monotonic()
             try:
                 model = await asyncio.to_thread(self.loader, source)

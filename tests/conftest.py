@@ -18,6 +18,7 @@ os.environ.setdefault("JAXSERVE_DTYPE", "float32")
 
 import pytest
 
+from jaxserve.code_maps import release_dropped_graphs
 from testlib import (MINILM_ENGINE_ARGS, SMOLLM2_ENGINE_ARGS, TINY_ADAPTERS, TINY_CONFIGS, make_hf_model,
                      make_peft_adapter, minilm_path, save_tiny_tokenizer)
 
@@ -47,6 +48,15 @@ def tiny_adapters(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     return {name: (str(root / name), make_peft_adapter(hf, root / name, seed=i + 1, **config))
             for i, (name, config) in enumerate(TINY_ADAPTERS.items())}
+
+
+@pytest.fixture(autouse=True)
+def _unmap_dropped_graphs():
+    """After each test, free the engines it dropped once their code crowds the process's memory
+    mappings: the suite builds hundreds of engines in one process, and at Linux's cap of 65,530
+    mappings the next executable's load crashes (jaxserve/code_maps.py)."""
+    yield
+    release_dropped_graphs()
 
 
 def pytest_generate_tests(metafunc):

@@ -167,3 +167,46 @@ def test_no_room_beside_the_served_model_is_an_error():
             await pool_of(None).acquire("/a")
 
     asyncio.run(main())
+
+
+class CyclicEngine(FakeEngine):
+    """An engine whose objects refer to each other, as a real one's compiled graphs do: only a
+    full garbage collection frees it."""
+
+    def __init__(self):
+        super().__init__()
+        self.itself = self
+
+
+def test_an_unloaded_models_engine_is_collected_without_waiting_for_the_gc():
+    import gc
+    import weakref
+
+    engines = []
+
+    def loader(source):
+        engines.append(weakref.ref(engine := CyclicEngine()))
+        return LoadedModel(ModelPool.key_of(source), engine, SimpleNamespace(source=source, names=(source,)), None,
+                           size=10)
+
+    async def main():
+        pool = pool_of(loader)
+        a = await pool.acquire("/a")
+        pool.release(a, 0.01)
+        del a
+        reaper = asyncio.ensure_future(pool.reap(period=0.02))
+        await asyncio.sleep(0.2)
+        assert keys(pool) == ["/served"]
+        reaper.cancel()
+        assert engines[0]() is None  # the reaper's unload collected it
+        b = await pool.acquire("/b")
+        pool.release(b, 0)  # keep_alive 0: unloaded as the request ends
+        del b
+        await asyncio.sleep(0.05)
+        assert keys(pool) == ["/served"] and engines[1]() is None
+
+    gc.disable()  # only the pool's own collection can free the cycles
+    try:
+        asyncio.run(main())
+    finally:
+        gc.enable()
