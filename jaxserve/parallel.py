@@ -114,8 +114,7 @@ def param_shardings(params, mesh: Mesh, model_config):
         axes = tuple(weight) or (None,) * leaf.ndim  # P() replicates: no axis split
         splits_contracted = any(axes[i] is not None for i in leaf.contracted)
         scale = P() if splits_contracted else P(*(a for i, a in enumerate(axes) if i not in leaf.contracted))
-        return QuantizedWeight(q=NamedSharding(mesh, weight), scale=NamedSharding(mesh, scale),
-                               contracted=leaf.contracted)
+        return dataclasses.replace(leaf, q=NamedSharding(mesh, weight), scale=NamedSharding(mesh, scale))
 
     return jax.tree_util.tree_map_with_path(spec, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
 

@@ -1,8 +1,10 @@
 """`--quantization int8` on the bundled SmolLM2: the layers' projections live on the device as
 int8, nothing compiles after warm-up, `jaxserve generate` takes the flag, and the accuracy
 figures of issue 15 against float32: teacher-forced greedy agreement >= 90% over 16 prompts x 64
-tokens (measured 0.926), and perplexity on a fixed text of about 350 tokens: measured +3.3%, over the
-issue's 2% (int8 activations with one scale per token; the 4% bound here catches a regression).
+tokens (measured 0.973), and perplexity within 2% on a fixed text of about 350 tokens (measured
++1.3%; with one int8 scale per token, before each token's outliers were split out, 0.926 and +3.3%).
+On a text this short the figure moves with equally good roundings: a 1e-4 relative jitter of the
+weights before quantizing gave +0.1% to +0.9% over three draws.
 
 Agreement is teacher-forced: at every position of float32's greedy continuation, is int8's most
 likely next token float32's? (Run free, the two part ways at the first near-tie and compare
@@ -101,7 +103,7 @@ def test_int8_agrees_with_float32_on_next_tokens_and_perplexity(smollm2_llm, int
     fp32_ppl, int8_ppl = perplexity(smollm2_llm, text), perplexity(int8_llm, text)
     print(f"int8 vs float32: next-token agreement {agreement:.3f}, perplexity {int8_ppl:.3f} vs {fp32_ppl:.3f}")
     assert agreement >= 0.90
-    assert abs(int8_ppl / fp32_ppl - 1) <= 0.04
+    assert abs(int8_ppl / fp32_ppl - 1) <= 0.02
 
 
 def test_generate_command_takes_the_flag(int8_llm):

@@ -1,7 +1,7 @@
 """int8 weights (models/quantization.py): the stored form reconstructs the weight to half a
-quantization step, the int8 dot computes what its scales say for every projection's einsum, only
-the decoder layers' projections are quantized, and a quantized model computes (nearly) the float
-model's function."""
+quantization step, the int8 dot computes its float reference (each token's outliers split out, the
+rest on its own scale) for every projection's einsum, only the decoder layers' projections are
+quantized, and a quantized model computes (nearly) the float model's function."""
 from __future__ import annotations
 
 import jax
@@ -36,20 +36,48 @@ def test_an_all_zero_channel_stays_zero():
     assert np.array_equal(np.asarray(qw.dequantize()), np.asarray(w))
 
 
+def int8_einsum_reference(spec, x, qw):
+    """int8_einsum in float, row by row: each token's qw.outliers largest-magnitude activations
+    exact, the rest rounded to its own absmax / 127 grid, times the dequantized weight."""
+    n = len(qw.contracted)
+    rows = np.asarray(x, np.float64).reshape(-1, int(np.prod(x.shape[-n:])))
+    kept = np.zeros_like(rows)
+    for r, row in enumerate(rows):
+        top = np.argsort(-np.abs(row), kind="stable")[:qw.outliers]
+        rest = row.copy()
+        rest[top] = 0.0
+        scale = np.abs(rest).max() / 127
+        kept[r] = np.round(rest / scale) * scale
+        kept[r, top] = row[top]
+    return jnp.einsum(spec, jnp.asarray(kept.reshape(x.shape), jnp.float32), qw.dequantize())
+
+
+@pytest.mark.parametrize("outliers", [0, 4])
 @pytest.mark.parametrize("spec,x_shape,w_shape,contracted", PROJECTIONS)
-def test_int8_einsum_is_the_int8_product_of_both_quantized_operands(spec, x_shape, w_shape, contracted):
+def test_int8_einsum_computes_its_reference(spec, x_shape, w_shape, contracted, outliers):
     kx, kw = jax.random.split(jax.random.key(1))
     x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
-    qw = quantize_int8(w, contracted)
+    qw = quantize_int8(w, contracted, outliers)
     got = int8_einsum(spec, x, qw)
-    # The same products in float: each token row quantized with its absmax scale.
-    x_axes = tuple(range(1, len(x_shape)))
-    x_scale = jnp.max(jnp.abs(x), axis=x_axes, keepdims=True) / 127
-    x_q = jnp.round(x / x_scale) * x_scale
-    np.testing.assert_allclose(got, jnp.einsum(spec, x_q, qw.dequantize()), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, int8_einsum_reference(spec, x, qw), rtol=1e-4, atol=1e-4)
     # ... and close to the float product: int8 keeps about two decimal digits.
     exact = jnp.einsum(spec, x, w)
     assert float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)) < 0.02
+
+
+def test_a_tokens_outliers_no_longer_set_its_scale():
+    """One channel 100x the rest, as an RMSNorm output carries: on one scale per token the other
+    channels round to a grid about as coarse as they are large; split out, to 1/127 of their own."""
+    kx, kw = jax.random.split(jax.random.key(2))
+    x = jax.random.normal(kx, (5, 64)).at[:, 7].multiply(100.0)
+    w = jax.random.normal(kw, (64, 48))
+    others = x.at[:, 7].set(0.0) @ w  # the other channels' share of the product
+
+    def activation_error(outliers):  # against the same int8 weights times the exact activations
+        qw = quantize_int8(w, (0,), outliers)
+        return float(jnp.linalg.norm(int8_einsum("TD,DF->TF", x, qw) - x @ qw.dequantize()) / jnp.linalg.norm(others))
+
+    assert activation_error(0) > 0.1 and activation_error(4) < 0.01
 
 
 TINY = ModelConfig(architecture="LlamaForCausalLM", vocab_size=128, hidden_size=64, intermediate_size=96,
@@ -66,6 +94,8 @@ def test_only_the_layer_projections_are_quantized():
             assert layers[module][name].shape == params["layers"][module][name].shape
     assert quantized["embed"] is params["embed"] and layers["attn_norm"]["scale"] is params["layers"]["attn_norm"]["scale"]
     assert layers["attn"]["o_proj"].scale.shape == (2, 64)  # [L, N, H, D] contracts N and H
+    assert layers["attn"]["q_proj"].outliers == layers["mlp"]["down_proj"].outliers == 4
+    assert layers["attn"]["o_proj"].outliers == 0
     assert weights_dtype(quantized) == jnp.float32
     assert quantize_params(params, None) is params
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
