@@ -115,7 +115,10 @@ def test_create_errors(models, capsys):
                                                         str(models / "w" / "Modelfile"))
     assert "No such file or directory" in _fail(capsys, "create", "x", "-f", str(models / "none"))
     assert ModelStore().list() == []
-    assert not [f for _, dirs, files in os.walk(models.parent) for f in dirs + files if "escape" in f]
+    # Nothing named escape in the test's folder (the store's parent) or beside it (other tests'
+    # folders further down may hold files of that name, such as an installed package's escape.py).
+    assert not [f for _, dirs, files in os.walk(models) for f in dirs + files if "escape" in f]
+    assert not list(models.parent.glob("*escape*"))
 
 
 def test_create_reads_modelfile_from_the_working_directory_by_default(models, capsys, monkeypatch):

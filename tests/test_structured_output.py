@@ -192,13 +192,13 @@ def test_the_bitmask_is_filled_while_the_forward_graph_runs(smollm2_llm, monkeyp
     runner = smollm2_llm.engine.runner
     execute, forward_queued = runner.execute, []
 
-    def spying_execute(sched, rows, fill_bitmask=None):
+    def spying_execute(sched, rows, fill_bitmask=None, *rest):
         cache_before = runner.kv_cache
 
         def spy(bitmask):
             forward_queued.append(runner.kv_cache is not cache_before)
             fill_bitmask(bitmask)
-        return execute(sched, rows, spy if fill_bitmask is not None else None)
+        return execute(sched, rows, spy if fill_bitmask is not None else None, *rest)
 
     monkeypatch.setattr(runner, "execute", spying_execute)
     params = SamplingParams(temperature=0.0, max_tokens=80, structured_outputs=StructuredOutputsParams(json=SCHEMA))
