@@ -36,6 +36,7 @@ def test_an_engine_collects_the_dropped_ones_first_when_the_mappings_crowd_the_c
         first = LLM(folder, **TINY)
         runner = weakref.ref(first.engine.runner)
         del first
+        monkeypatch.setattr(code_maps, "_crowded_after_collection", 0)  # no earlier collection counts
         monkeypatch.setattr(code_maps, "mapping_limit", lambda: 2 * code_maps.mapping_count())  # 50% > 40%
         assert runner() is not None  # nothing has collected it yet
         second = LLM(folder, **TINY)  # its warm-up collects before mapping its own code
@@ -48,3 +49,17 @@ def test_an_engine_collects_the_dropped_ones_first_when_the_mappings_crowd_the_c
     finally:
         gc.enable()
         gc.collect()
+
+
+def test_after_a_collection_that_left_the_mappings_crowded_the_next_waits_for_them_to_grow(monkeypatch):
+    """Engines in use keep their mappings through a collection; collecting again at every check
+    would cost seconds each in a big process, so the next waits for a tenth of the limit more."""
+    mapped, collections = [0], []
+    monkeypatch.setattr(code_maps, "mapping_limit", lambda: 1000)
+    monkeypatch.setattr(code_maps, "mapping_count", lambda: mapped[0])
+    monkeypatch.setattr(code_maps, "_crowded_after_collection", 0)
+    monkeypatch.setattr(code_maps.gc, "collect", lambda: collections.append(mapped[0]))
+    for mapped[0] in (399, 500, 550, 599, 600, 650, 300, 450, 701):
+        code_maps.release_dropped_graphs()
+    assert collections == [500, 600, 701]  # 40% of the limit, then 100 more than the last one left
+    assert code_maps.release_dropped_graphs(force=True) and collections[-1] == 701
