@@ -128,8 +128,9 @@ class ModelPool:
         await model.engine.shutdown()
         if self.on_unload is not None:
             self.on_unload(model)
-        # Its weights, cache and compiled graphs sit in reference cycles: collect them once the
-        # callers have let go of it (jaxserve/code_maps.py), and before the next load.
+        # Its weights, cache and compiled graphs sit in reference cycles: collect them at the next
+        # turn of the loop, once the callers have let go of it (jaxserve/code_maps.py); a load
+        # that made room starts its loader thread first.
         asyncio.get_running_loop().call_soon(release_dropped_graphs, True)
         self._changed.set()
         return True
@@ -156,7 +157,6 @@ class ModelPool:
             if self.loader is None:
                 raise ModelLoadError("this server serves one model (no other can be loaded)")
             await self._make_room(_files_size(key))
-            release_dropped_graphs(force=True)  # the models just unloaded leave memory first
             started = time.monotonic()
             try:
                 model = await asyncio.to_thread(self.loader, source)

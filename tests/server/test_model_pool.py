@@ -204,6 +204,13 @@ def test_an_unloaded_models_engine_is_collected_without_waiting_for_the_gc():
         del b
         await asyncio.sleep(0.05)
         assert keys(pool) == ["/served"] and engines[1]() is None
+        pool.max_loaded = 2
+        c = await pool.acquire("/c")
+        pool.release(c, None)
+        del c
+        d = await pool.acquire("/d")  # /c makes room for it
+        assert keys(pool) == ["/d", "/served"] and engines[2]() is None
+        pool.release(d, None)
 
     gc.disable()  # only the pool's own collection can free the cycles
     try:
