@@ -5,6 +5,11 @@ Host side, one `IncrementalDetokenizer` per sequence. Each token decodes a short
 Fast tokenizers run that window logic in Rust (`tokenizers.decoders.DecodeStream`, one call per
 token: transformers' decode wrapper alone cost about 5x the decode per call, most of a 256-stream
 step's host time); other tokenizers run it here, with the streams of a step decoded in one batch.
+
+Byte-level BPE tokenizers (GPT-2's decoder: SmolLM2, Qwen, Llama 3) need no window at all: a
+token's text is its own bytes, whatever came before, so a stream keeps only the bytes of an
+unfinished character and a token whose bytes are whole characters is a table lookup (about a
+tenth of a DecodeStream step, which re-decodes its window every token).
 """
 from __future__ import annotations
 
@@ -37,7 +42,10 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0         # start of the window already turned into text
         self._read_offset = len(context)  # end of the text already returned
         self._prefix_text = self._decode(context)
-        self._stream = self._decoding.stream(context)  # None: the window logic runs in Python
+        # The byte-level tables (None: windows, in Rust or in Python); then no stream is needed.
+        self._pieces_of = self._decoding.byte_level()
+        self._pending = b""  # byte-level: bytes of a character no token has finished yet
+        self._stream = self._decoding.stream(context) if self._pieces_of is None else None  # None: Python windows
         self._backend = self._decoding.backend
         self._pieces: list[str] = []
         self._text: str | None = ""
@@ -76,6 +84,25 @@ class IncrementalDetokenizer:
         self._text = None
         return delta
 
+    def _step_bytes(self, token_id: int) -> str:
+        """A byte-level stream's step: the token's text, or "" while a character is unfinished
+        (its bytes wait in _pending; the text then comes out with the token that ends it, with
+        U+FFFD for bytes that can never form one, as the lossy decode of the whole has it)."""
+        texts, raw = self._pieces_of
+        if token_id >= len(raw):  # past the tokenizer's ids (a model's padded vocabulary): decode drops it
+            return ""
+        piece = texts[token_id] if not self._pending else None
+        if piece is None:
+            self._pending += raw[token_id]
+            piece = self._pending.decode("utf-8", "replace")
+            if piece.endswith(_REPLACEMENT):
+                return ""
+            self._pending = b""
+        if piece:
+            self._pieces.append(piece)
+            self._text = None
+        return piece
+
     def _window(self, token_id: int) -> list[int]:
         """Take the token; the ids whose decode tells what text it completes."""
         self._ids.append(token_id)
@@ -99,6 +126,12 @@ class IncrementalDetokenizer:
         Call once when the sequence finishes, so the total text equals the decode of the output ids.
         """
         self._catch_up()
+        if self._pieces_of is not None:
+            delta, self._pending = self._pending.decode("utf-8", "replace"), b""
+            if delta:
+                self._pieces.append(delta)
+                self._text = None
+            return delta
         if self._read_offset == len(self._ids):
             return ""  # nothing held back
         if self._prefix_text is None:
@@ -116,7 +149,8 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         """All output text returned so far (deferred tokens decoded first)."""
-        self._catch_up()
+        if self._deferred:
+            self._catch_up()
         if self._text is None:
             self._text = "".join(self._pieces)
             self._pieces = [self._text]
@@ -130,7 +164,19 @@ def add_tokens(detokenizers: Sequence[IncrementalDetokenizer], token_ids: Sequen
     pieces = [""] * len(detokenizers)
     groups: dict[_Decoding, list[int]] = {}
     for i, detok in enumerate(detokenizers):
-        if detok._stream is not None:
+        if detok._pieces_of is not None:
+            token_id = token_ids[i]
+            try:
+                piece = detok._pieces_of[0][token_id] if not detok._pending else None
+            except IndexError:  # past the tokenizer's ids (a model's padded vocabulary): decode drops it
+                piece = ""
+            if piece:  # the common case inline: whole characters after whole characters
+                detok._pieces.append(piece)
+                detok._text = None
+                pieces[i] = piece
+            elif piece is None:
+                pieces[i] = detok._step_bytes(token_id)
+        elif detok._stream is not None:
             pieces[i] = detok._step_in_rust(token_ids[i])
         else:
             groups.setdefault(detok._decoding, []).append(i)
@@ -167,6 +213,7 @@ class _Decoding:
             and not getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output",
                             False))
         self.backend: Any = backend if backend is not None and not cleans_up else None
+        self._byte_level: tuple | None | bool = False  # False: not built yet
 
     def decode_batch(self, windows: list[list[int]]) -> list[str]:
         if self.backend is not None:
@@ -175,12 +222,63 @@ class _Decoding:
             return [self.backend.decode(ids, skip_special_tokens=self.skip_special_tokens) for ids in windows]
         return [self.tokenizer.decode(ids, **self.options) if ids else "" for ids in windows]
 
+    def byte_level(self) -> tuple[list[str | None], list[bytes]] | None:
+        """For a byte-level BPE decoder (GPT-2's), per token id: its text when its bytes are whole
+        UTF-8 characters ("" for a skipped special token), else None; and its bytes. None for
+        other decoders. Built once per tokenizer and options (about 0.1 s for 150k tokens)."""
+        if self._byte_level is False:
+            self._byte_level = _byte_level_tables(self.backend, self.skip_special_tokens) if self.backend else None
+        return self._byte_level
+
     def stream(self, context: list[int]):
         """A Rust incremental decoder primed with `context`, or None where decoding runs in Python."""
         if self.backend is None or _DecodeStream is None:
             return None
         return _DecodeStream(ids=list(context), skip_special_tokens=self.skip_special_tokens)
 
+
+def _byte_level_tables(backend, skip_special_tokens: bool) -> tuple[list[str | None], list[bytes]] | None:
+    """`_Decoding.byte_level`'s tables, read off the vocabulary the way the ByteLevel decoder reads
+    it: each char of a token stands for one byte (GPT-2's printable map), and a token with a char
+    outside the map stands for its own UTF-8. Added tokens take their text from decode itself."""
+    from tokenizers import decoders
+
+    if not isinstance(backend.decoder, decoders.ByteLevel) or _BYTE_OF_CHAR is None:
+        return None  # no decoder, or one with more steps (SentencePiece's spaces, byte fallback)
+    added = backend.get_added_tokens_decoder()
+    texts: list[str | None] = []
+    raw: list[bytes] = []
+    byte_of = _BYTE_OF_CHAR
+    for token_id in range(backend.get_vocab_size(with_added_tokens=True)):
+        token = added.get(token_id)
+        if token is not None:
+            text = "" if skip_special_tokens and token.special else backend.decode([token_id], skip_special_tokens=False)
+            data = text.encode()
+        else:
+            piece = backend.id_to_token(token_id)
+            if piece is None:  # a hole in the ids: decode drops it
+                data, text = b"", ""
+            else:
+                try:
+                    data = bytes([byte_of[c] for c in piece])
+                except KeyError:
+                    data = piece.encode()
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = None  # part of a character: the stream collects its bytes
+        if text is not None and text.endswith(_REPLACEMENT):
+            text = None  # held back as DecodeStream holds any text ending in U+FFFD
+        texts.append(text)
+        raw.append(data)
+    return texts, raw
+
+
+try:  # the ByteLevel decoder's char -> byte map (GPT-2's)
+    from transformers.convert_slow_tokenizer import bytes_to_unicode as _bytes_to_unicode
+    _BYTE_OF_CHAR = {char: byte for byte, char in _bytes_to_unicode().items()}
+except ImportError:  # pragma: no cover - without transformers: DecodeStream
+    _BYTE_OF_CHAR = None
 
 try:  # tokenizers >= 0.21
     from tokenizers.decoders import DecodeStream as _DecodeStream

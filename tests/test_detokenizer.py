@@ -26,10 +26,13 @@ def tokenizer():
     return transformers.AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-@pytest.fixture(autouse=True, params=["rust", "python"])
+@pytest.fixture(autouse=True, params=["bytes", "rust", "python"])
 def window_logic(request, monkeypatch):
-    """Every test twice: with the window logic in Rust (DecodeStream, fast tokenizers) and in
-    Python (what other tokenizers use), which must agree with each other and with decode."""
+    """Every test three times: with SmolLM2's byte-level tables (its default), with the window
+    logic in Rust (DecodeStream, other fast tokenizers) and in Python (what other tokenizers
+    use), which must agree with each other and with decode."""
+    if request.param != "bytes":
+        monkeypatch.setattr(detokenizer._Decoding, "byte_level", lambda self: None)
     if request.param == "python":
         monkeypatch.setattr(detokenizer, "_DecodeStream", None)
     return request.param
@@ -96,6 +99,31 @@ def test_no_prompt_and_prompt_ending_mid_character(tokenizer):
 def test_uses_the_rust_stream_only_for_fast_tokenizers(tokenizer, window_logic):
     det = IncrementalDetokenizer(tokenizer, [])
     assert (det._stream is not None) == (window_logic == "rust")
+    assert (det._pieces_of is not None) == (window_logic == "bytes")
+
+
+def test_byte_level_tables_match_decode_for_every_token(tokenizer, window_logic):
+    if window_logic != "bytes":
+        pytest.skip("the byte-level tables only")
+    backend = tokenizer.backend_tokenizer
+    for skip in (True, False):
+        texts, raw = decoding_for(tokenizer, skip).byte_level()
+        assert len(texts) == len(raw) == len(tokenizer)
+        for token_id, (text, data) in enumerate(zip(texts, raw)):
+            alone = backend.decode([token_id], skip_special_tokens=skip)
+            assert data.decode("utf-8", "replace") == alone
+            if text is not None:  # whole characters: the lookup is the token's text
+                assert text == alone and not text.endswith("\ufffd")
+            else:  # part of a character (or a literal U+FFFD at its end): held back
+                assert alone.endswith("\ufffd")
+    assert 0 < sum(text is None for text in texts) < len(texts) // 10  # a few are parts of characters
+
+
+def test_ids_past_the_tokenizer_are_dropped_as_decode_drops_them(tokenizer):
+    # A model's vocabulary may be padded past its tokenizer's (Qwen2.5: 151,936 against 151,665).
+    ids = tokenizer.encode("Hi") + [len(tokenizer) + 5] + tokenizer.encode(" there")
+    det = IncrementalDetokenizer(tokenizer, [])
+    assert "".join(add_tokens([det], [t])[0] for t in ids) + det.flush() == tokenizer.decode(ids) == "Hi there"
 
 
 def test_unfinished_character_after_a_prompt_is_flushed(tokenizer, chat_prompt):
@@ -117,6 +145,16 @@ def test_invalid_and_unfinished_utf8_match_decode(tokenizer):
     assert not streamed.endswith("\ufffd")  # the unfinished tail is held back...
     assert streamed + det.flush() == tokenizer.decode(ids)  # ...until the sequence ends
     assert det.text == tokenizer.decode(ids)
+
+
+def test_a_literal_replacement_character_is_held_like_an_unfinished_one(tokenizer):
+    # U+FFFD in the text itself (SmolLM2 has a token for it): every path holds it back until the
+    # next token, as DecodeStream does, and the whole still decodes alike.
+    ids = tokenizer.encode("a\ufffd b \ufffd")
+    det = IncrementalDetokenizer(tokenizer, [])
+    pieces = [det.add_token(t) for t in ids]
+    assert pieces[1] == "" and pieces[2] == "\ufffd b" and pieces[-1] == ""
+    assert "".join(pieces) + det.flush() == tokenizer.decode(ids) == "a\ufffd b \ufffd"
 
 
 def test_random_token_streams_match_decode(tokenizer):
