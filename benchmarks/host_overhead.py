@@ -18,6 +18,7 @@ every round, and "best round" is the lowest round median (the least disturbed).
 
     .venv/bin/python benchmarks/host_overhead.py                 # B = 256, 3 rounds of 64 steps
     .venv/bin/python benchmarks/host_overhead.py --batch 64 --steps 32 --stop "\\n\\n"
+    .venv/bin/python benchmarks/host_overhead.py --replayed-only --rounds 5    # the host alone
 """
 from __future__ import annotations
 
@@ -123,6 +124,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
     parser.add_argument("--stop", action="append", default=[], help="a stop string every request carries")
     parser.add_argument("--max-model-len", type=int, default=8192, help="SmolLM2's context, serve's default")
+    parser.add_argument("--replayed-only", action="store_true",
+                        help="only the replayed-device configurations (the host alone, as beside a GPU)")
     parser.add_argument("--json", default=None, help="also write the medians here")
     args = parser.parse_args()
     tokenizer = load_gguf_tokenizer(bundled_model_path())
@@ -132,7 +135,7 @@ def main() -> None:
     records: dict[str, list] = {}
     best: dict[str, float] = {}
     for _ in range(args.rounds):
-        for replay in (False, True):
+        for replay in (True,) if args.replayed_only else (False, True):
             for kind in RequestOutputKind:
                 label = kind.name.lower() + (" (replayed device)" if replay else "")
                 round_records = measure(engine, tokenizer, args.batch, args.steps, stop, kind, replay)

@@ -355,12 +355,16 @@ class LLMEngine:
         s.step_seconds.append(result.seconds)
         del s.step_seconds[:-1000]
         accepted = result.num_accepted.tolist() if result.num_accepted is not None else None
-        for i, seq in enumerate(sched.seqs):
+        prompt_tokens, sampled = 0, 0
+        for seq in sched.seqs:
             num_prompt = len(seq.request.prompt_token_ids)
             if seq.start < num_prompt:  # prompt tokens computed (a decode computes none)
-                s.prompt_tokens += min(seq.start + seq.num_tokens, num_prompt) - seq.start
-            if seq.samples:
-                s.generation_tokens += 1 + (accepted[i] if accepted else 0)
+                prompt_tokens += min(seq.start + seq.num_tokens, num_prompt) - seq.start
+            sampled += seq.samples
+        s.prompt_tokens += prompt_tokens
+        # Each sampling row makes one token, and a speculative one its accepted drafts besides.
+        s.generation_tokens += sampled + (sum(a for a, seq in zip(accepted, sched.seqs) if seq.samples)
+                                          if accepted else 0)
         self.refresh_stats()
         record = StepRecord(
             index=s.steps, scheduled={seq.request.request_id: seq.num_tokens for seq in sched.seqs},

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from jaxserve.detokenizer import IncrementalDetokenizer, add_tokens, find_stop
+from jaxserve.detokenizer import IncrementalDetokenizer, add_tokens, decoding_for, find_stop
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.request import Request, RequestStatus
 from jaxserve.runner import StepResult
@@ -35,6 +35,9 @@ class RequestState:
     # DELTA: per completion, the text, tokens and logprobs its outputs carried so far.
     sent: list[list[int]] = field(default_factory=list)
     decodes_live: bool = True     # text is read before the end (outputs each step, or stop strings)
+    single: bool = True           # n == 1: its output is made in process's pass over the rows
+    outputs_every_step: bool = True  # not FINAL_ONLY
+    delta: bool = False           # DELTA
     streams_pieces: bool = False  # DELTA, one completion, no stop strings: OutputProcessor._piece_output
     sent_any: bool = False        # streams_pieces: an output went out (prompt_logprobs ride the first)
 
@@ -45,6 +48,7 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self._finish = finish
         self.states: dict[str, RequestState] = {}
+        decoding_for(tokenizer).byte_level()  # built now, not in the first request's time to first token
 
     def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], children: list[Request]) -> None:
         params = children[0].params
@@ -54,7 +58,8 @@ class OutputProcessor:
         kind = params.output_kind
         self.states[request_id] = RequestState(
             request_id, prompt, prompt_token_ids, children, detoks, kind, [[0, 0, 0] for _ in children],
-            decodes_live=kind is not RequestOutputKind.FINAL_ONLY or bool(params.stop),
+            decodes_live=kind is not RequestOutputKind.FINAL_ONLY or bool(params.stop), single=len(children) == 1,
+            outputs_every_step=kind is not RequestOutputKind.FINAL_ONLY, delta=kind is RequestOutputKind.DELTA,
             streams_pieces=kind is RequestOutputKind.DELTA and len(children) == 1 and not params.stop)
 
     def abort(self, request_id: str) -> list[Request]:
@@ -77,27 +82,28 @@ class OutputProcessor:
         # Speculative steps: each row's accepted drafts past its first token (none: all rejected).
         accepted = result.num_accepted.tolist() if result.num_accepted is not None else None
         states = self.states
-        sampled: list[tuple[int, Request, RequestState]] = []
+        sampled: list[tuple[int, Request, RequestState, IncrementalDetokenizer]] = []
         live_detoks, live_tokens, live_rows = [], [], []
         for i, seq in enumerate(sched.seqs):
             if seq.samples:
                 req = seq.request
                 state = states[req.group_id]
-                sampled.append((i, req, state))
+                detok = state.detokenizers[req.sample_index]
+                sampled.append((i, req, state, detok))
                 # Text is decoded now only where someone reads it before the end: outputs every
                 # step, or stop strings to look for; the others decode once, at the end.
                 if state.decodes_live:
-                    live_detoks.append(state.detokenizers[req.sample_index])
+                    live_detoks.append(detok)
                     live_tokens.append(tokens[i])
                     live_rows.append(len(sampled) - 1)
                 else:
-                    state.detokenizers[req.sample_index].defer(tokens[i])
+                    detok.defer(tokens[i])
         pieces = [""] * len(sampled)
         for k, piece in zip(live_rows, add_tokens(live_detoks, live_tokens)):
             pieces[k] = piece
         outputs: list[RequestOutput] = []
         touched: dict[str, RequestState] = {}
-        for (i, req, state), piece in zip(sampled, pieces):
+        for (i, req, state, detok), piece in zip(sampled, pieces):
             token = tokens[i]
             req.output_token_ids.append(token)
             if req.sampler_name != DEFAULT_SAMPLER:  # e.g. mirostat's mu, for the next step
@@ -110,9 +116,10 @@ class OutputProcessor:
                 entry = self._logprob_entry(req.params.logprobs, token, logprobs[i],
                                             result.top_ids[i], result.top_logprobs[i])
                 req.logprobs.append(entry)
-            status = self._stop_status(req, token, state.detokenizers[req.sample_index], len(piece))
-            emitted = [token]
+            status = self._stop_status(req, token, detok, len(piece))
+            emitted = None  # the step's tokens, where the output carries them alone (DELTA) or drafts add some
             if accepted is not None and accepted[i] and status is None:
+                emitted = [token]
                 status, piece = self._take_accepted(req, state, result.spec_tokens[i, 1:accepted[i] + 1].tolist(),
                                                     piece, emitted)
             if req.matcher is not None and status is None:
@@ -121,15 +128,17 @@ class OutputProcessor:
                 if not req.matcher.consume_token(token) or req.matcher.is_stopped():
                     status = RequestStatus.FINISHED_STOPPED
             if status is not None:
-                piece += state.detokenizers[req.sample_index].flush()  # an unfinished character at the very end
+                piece += detok.flush()  # an unfinished character at the very end
                 req.finish_time = now
                 self._finish(req, status)
             if state.streams_pieces:
-                outputs.append(self._piece_output(state, req, emitted, piece, entry, status is not None))
-            elif len(state.children) == 1:
-                out = self._single_output(state, req, status is not None)
-                if out is not None:
-                    outputs.append(out)
+                outputs.append(self._piece_output(state, req, emitted or [token], piece, entry, status is not None))
+            elif state.single:
+                if status is not None:
+                    self.states.pop(state.request_id, None)
+                    outputs.append(self._single_output(state, req, detok, status._value_))
+                elif state.outputs_every_step:
+                    outputs.append(self._single_output(state, req, detok, None))
             else:
                 touched[state.request_id] = state
         outputs.extend(out for out in map(self._output, touched.values()) if out is not None)
@@ -214,23 +223,23 @@ class OutputProcessor:
                     req.stop_reason = stop
                     req.final_text = detok.text[:at + len(stop) if p.include_stop_str_in_output else at]
                     return RequestStatus.FINISHED_STOPPED
-        if num_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        if num_out >= req.max_tokens or num_out + len(req.prompt_token_ids) >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def _single_output(self, state: RequestState, req: Request, finished: bool) -> RequestOutput | None:
-        """`_output` of a request with one completion, without its passes over the completions."""
-        if finished:
-            self.states.pop(state.request_id, None)
-        elif state.output_kind is RequestOutputKind.FINAL_ONLY:
-            return None
-        detok = state.detokenizers[0]
-        if state.output_kind is RequestOutputKind.DELTA:
+    @staticmethod
+    def _single_output(state: RequestState, req: Request, detok: IncrementalDetokenizer,
+                       finish_reason: str | None) -> RequestOutput:
+        """`_output` of a request with one completion (its only one, `req`), without its passes
+        over the completions; the caller knows whether it finished and whether its kind wants an
+        output now."""
+        if state.delta:
             prompt_logprobs = req.prompt_logprobs if not state.sent[0][1] else None
-            completion = _completion(req, detok, state.sent[0])
+            completion = _completion(req, detok, finish_reason, state.sent[0])
         else:
-            prompt_logprobs, completion = req.prompt_logprobs, _completion(req, detok)
-        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [completion], finished,
+            prompt_logprobs, completion = req.prompt_logprobs, _completion(req, detok, finish_reason)
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [completion],
+                             finish_reason is not None,
                              prompt_logprobs, req.num_cached_tokens,
                              {"arrival_time": req.arrival_time, "scheduled_time": req.scheduled_time,
                               "first_token_time": req.first_token_time})
@@ -247,10 +256,10 @@ class OutputProcessor:
         prompt_logprobs = first.prompt_logprobs
         if state.output_kind is RequestOutputKind.DELTA:
             prompt_logprobs = prompt_logprobs if not state.sent[0][1] else None
-            outputs = [_completion(req, detok, sent) for req, detok, sent in
+            outputs = [_completion(req, detok, req.finish_reason, sent) for req, detok, sent in
                        zip(children, state.detokenizers, state.sent)]
         else:
-            outputs = [_completion(req, detok) for req, detok in zip(children, state.detokenizers)]
+            outputs = [_completion(req, detok, req.finish_reason) for req, detok in zip(children, state.detokenizers)]
         first_token = (first.first_token_time if len(children) == 1 else
                        min((r.first_token_time for r in children if r.first_token_time is not None), default=None))
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs, finished,
@@ -259,10 +268,11 @@ class OutputProcessor:
                               "first_token_time": first_token})
 
 
-def _completion(req: Request, detok: IncrementalDetokenizer, sent: list[int] | None = None) -> CompletionOutput:
-    """One completion: all of it so far (CUMULATIVE), or with `sent` (DELTA: [text chars, tokens,
-    logprobs] already carried, moved on here) only what is new."""
-    finish_reason = req.finish_reason
+def _completion(req: Request, detok: IncrementalDetokenizer, finish_reason: str | None,
+                sent: list[int] | None = None) -> CompletionOutput:
+    """One completion (`finish_reason`: its own, None while it runs): all of it so far
+    (CUMULATIVE), or with `sent` (DELTA: [text chars, tokens, logprobs] already carried, moved
+    on here) only what is new."""
     text = detok.text
     if finish_reason is not None:
         text = text if req.final_text is None else req.final_text

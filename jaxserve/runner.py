@@ -69,8 +69,8 @@ from jaxserve.parallel import (ParallelConfig, build_mesh, kv_cache_sharding, kv
                                replicated, shard_attention)
 from jaxserve.precision import storage_dtype
 from jaxserve.profiling import DEVICE_STEP, PREPARE, annotate
-from jaxserve.sampling.core import (DEFAULT_SAMPLER, SamplingRow, SamplingTensors, build_sampling_tensors,
-                              compute_logprobs, needs_penalties, penalise, sample_penalised)
+from jaxserve.sampling.core import (DEFAULT_SAMPLER, PackedValues, SamplingRow, SamplingTensors,
+                              build_sampling_tensors, compute_logprobs, needs_penalties, penalise, sample_penalised)
 from jaxserve.sampling.rejection import DraftInputs, verify
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
 from jaxserve.scheduler import SchedulerOutput
@@ -150,6 +150,8 @@ class StepResult:
 
 
 _GREEDY = SamplingParams(temperature=0.0)
+# The sampling row of a sequence that samples nothing this step (a prefill chunk short of its end).
+_GREEDY_ROW = SamplingRow(params=_GREEDY, seed=0, step=0, prompt_ids=(), output_ids=(), banned_ids=())
 # Threads compiling warm-up graphs while the main thread lowers the next (XLA:CPU compiles one
 # graph on one core); more than the cores only adds memory.
 _COMPILE_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -266,6 +268,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.num_speculative_tokens = num_speculative_tokens
         self.page_table_width = -(-max_model_len // block_size)
+        self._packed_values = PackedValues()  # the sampling rows' values, kept while the rows stay
         self.attention_fn = attention_fn
         self._attention = shard_attention(attention_fn, self.mesh, cfg)  # per model shard
         dtype = storage_dtype(weights_dtype(params))
@@ -608,9 +611,8 @@ class ModelRunner:
         else:
             logits_indices = np.zeros(B, np.int32)
             logits_indices[:n] = cu_q_lens[1:n + 1] - 1
-        greedy_row = SamplingRow(params=_GREEDY, seed=0, step=0, prompt_ids=(), output_ids=(), banned_ids=())
-        tensors = build_sampling_tensors([r or greedy_row for r in rows], B, self.max_model_len, BANNED_WIDTH,
-                                         samplers.samplers if samplers is not None else None)
+        tensors = build_sampling_tensors([r or _GREEDY_ROW for r in rows], B, self.max_model_len, BANNED_WIDTH,
+                                         samplers.samplers if samplers is not None else None, self._packed_values)
         attn = AttentionMetadata(positions=positions, slot_mapping=slot_mapping, cu_q_lens=cu_q_lens,
                                  kv_lens=kv_lens, page_table=page_table, num_seqs=np.int32(n))
         lora_slots = None
@@ -638,7 +640,7 @@ class ModelRunner:
 
     def _prompt_targets(self, sched: SchedulerOutput, num_tokens: int) -> np.ndarray | None:
         """[T] the prompt token after each flat position of requests wanting prompt_logprobs, else -1."""
-        if not any(s.request.params.prompt_logprobs is not None for s in sched.seqs):
+        if not any([s.request.params.prompt_logprobs is not None for s in sched.seqs]):  # a list: faster than a generator
             return None
         targets = np.full(num_tokens, -1, np.int32)
         offset = 0

@@ -93,6 +93,29 @@ def test_build_sampling_tensors_pads_and_maps():
     assert t.token_history.shape == (4, W) and t.token_history.dtype == np.int32
 
 
+def test_packed_values_are_reused_only_for_the_same_row_objects():
+    hot, cold = SamplingParams(temperature=0.9, top_p=0.8), SamplingParams(temperature=0.3, repetition_penalty=1.2)
+    rows = [make_row(hot, step=1), make_row(cold, output=[2])]
+    packed = sampler.PackedValues()
+    first = build_sampling_tensors(rows, 4, W, banned_width=E, packed=packed)
+    kept = packed.array
+    rows[0].step = 2  # the engine moves its rows on in place; their parameters never change
+    second = build_sampling_tensors(rows, 4, W, banned_width=E, packed=packed)
+    assert packed.array is kept and not kept.flags.writeable
+    np.testing.assert_array_equal(second.steps, [2, 0, 0, 0])
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        np.testing.assert_array_equal(getattr(second, name), getattr(first, name))
+    # Another row in the same place (a request finished, the next took its slot) packs anew.
+    rows[0] = make_row(cold, output=[2])
+    third = build_sampling_tensors(rows, 4, W, banned_width=E, packed=packed)
+    assert packed.array is not kept
+    np.testing.assert_allclose(third.temperature, [0.3, 0.3, 0.0, 0.0])
+    np.testing.assert_allclose(third.repetition_penalty, [1.2, 1.2, 1.0, 1.0])
+    assert (third.token_history[0, :4] == [1, 2, 3, 2]).all()  # its penalty's history is written
+    # Another batch size packs anew too.
+    assert build_sampling_tensors(rows, 8, W, banned_width=E, packed=packed).temperature.shape == (8,)
+
+
 def test_a_top_k_past_int32_packs_as_the_largest_k_not_an_overflow():
     t = tensors([make_row(SamplingParams(temperature=0.7, top_k=2**40))])
     assert t.top_k.dtype == np.int32 and t.top_k[0] == np.iinfo(np.int32).max  # >= V: off on the device

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import operator
 from typing import Sequence
 
 import jax
@@ -119,8 +121,33 @@ def fold_seed(seed: int) -> int:
     return (s ^ (s >> 32)) & 0xFFFF_FFFF
 
 
+class PackedValues:
+    """The last step's rows and their [B, 7] filter and penalty values (row_values), reused by a
+    step with the very same row objects, as most decode steps are: a row's values never change
+    (its request's parameters are fixed), and numpy reading 256 tuples is most of the packing."""
+
+    def __init__(self):
+        self.rows: list[SamplingRow] = []
+        self.array: np.ndarray | None = None
+
+    def pack(self, rows: list[SamplingRow], B: int) -> np.ndarray:
+        if (self.array is not None and len(self.array) == B and len(rows) == len(self.rows)
+                and all(map(operator.is_, rows, self.rows))):
+            return self.array
+        n = len(rows)
+        values = np.tile(np.asarray(_PADDING), (B, 1))
+        if n:  # numpy reads a flat iterator about twice as fast as a list of tuples
+            values[:n] = np.fromiter(itertools.chain.from_iterable(
+                [row.values if row.values is not None else row_values(row.params) for row in rows]),
+                np.float64, n * len(_PADDING)).reshape(n, len(_PADDING))
+        values.flags.writeable = False  # shared with the next step's tensors
+        self.rows, self.array = list(rows), values
+        return values
+
+
 def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_width: int,
-                           banned_width: int = 16, samplers: Sequence | None = None) -> SamplingTensors:
+                           banned_width: int = 16, samplers: Sequence | None = None,
+                           packed: PackedValues | None = None) -> SamplingTensors:
     """Pack the rows of one step into numpy arrays padded to `batch_size` rows.
 
     Column by column, not row by row: a step of 256 rows costs tens of microseconds, not
@@ -130,14 +157,13 @@ def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_wid
     banned id), else [B, 1]: nothing reads it then, and the whole context's width would be
     megabytes to fill and send every step. `samplers` is the
     registry snapshot the step compiles (`jaxserve.sampling.snapshot().samplers`, default first);
-    only needed when a row names a sampler other than the default.
+    only needed when a row names a sampler other than the default. `packed`: the caller's
+    PackedValues, kept from step to step (the runner's).
     """
     n, B = len(rows), batch_size
     if n > B:
         raise ValueError(f"{n} rows do not fit in a batch of {B}")
-    values = np.tile(np.asarray(_PADDING), (B, 1))
-    if n:
-        values[:n] = [row.values if row.values is not None else row_values(row.params) for row in rows]
+    values = (packed or PackedValues()).pack(rows, B)
     seeds = np.zeros(B, np.uint32)
     seeds[:n] = [row.device_seed for row in rows]
     steps = np.zeros(B, np.int32)
@@ -146,13 +172,13 @@ def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_wid
     prompt_lens[:n] = [len(row.prompt_ids) for row in rows]
     banned = np.full((B, banned_width), -1, np.int32)
     bans = False
-    for i, row in enumerate(rows):
-        if len(row.banned_ids):
-            if len(row.banned_ids) > banned_width:
-                raise ValueError(f"row {i} bans {len(row.banned_ids)} token ids, more than the "
-                                 f"banned width {banned_width}")
-            banned[i, :len(row.banned_ids)] = row.banned_ids
-            bans = True
+    for i in _nonzero([len(row.banned_ids) for row in rows]):
+        row = rows[i]
+        if len(row.banned_ids) > banned_width:
+            raise ValueError(f"row {i} bans {len(row.banned_ids)} token ids, more than the "
+                             f"banned width {banned_width}")
+        banned[i, :len(row.banned_ids)] = row.banned_ids
+        bans = True
     # Full width whenever the penalties graph runs (needs_penalties), so it has one input shape.
     penalised = np.flatnonzero(np.any(values[:n, 4:] != _NO_PENALTY, axis=1))
     history = np.full((B, history_width if len(penalised) or bans else 1), -1, np.int32)
@@ -166,6 +192,11 @@ def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_wid
         presence_penalty=presence.astype(np.float32), frequency_penalty=frequency.astype(np.float32),
         repetition_penalty=repetition.astype(np.float32), seeds=seeds, steps=steps, token_history=history,
         prompt_lens=prompt_lens, banned_token_ids=banned, **pluggable)
+
+
+def _nonzero(counts: list[int]) -> Sequence[int]:
+    """Indices of the non-zero counts: none without a pass in Python when all are zero."""
+    return [i for i, c in enumerate(counts) if c] if any(counts) else ()
 
 
 def _write_history(history: np.ndarray, i: int, row: SamplingRow) -> int:
@@ -191,10 +222,9 @@ def _pack_pluggable_samplers(rows: list[SamplingRow], B: int, samplers: Sequence
     params = np.zeros((B, SAMPLER_PARAMS_WIDTH), np.float32)
     state = np.zeros((B, SAMPLER_STATE_WIDTH), np.float32)
     index = {s.name: i for i, s in enumerate(samplers or ())}
-    for i, row in enumerate(rows):
-        name = row.sampler if row.sampler is not None else row.params.selected_sampler
-        if name == DEFAULT_SAMPLER:
-            continue
+    names = [row.sampler if row.sampler is not None else row.params.selected_sampler for row in rows]
+    for i in _nonzero([name != DEFAULT_SAMPLER for name in names]):
+        name, row = names[i], rows[i]
         if name not in index:
             raise ValueError(f"sampler {name!r} is not registered (registered: {sorted(index)})")
         p, sampler = row.params, samplers[index[name]]
