@@ -590,9 +590,14 @@ class ModelRunner:
         seq_of_token = np.repeat(np.arange(n, dtype=np.int32), counts)  # [num_tokens]
         positions = np.zeros(T, np.int32)
         positions[:num_tokens] = starts[seq_of_token] + np.arange(num_tokens, dtype=np.int32) - cu_q_lens[seq_of_token]
+        kv_lens = np.zeros(B, np.int32)
+        kv_lens[:n] = starts + counts
         page_table = np.full((B, W), NULL_PAGE, np.int32)
         if n and sched.block_table is not None:  # the scheduler's rows, gathered
-            page_table[:n] = sched.block_table[np.fromiter((req.block_row for req in reqs), np.intp, n)]
+            # Only the columns this step reads (positions < kv_len): at 256 short sequences that
+            # is a few of the context's hundreds, and the gather was most of prepare's time.
+            used = -(-int(kv_lens[:n].max()) // S)
+            page_table[:n, :used] = sched.block_table[np.fromiter((req.block_row for req in reqs), np.intp, n), :used]
         elif n:  # a schedule made by hand: each sequence's pages flattened, then scattered to (row, column)
             num_pages = np.fromiter((len(req.block_ids) for req in reqs), np.int32, n)
             pages = np.fromiter(itertools.chain.from_iterable(req.block_ids for req in reqs), np.int32,
@@ -603,8 +608,6 @@ class ModelRunner:
         slot_mapping = np.zeros(T, np.int32)  # padding tokens write to the null page's slot 0
         pos = positions[:num_tokens]
         slot_mapping[:num_tokens] = page_table[seq_of_token, pos // S] * S + pos % S
-        kv_lens = np.zeros(B, np.int32)
-        kv_lens[:n] = starts + counts
         drafts = None
         if self.num_speculative_tokens and any(seq.draft_token_ids for seq in seqs):
             logits_indices, drafts = self._draft_inputs(seqs, cu_q_lens, B)
