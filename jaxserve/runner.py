@@ -668,7 +668,7 @@ class ModelRunner:
         for slot, adapter in sched.lora_writes:  # adapters this step's rows are the first to use
             self.write_lora(slot, adapter)
         # Only a step in which some row names a pluggable sampler pays for (and compiles) them.
-        pluggable = any(r is not None and (r.sampler or r.params.selected_sampler) != DEFAULT_SAMPLER for r in rows)
+        pluggable = any([r is not None and (r.sampler or r.params.selected_sampler) != DEFAULT_SAMPLER for r in rows])
         samplers = sampling.snapshot() if pluggable else None
         with annotate(PREPARE):
             bucket, inputs = self.prepare(sched, rows, samplers)

@@ -98,17 +98,19 @@ def test_packed_values_are_reused_only_for_the_same_row_objects():
     rows = [make_row(hot, step=1), make_row(cold, output=[2])]
     packed = sampler.PackedValues()
     first = build_sampling_tensors(rows, 4, W, banned_width=E, packed=packed)
-    kept = packed.array
+    kept = packed.arrays
     rows[0].step = 2  # the engine moves its rows on in place; their parameters never change
     second = build_sampling_tensors(rows, 4, W, banned_width=E, packed=packed)
-    assert packed.array is kept and not kept.flags.writeable
+    assert packed.arrays is kept and not any(array.flags.writeable for array in kept)
+    np.testing.assert_array_equal(second.seeds, first.seeds)
+    np.testing.assert_array_equal(second.prompt_lens, first.prompt_lens)
     np.testing.assert_array_equal(second.steps, [2, 0, 0, 0])
     for name in ("temperature", "top_p", "repetition_penalty"):
         np.testing.assert_array_equal(getattr(second, name), getattr(first, name))
     # Another row in the same place (a request finished, the next took its slot) packs anew.
     rows[0] = make_row(cold, output=[2])
     third = build_sampling_tensors(rows, 4, W, banned_width=E, packed=packed)
-    assert packed.array is not kept
+    assert packed.arrays is not kept
     np.testing.assert_allclose(third.temperature, [0.3, 0.3, 0.0, 0.0])
     np.testing.assert_allclose(third.repetition_penalty, [1.2, 1.2, 1.0, 1.0])
     assert (third.token_history[0, :4] == [1, 2, 3, 2]).all()  # its penalty's history is written

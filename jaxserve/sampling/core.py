@@ -122,27 +122,34 @@ def fold_seed(seed: int) -> int:
 
 
 class PackedValues:
-    """The last step's rows and their [B, 7] filter and penalty values (row_values), reused by a
-    step with the very same row objects, as most decode steps are: a row's values never change
-    (its request's parameters are fixed), and numpy reading 256 tuples is most of the packing."""
+    """The last step's rows and what of them never changes, packed: their [B, 7] filter and
+    penalty values (row_values), seeds and prompt lengths. A step with the very same row objects,
+    as most decode steps are, reuses them (a row's request has fixed parameters and prompt), so
+    its packing reads only the step counts; numpy reading 256 tuples was most of the work."""
 
     def __init__(self):
         self.rows: list[SamplingRow] = []
-        self.array: np.ndarray | None = None
+        self.arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
-    def pack(self, rows: list[SamplingRow], B: int) -> np.ndarray:
-        if (self.array is not None and len(self.array) == B and len(rows) == len(self.rows)
+    def pack(self, rows: list[SamplingRow], B: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(values [B, 7] float64, seeds [B] uint32, prompt_lens [B] int32), read-only."""
+        if (self.arrays is not None and len(self.arrays[0]) == B and len(rows) == len(self.rows)
                 and all(map(operator.is_, rows, self.rows))):
-            return self.array
+            return self.arrays
         n = len(rows)
         values = np.tile(np.asarray(_PADDING), (B, 1))
         if n:  # numpy reads a flat iterator about twice as fast as a list of tuples
             values[:n] = np.fromiter(itertools.chain.from_iterable(
                 [row.values if row.values is not None else row_values(row.params) for row in rows]),
                 np.float64, n * len(_PADDING)).reshape(n, len(_PADDING))
-        values.flags.writeable = False  # shared with the next step's tensors
-        self.rows, self.array = list(rows), values
-        return values
+        seeds = np.zeros(B, np.uint32)
+        seeds[:n] = [row.device_seed for row in rows]
+        prompt_lens = np.zeros(B, np.int32)
+        prompt_lens[:n] = [len(row.prompt_ids) for row in rows]
+        for array in (values, seeds, prompt_lens):
+            array.flags.writeable = False  # shared with the next step's tensors
+        self.rows, self.arrays = list(rows), (values, seeds, prompt_lens)
+        return self.arrays
 
 
 def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_width: int,
@@ -163,13 +170,9 @@ def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_wid
     n, B = len(rows), batch_size
     if n > B:
         raise ValueError(f"{n} rows do not fit in a batch of {B}")
-    values = (packed or PackedValues()).pack(rows, B)
-    seeds = np.zeros(B, np.uint32)
-    seeds[:n] = [row.device_seed for row in rows]
+    values, seeds, prompt_lens = (packed or PackedValues()).pack(rows, B)
     steps = np.zeros(B, np.int32)
     steps[:n] = [row.step for row in rows]
-    prompt_lens = np.zeros(B, np.int32)
-    prompt_lens[:n] = [len(row.prompt_ids) for row in rows]
     banned = np.full((B, banned_width), -1, np.int32)
     bans = False
     for i in _nonzero([len(row.banned_ids) for row in rows]):
@@ -182,6 +185,8 @@ def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_wid
     # Full width whenever the penalties graph runs (needs_penalties), so it has one input shape.
     penalised = np.flatnonzero(np.any(values[:n, 4:] != _NO_PENALTY, axis=1))
     history = np.full((B, history_width if len(penalised) or bans else 1), -1, np.int32)
+    if len(penalised):
+        prompt_lens = prompt_lens.copy()  # the packed one is shared
     for i in penalised:
         prompt_lens[i] = _write_history(history, i, rows[i])
     pluggable = _pack_pluggable_samplers(rows, B, samplers)
