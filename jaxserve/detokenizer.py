@@ -252,7 +252,8 @@ def _byte_level_tables(backend, skip_special_tokens: bool) -> tuple[list[str | N
     for token_id in range(backend.get_vocab_size(with_added_tokens=True)):
         token = added.get(token_id)
         if token is not None:
-            text = "" if skip_special_tokens and token.special else backend.decode([token_id], skip_special_tokens=False)
+            skipped = skip_special_tokens and token.special
+            text = "" if skipped else backend.decode([token_id], skip_special_tokens=False)
             data = text.encode()
         else:
             piece = backend.id_to_token(token_id)

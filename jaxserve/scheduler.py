@@ -208,7 +208,8 @@ class Scheduler:
             req.num_computed_tokens += seq.num_tokens
             # Accepted drafts are computed before the output processor appends them: hash only
             # known tokens (their pages are published at the next step).
-            num_full = min(req.num_computed_tokens, len(req.prompt_token_ids) + len(req.output_token_ids)) // self.block_size
+            num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
+            num_full = min(req.num_computed_tokens, num_tokens) // self.block_size
             start = len(req.block_hashes)
             if num_full > start and self.pool.enable_prefix_caching:
                 parent = req.block_hashes[-1] if req.block_hashes else req.prefix_root

@@ -102,12 +102,10 @@ def test_uses_the_rust_stream_only_for_fast_tokenizers(tokenizer, window_logic):
     assert (det._pieces_of is not None) == (window_logic == "bytes")
 
 
-def test_byte_level_tables_match_decode_for_every_token(tokenizer, window_logic):
-    if window_logic != "bytes":
-        pytest.skip("the byte-level tables only")
+def test_byte_level_tables_match_decode_for_every_token(tokenizer):
     backend = tokenizer.backend_tokenizer
     for skip in (True, False):
-        texts, raw = decoding_for(tokenizer, skip).byte_level()
+        texts, raw = detokenizer._byte_level_tables(backend, skip)
         assert len(texts) == len(raw) == len(tokenizer)
         for token_id, (text, data) in enumerate(zip(texts, raw)):
             alone = backend.decode([token_id], skip_special_tokens=skip)
