@@ -85,22 +85,21 @@ class IncrementalDetokenizer:
         return delta
 
     def _step_bytes(self, token_id: int) -> str:
-        """A byte-level stream's step: the token's text, or "" while a character is unfinished
-        (its bytes wait in _pending; the text then comes out with the token that ends it, with
-        U+FFFD for bytes that can never form one, as the lossy decode of the whole has it)."""
-        texts, raw = self._pieces_of
+        """A byte-level step the table cannot answer alone (add_tokens looks up the rest): a
+        token inside a character, or any token while one is unfinished. Returns "" while the
+        character is unfinished (its bytes wait in _pending); the text comes out with the token
+        that ends it, with U+FFFD for bytes that can never form one, as the lossy decode of the
+        whole has it."""
+        raw = self._pieces_of[1]
         if token_id >= len(raw):  # past the tokenizer's ids (a model's padded vocabulary): decode drops it
             return ""
-        piece = texts[token_id] if not self._pending else None
-        if piece is None:
-            self._pending += raw[token_id]
-            piece = self._pending.decode("utf-8", "replace")
-            if piece.endswith(_REPLACEMENT):
-                return ""
-            self._pending = b""
-        if piece:
-            self._pieces.append(piece)
-            self._text = None
+        self._pending += raw[token_id]
+        piece = self._pending.decode("utf-8", "replace")
+        if piece.endswith(_REPLACEMENT):
+            return ""
+        self._pending = b""
+        self._pieces.append(piece)
+        self._text = None
         return piece
 
     def _window(self, token_id: int) -> list[int]:
@@ -242,13 +241,14 @@ def _byte_level_tables(backend, skip_special_tokens: bool) -> tuple[list[str | N
     it: each char of a token stands for one byte (GPT-2's printable map), and a token with a char
     outside the map stands for its own UTF-8. Added tokens take their text from decode itself."""
     from tokenizers import decoders
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte -> char map
 
-    if not isinstance(backend.decoder, decoders.ByteLevel) or _BYTE_OF_CHAR is None:
+    if not isinstance(backend.decoder, decoders.ByteLevel):
         return None  # no decoder, or one with more steps (SentencePiece's spaces, byte fallback)
     added = backend.get_added_tokens_decoder()
     texts: list[str | None] = []
     raw: list[bytes] = []
-    byte_of = _BYTE_OF_CHAR
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
     for token_id in range(backend.get_vocab_size(with_added_tokens=True)):
         token = added.get(token_id)
         if token is not None:
@@ -274,12 +274,6 @@ def _byte_level_tables(backend, skip_special_tokens: bool) -> tuple[list[str | N
         raw.append(data)
     return texts, raw
 
-
-try:  # the ByteLevel decoder's char -> byte map (GPT-2's)
-    from transformers.convert_slow_tokenizer import bytes_to_unicode as _bytes_to_unicode
-    _BYTE_OF_CHAR = {char: byte for byte, char in _bytes_to_unicode().items()}
-except ImportError:  # pragma: no cover - without transformers: DecodeStream
-    _BYTE_OF_CHAR = None
 
 try:  # tokenizers >= 0.21
     from tokenizers.decoders import DecodeStream as _DecodeStream
