@@ -317,6 +317,73 @@ def test_empirical_distribution_matches_reference(kwargs):
     assert (np.abs(freq - expected) <= tolerance).all(), (freq, expected)
 
 
+# Top-p alone is drawn without a threshold: draw, keep the token if it lies in the nucleus, else
+# draw again above it (sampling/core.py _draw_in_nuclei). These check that the tokens it keeps
+# have the nucleus distribution, including the redraw groups, the bound's exact fallback and
+# nuclei far wider than the sorted prefix.
+NUCLEI = [
+    # near-flat logits: most of the vocabulary is in the nucleus, the first draw is mostly kept
+    (np.random.default_rng(21).uniform(-0.5, 0.5, V), dict(temperature=1.0, top_p=0.9)),
+    # a peaked row and a small top_p: most first draws are rejected, some rows redraw twice or more
+    (np.random.default_rng(22).standard_normal(V) * 2.0, dict(temperature=0.7, top_p=0.3)),
+    # min_p cuts inside the nucleus's candidates
+    (np.random.default_rng(23).uniform(-1.5, 1.5, V), dict(temperature=1.0, top_p=0.8, min_p=0.4)),
+]
+
+
+def nucleus_frequencies(x, params, n, sample_fn=jit_sample):
+    rows = [make_row(params, seed=s, step=1) for s in range(n)]
+    logits = np.tile(x.astype(np.float32), (n, 1))
+    tokens = np.asarray(sample_fn(jnp.asarray(logits), tensors(rows), num_top_logprobs=0).tokens)
+    scaled = x.astype(np.float32).astype(np.float64) / params.temperature
+    keep = ref_kept(scaled, params.top_k, params.top_p, params.min_p)
+    return tokens, keep, softmax(np.where(keep, scaled, -np.inf))
+
+
+@pytest.mark.parametrize("case", range(len(NUCLEI)))
+def test_nucleus_draws_have_the_nucleus_distribution(case):
+    x, kwargs = NUCLEI[case]
+    params = SamplingParams(**kwargs)
+    assert top_p_margin(x / params.temperature, -1, params.top_p) > 1e-3  # the reference is unambiguous
+    n = 6000
+    tokens, keep, expected = nucleus_frequencies(x, params, n)
+    assert 1 < keep.sum() < V
+    assert keep[tokens].all(), f"sampled outside the nucleus: {sorted(set(tokens[~keep[tokens]]))}"
+    freq = np.bincount(tokens, minlength=V) / n
+    tolerance = 4.5 * np.sqrt(expected * (1 - expected) / n) + 1e-9
+    assert (np.abs(freq - expected) <= tolerance).all(), np.abs(freq - expected).max()
+
+
+def test_nucleus_rows_past_the_redraw_bound_take_the_exact_threshold(monkeypatch):
+    # With no redraws allowed, every rejected row takes the exact threshold's draw: still the
+    # nucleus distribution, and its tokens differ from the redrawn ones.
+    x, kwargs = NUCLEI[1]
+    params = SamplingParams(**kwargs)
+    n = 6000
+    redrawn = nucleus_frequencies(x, params, n)[0]
+    monkeypatch.setattr(sampler, "_MAX_REDRAWS", 0)
+    fresh = jax.jit(lambda logits, t, num_top_logprobs: sample(logits, t, num_top_logprobs=num_top_logprobs),
+                    static_argnames="num_top_logprobs")  # a new function: traced with the patched bound
+    tokens, keep, expected = nucleus_frequencies(x, params, n, fresh)
+    assert keep[tokens].all()
+    freq = np.bincount(tokens, minlength=V) / n
+    assert (np.abs(freq - expected) <= 4.5 * np.sqrt(expected * (1 - expected) / n) + 1e-9).all()
+    assert (tokens != redrawn).mean() > 0.1
+
+
+def test_nan_row_under_top_p_neither_hangs_nor_disturbs_its_companions():
+    rng = np.random.default_rng(24)
+    logits = random_logits(rng, 4)
+    logits[1] = np.nan
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    rows = [make_row(params, seed=s) for s in range(4)]
+    tokens = np.asarray(jit_sample(jnp.asarray(logits), tensors(rows), num_top_logprobs=0).tokens)
+    assert ((0 <= tokens) & (tokens < V)).all()
+    alone = [np.asarray(jit_sample(jnp.asarray(logits[i:i + 1]), tensors(rows[i:i + 1]), num_top_logprobs=0).tokens)[0]
+             for i in (0, 2, 3)]
+    np.testing.assert_array_equal(tokens[[0, 2, 3]], alone)
+
+
 def test_seeded_rows_reproduce_whatever_the_batch(monkeypatch):
     # A small prefix cap, so that companions force the bisection fallback in some batches.
     monkeypatch.setattr(sampler, "TOP_K_CAP", 16)
