@@ -1,7 +1,8 @@
 """Input processing: a request as it arrives -> token ids and the checks it must pass (vLLM v1's
 InputProcessor), before it touches any engine state.
 
-Every rule a request can break lives here, once: an empty prompt, token ids outside the
+Every rule a request can break lives here, once: a prompt of the wrong type (text, token ids
+and vLLM's prompt dicts are taken), an empty prompt, token ids outside the
 vocabulary, a prompt or max_tokens the context cannot hold, more stop ids than min_tokens can ban,
 more KV pages than the cache has, a sampler unregistered since the params were made. A refusal is
 a `RequestValidationError` naming the field (`param`) and, as OpenAI's errors do, a `code`; the
@@ -10,10 +11,15 @@ instead of checking again. Free of JAX, so the server may use the shared checks 
 """
 from __future__ import annotations
 
-from typing import Sequence
+import numbers
+from typing import Iterable, Sequence
 
 from jaxserve.sampling import registry
 from jaxserve.sampling_params import SamplingParams
+
+# What a request's prompt may be: text, token ids, or vLLM's prompt dicts ({"prompt": text},
+# {"prompt_token_ids": ids}).
+PromptType = str | Sequence[int] | dict
 
 
 class RequestValidationError(ValueError):
@@ -31,6 +37,30 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, param: str = "prompt") 
     if bad is not None:
         raise RequestValidationError(f"{param} holds token id {bad}, outside the vocabulary [0, {vocab_size})",
                                      param=param)
+
+
+def prompt_from_dict(prompt: dict, label: str = "prompt") -> str | list[int]:
+    """The text or token ids of vLLM's TextPrompt / TokensPrompt dict, or a refusal naming what
+    is wrong with it (`label`: the field, "prompt[2]" in a list)."""
+    has_text, has_ids = "prompt" in prompt, "prompt_token_ids" in prompt
+    if has_text == has_ids:
+        raise RequestValidationError(f"{label}: a prompt dict needs exactly one of 'prompt' (text) and "
+                                     f"'prompt_token_ids', got keys {sorted(map(str, prompt))}", param=label)
+    if has_text and not isinstance(prompt["prompt"], str):
+        raise RequestValidationError(f"{label} must be text, got {type(prompt['prompt']).__name__}", param=label)
+    return prompt["prompt"] if has_text else prompt["prompt_token_ids"]
+
+
+def integer_ids(ids, label: str = "prompt") -> list[int]:
+    """Token ids as Python ints (numpy integers accepted), or a refusal naming the first that is not one."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise RequestValidationError(f"{label} must be text or a list of token ids, got {type(ids).__name__}",
+                                     param=label)
+    ids = list(ids)
+    bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None)
+    if bad is not None:
+        raise RequestValidationError(f"{label} token ids must be integers, got {bad!r}", param=label)
+    return [int(t) for t in ids]
 
 
 def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
@@ -62,16 +92,20 @@ class InputProcessor:
         self.usable_pages = num_pages - 1  # page 0 is the padding page
         self.block_size = block_size
 
-    def process(self, prompt: str | list[int], params: SamplingParams,
+    def process(self, prompt: str | list[int] | dict, params: SamplingParams,
                 prompt_text: str | None = None) -> tuple[list[int], str | None, int]:
-        """(token ids, prompt text, max_tokens) of a request, or a RequestValidationError."""
+        """(token ids, prompt text, max_tokens) of a request, or a RequestValidationError.
+        A prompt is text, token ids, or vLLM's prompt dicts: {"prompt": text} (TextPrompt) or
+        {"prompt_token_ids": ids} (TokensPrompt)."""
         if not isinstance(params, SamplingParams):
             raise RequestValidationError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, dict):
+            prompt = prompt_from_dict(prompt)
         if isinstance(prompt, str):
             prompt_text = prompt
             token_ids = self.tokenizer(prompt).input_ids
         else:
-            token_ids = [int(t) for t in prompt]
+            token_ids = integer_ids(prompt)
         return token_ids, prompt_text, self.check(token_ids, params)
 
     def check(self, token_ids: list[int], params: SamplingParams) -> int:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from jaxserve.data_parallel import DataParallelEngine
 from jaxserve.engine import LLMEngine, enable_persistent_compilation_cache
 from jaxserve.engine_args import ENGINE_OPTIONS, EngineArgs, signature
+from jaxserve.input_processor import PromptType
 from jaxserve.lora import LoRARequest
 from jaxserve.outputs import EmbeddingRequestOutput, RequestOutput
 from jaxserve.parallel import build_mesh, check_divisible, initialize_distributed, replica_meshes
@@ -20,7 +21,6 @@ from jaxserve.pooling_params import PoolingParams
 from jaxserve.profiling import enable_compile_logging
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
-PromptType = str | Sequence[int]
 
 
 def resolve_runner(runner: str, architecture: str) -> str:
@@ -136,11 +136,12 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True,
                  lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
-        """Generate for every prompt (strings or token-id lists); outputs come back in input order.
+        """Generate for every prompt (text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": ...}
+        dicts); outputs come back in input order.
         lora_request: one adapter for every prompt, or a list with one (or None) per prompt
         (needs enable_lora=True; an adapter is read and checked on its first use)."""
         self._require("generate", "LLM.generate()")
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         return self._run(list(prompts), sampling_params, use_tqdm, prompt_texts=None, lora_request=lora_request)
 
@@ -159,13 +160,13 @@ class LLM:
 
     def embed(self, prompts: PromptType | Sequence[PromptType], *, truncate_prompt_tokens: int | None = None,
               use_tqdm: bool = True, pooling_params: PoolingParams | None = None) -> list[EmbeddingRequestOutput]:
-        """One embedding per prompt (strings or token-id lists), in input order, as vLLM's
+        """One embedding per prompt (text, token ids or vLLM's prompt dicts), in input order, as vLLM's
         ``LLM.embed``: ``out.outputs.embedding`` is a list of floats. ``truncate_prompt_tokens``:
         a longer prompt keeps only its last N tokens (-1: the model's input limit); without it a
         prompt past the limit is refused. ``use_tqdm`` is accepted and ignored (one call, no steps
         to show)."""
         self._require("pooling", "LLM.embed()")
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = pooling_params or PoolingParams()
         if truncate_prompt_tokens is not None:

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxserve.engine import EngineStats
-from jaxserve.input_processor import RequestValidationError, check_token_ids
+from jaxserve.input_processor import PromptType, RequestValidationError, check_token_ids, integer_ids, prompt_from_dict
 from jaxserve.models.pooling import PoolerConfig
 from jaxserve.models.registry import EMBED
 from jaxserve.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
@@ -24,7 +24,6 @@ from jaxserve.pooling_params import PoolingParams
 from jaxserve.pooling_runner import PoolingRunner
 from jaxserve.profiling import Profiler
 
-PromptType = str | Sequence[int]
 _NORM_EPS = 1e-12  # torch.nn.functional.normalize's: a zero vector stays zero
 
 
@@ -73,7 +72,7 @@ class PoolingEngine:
         token_lists = []
         for i, prompt in enumerate(prompts):
             label = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-            ids = self._tokenize(prompt, params.truncation_side, limit, tokenizer or self.tokenizer)
+            ids = self._tokenize(prompt, params.truncation_side, limit, tokenizer or self.tokenizer, label)
             self._check(ids, label)
             token_lists.append(ids)
         return token_lists
@@ -92,9 +91,11 @@ class PoolingEngine:
         return self.max_model_len if k == -1 else k
 
     @staticmethod
-    def _tokenize(prompt: PromptType, side: str, limit: int | None, tokenizer) -> list[int]:
+    def _tokenize(prompt: PromptType, side: str, limit: int | None, tokenizer, label: str) -> list[int]:
+        if isinstance(prompt, dict):
+            prompt = prompt_from_dict(prompt, label)
         if not isinstance(prompt, str):
-            ids = [int(t) for t in prompt]
+            ids = integer_ids(prompt, label)
             if limit is None or len(ids) <= limit:
                 return ids
             return ids[-limit:] if side == "left" else ids[:limit]

@@ -52,6 +52,10 @@ def test_embeddings_match_sentence_transformers(minilm, minilm_llm, minilm_hf):
     by_ids = minilm_llm.embed(ids[:2])
     np.testing.assert_allclose([o.outputs.embedding for o in by_ids], [o.outputs.embedding for o in outs[:2]],
                                atol=1e-6)
+    # So do vLLM's prompt dicts.
+    by_dicts = minilm_llm.embed([{"prompt": TEXTS[0]}, {"prompt_token_ids": ids[1]}])
+    np.testing.assert_allclose([o.outputs.embedding for o in by_dicts], [o.outputs.embedding for o in outs[:2]],
+                               atol=1e-6)
 
 
 def test_batches_of_every_size_compile_nothing_after_warmup(minilm_llm):
@@ -98,6 +102,8 @@ def test_a_text_past_the_input_limit_is_refused_unless_truncation_is_asked(minil
     ([], "prompt must hold at least one input"),
     ([[]], "prompt is empty"),
     (["ok", [101, 30522]], "prompt\\[1\\] holds token id 30522, outside the vocabulary \\[0, 30522\\)"),
+    (["ok", {"prompt_token_ids": [101, "7"]}], "prompt\\[1\\] token ids must be integers, got '7'"),
+    (["ok", {"text": "hi"}], "prompt\\[1\\]: a prompt dict needs exactly one of 'prompt'"),
 ])
 def test_bad_prompts_are_refused_by_name(minilm_llm, prompts, message):
     with pytest.raises(ValueError, match=message):

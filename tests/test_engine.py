@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from jaxserve import LLM, SamplingParams
@@ -173,6 +174,12 @@ BAD_REQUESTS = [
     ([5] * 500, SamplingParams(max_tokens=20), "max_model_len"),
     ([5] * 600, GREEDY, "max_model_len"),
     ([5], SamplingParams(stop_token_ids=[2**40]), "stop_token_ids holds token id 1099511627776, outside the vocabulary"),
+    (["5", 6], GREEDY, "prompt token ids must be integers, got '5'"),
+    ([1.5], GREEDY, "prompt token ids must be integers, got 1.5"),
+    (7, GREEDY, "prompt must be text or a list of token ids, got int"),
+    ({"prompt": "a", "prompt_token_ids": [1]}, GREEDY, "exactly one of 'prompt'"),
+    ({"text": "a"}, GREEDY, "exactly one of 'prompt' .* got keys \\['text'\\]"),
+    ({"prompt": [1, 2]}, GREEDY, "prompt must be text, got list"),
 ]
 
 
@@ -226,6 +233,14 @@ def test_generate_returns_final_outputs_without_changing_the_callers_params(smol
     outs = smollm2_llm.generate(["The capital of France is", "Water boils at"], params, use_tqdm=False)
     assert params.output_kind is RequestOutputKind.CUMULATIVE
     assert all(o.finished and len(o.outputs[0].token_ids) == 6 for o in outs)
+    # vLLM's prompt dicts (TextPrompt, TokensPrompt) and numpy ids give the same completions.
+    ids = smollm2_llm.get_tokenizer()("Water boils at").input_ids
+    as_dicts = smollm2_llm.generate([{"prompt": "The capital of France is"}, {"prompt_token_ids": np.array(ids)}],
+                                    params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in as_dicts] == [o.outputs[0].token_ids for o in outs]
+    assert as_dicts[0].prompt == "The capital of France is" and as_dicts[1].prompt_token_ids == ids
+    single = smollm2_llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)
+    assert len(single) == 1 and single[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
     with pytest.raises(ValueError, match="output_kind must be a RequestOutputKind"):
         SamplingParams(output_kind=2)
 
