@@ -22,7 +22,6 @@ from jaxserve.profiling import enable_compile_logging
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
 
-
 def resolve_runner(runner: str, architecture: str) -> str:
     """vLLM's --runner: "generate" or "pooling"; "auto" pools with architectures that cannot
     generate (encoders) and generates with the rest. A decoder may pool; an encoder cannot generate."""

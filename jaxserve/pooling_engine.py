@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-from typing import Sequence
 
 import numpy as np
 

@@ -535,8 +535,8 @@ def _draw_in_nuclei(logits, scale, row_max, drawn, rows, top_p, floor, keys, *, 
         slot = g * G + jnp.arange(G)
         idx = lax.dynamic_slice(order, (g * G,), (G,))
         valid = slot < num_rejected
-        new = _redraw(x[idx], weights[idx], total[idx], x_drawn[idx], tokens[idx], valid, top_p[idx],
-                      floor[idx], keys[idx], max_redraws)
+        new = _redraw(x[idx], weights[idx], row_max[idx], total[idx], x_drawn[idx], tokens[idx], valid,
+                      top_p[idx], floor[idx], keys[idx], max_redraws)
         return tokens.at[jnp.where(valid, idx, B)].set(new, mode="drop")
     return lax.fori_loop(0, (num_rejected + G - 1) // G, group, drawn)
 
@@ -546,7 +546,7 @@ def _mass_above(x: jax.Array, weights: jax.Array, value: jax.Array) -> jax.Array
     return jnp.sum(jnp.where(x > value[:, None], weights, 0.0), axis=-1)
 
 
-def _redraw(x, weights, total, pivot, tokens, valid, top_p, floor, keys, max_redraws):
+def _redraw(x, weights, row_max, total, pivot, tokens, valid, top_p, floor, keys, max_redraws):
     """A group's rows [G, V] redrawn above their rejected value `pivot` until each lands in its
     nucleus (invalid rows: padding, left as they are)."""
     def body(carry):
@@ -563,8 +563,6 @@ def _redraw(x, weights, total, pivot, tokens, valid, top_p, floor, keys, max_red
                                           (pivot, tokens, ~valid, jnp.int32(1)))
 
     def exact():
-        row_max = jnp.max(x, axis=-1)
-        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
         G = x.shape[0]
         cutoff = jnp.maximum(top_k_top_p_cutoff(x, weights, row_max, jnp.zeros(G, jnp.int32), top_p), floor)
         u = uniforms(jax.vmap(jax.random.fold_in, (0, None))(keys, 0))  # redraws fold in 1, 2, ...
