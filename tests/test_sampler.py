@@ -219,6 +219,31 @@ def test_filter_thresholds_match_reference(monkeypatch, cap):
         np.testing.assert_array_equal(x[i] >= cutoff[i], expected, err_msg=f"row {i}")
 
 
+
+def test_narrow_prefix_thresholds_match_reference_whatever_the_batch(monkeypatch):
+    # Rows with top_k <= NARROW_TOP_K read only that much of the prefix: alone in a step (narrow
+    # lax.top_k) or beside wider rows (a slice of the full prefix), with the same thresholds.
+    monkeypatch.setattr(sampler, "TOP_K_CAP", 32)
+    monkeypatch.setattr(sampler, "NARROW_TOP_K", 8)
+    rng = np.random.default_rng(31)
+    x = random_logits(rng, 8, scale=1.5)
+    top_p = np.array([1, 0.9, 0.7, 1, 1, 0.5, 0.8, 0.95], np.float32)
+    narrow_only = np.array([3, 8, 5, 1, 0, 7, 2, 6], np.int32)
+    mixed = np.array([3, 8, 20, 1, 0, 30, 2, 6], np.int32)  # rows 2 and 5 beyond the narrow width
+    cutoff_fn = jax.jit(lambda *args: sampler._top_k_rows_cutoff(*args))  # traced with the patched widths
+    row_max = x.max(-1)
+    cutoffs = {}
+    for name, top_k in (("narrow", narrow_only), ("mixed", mixed)):
+        p = np.where(top_k > 0, top_p, 1.0).astype(np.float32)  # as _sample_rows passes them
+        cutoffs[name] = np.asarray(cutoff_fn(x, np.exp(x - row_max[:, None]), row_max, top_k, p))
+        for i in np.flatnonzero(top_k):
+            if p[i] < 1:
+                assert top_p_margin(x[i].astype(np.float64), top_k[i], p[i]) > 1e-4
+            expected = ref_kept(x[i].astype(np.float64), top_k[i], float(p[i]))
+            np.testing.assert_array_equal(x[i] >= cutoffs[name][i], expected, err_msg=f"{name} row {i}")
+    same = narrow_only == mixed
+    np.testing.assert_array_equal(cutoffs["narrow"][same], cutoffs["mixed"][same])
+
 def test_inverse_cdf_matches_reference():
     rng = np.random.default_rng(8)
     vocab = 300  # not a multiple of the chunk width: exercises the padding
