@@ -10,8 +10,9 @@ takes its tokens there. The public primitives here (`argmax`, `inverse_cdf`, `to
 `ordered_key` / `from_ordered_key`, `bisect`, `uniforms`) are what the built-in samplers build on.
 
 Cost notes (2-core CPU, B=64, V=49152): a full `lax.sort` of the logits takes ~0.9 s, so top-k
-(with top-p on its top-k set) reads one `lax.top_k` prefix of TOP_K_CAP values instead, and
-falls back to an exact bisection over the whole row only for the rows the prefix cannot settle.
+(with top-p on its top-k set) reads one `lax.top_k` prefix instead (NARROW_TOP_K values where
+every row's top_k fits, else TOP_K_CAP), and falls back to an exact bisection over the whole
+row only for the rows the prefix cannot settle.
 Top-p alone needs no threshold at all: a row draws, and draws again above its token while that
 token lies outside the nucleus (`_draw_in_nuclei`). Sampling draws one uniform per row and
 inverts the CDF (two-level, by chunks) instead of drawing V Gumbel values.
