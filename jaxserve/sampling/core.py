@@ -130,16 +130,26 @@ def fold_seed(seed: int) -> int:
 
 class PackedValues:
     """The last step's rows and what of them never changes, packed: their [B, 7] filter and
-    penalty values (row_values), seeds and prompt lengths. A step with the very same row objects,
-    as most decode steps are, reuses them (a row's request has fixed parameters and prompt), so
-    its packing reads only the step counts; numpy reading 256 tuples was most of the work."""
+    penalty values (row_values), seeds and prompt lengths, and what follows from those alone (the
+    device's typed columns, the rows with a penalty, whether any row names a pluggable sampler).
+    A step with the very same row objects, as most decode steps are, reuses them (a row's request
+    has fixed parameters and prompt), so its packing reads only the step counts; numpy reading 256
+    tuples was most of the work."""
+
+    _COLUMN_TYPES = (("temperature", np.float32), ("top_p", np.float32), ("top_k", np.int32),
+                     ("min_p", np.float32), ("presence_penalty", np.float32),
+                     ("frequency_penalty", np.float32), ("repetition_penalty", np.float32))
 
     def __init__(self):
         self.rows: list[SamplingRow] = []
         self.arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.columns: dict[str, np.ndarray] = {}  # SamplingTensors' value fields, typed
+        self.penalised: np.ndarray = np.zeros(0, np.intp)  # rows with a penalty
+        self.pluggable = False  # some row names a sampler other than the default
 
     def pack(self, rows: list[SamplingRow], B: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(values [B, 7] float64, seeds [B] uint32, prompt_lens [B] int32), read-only."""
+        """(values [B, 7] float64, seeds [B] uint32, prompt_lens [B] int32), read-only; the
+        derived fields follow them."""
         if (self.arrays is not None and len(self.arrays[0]) == B and len(rows) == len(self.rows)
                 and all(map(operator.is_, rows, self.rows))):
             return self.arrays
@@ -153,7 +163,11 @@ class PackedValues:
         seeds[:n] = [row.device_seed for row in rows]
         prompt_lens = np.zeros(B, np.int32)
         prompt_lens[:n] = [len(row.prompt_ids) for row in rows]
-        for array in (values, seeds, prompt_lens):
+        self.columns = {name: column.astype(dtype) for (name, dtype), column in zip(self._COLUMN_TYPES, values.T)}
+        self.penalised = np.flatnonzero(np.any(values[:n, 4:] != _NO_PENALTY, axis=1))
+        self.pluggable = any([(row.sampler if row.sampler is not None else row.params.selected_sampler)
+                              != DEFAULT_SAMPLER for row in rows])
+        for array in (values, seeds, prompt_lens, *self.columns.values()):
             array.flags.writeable = False  # shared with the next step's tensors
         self.rows, self.arrays = list(rows), (values, seeds, prompt_lens)
         return self.arrays
@@ -177,7 +191,8 @@ def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_wid
     n, B = len(rows), batch_size
     if n > B:
         raise ValueError(f"{n} rows do not fit in a batch of {B}")
-    values, seeds, prompt_lens = (packed or PackedValues()).pack(rows, B)
+    packed = packed or PackedValues()
+    _, seeds, prompt_lens = packed.pack(rows, B)
     steps = np.zeros(B, np.int32)
     steps[:n] = [row.step for row in rows]
     banned = np.full((B, banned_width), -1, np.int32)
@@ -190,20 +205,26 @@ def build_sampling_tensors(rows: list[SamplingRow], batch_size: int, history_wid
         banned[i, :len(row.banned_ids)] = row.banned_ids
         bans = True
     # Full width whenever the penalties graph runs (needs_penalties), so it has one input shape.
-    penalised = np.flatnonzero(np.any(values[:n, 4:] != _NO_PENALTY, axis=1))
+    penalised = packed.penalised
     history = np.full((B, history_width if len(penalised) or bans else 1), -1, np.int32)
     if len(penalised):
         prompt_lens = prompt_lens.copy()  # the packed one is shared
     for i in penalised:
         prompt_lens[i] = _write_history(history, i, rows[i])
-    pluggable = _pack_pluggable_samplers(rows, B, samplers)
-    temperature, top_p, top_k, min_p, presence, frequency, repetition = values.T
-    return SamplingTensors(
-        temperature=temperature.astype(np.float32), top_p=top_p.astype(np.float32),
-        top_k=top_k.astype(np.int32), min_p=min_p.astype(np.float32),
-        presence_penalty=presence.astype(np.float32), frequency_penalty=frequency.astype(np.float32),
-        repetition_penalty=repetition.astype(np.float32), seeds=seeds, steps=steps, token_history=history,
-        prompt_lens=prompt_lens, banned_token_ids=banned, **pluggable)
+    pluggable = _pack_pluggable_samplers(rows, B, samplers) if packed.pluggable else _no_pluggable_samplers(B)
+    return SamplingTensors(**packed.columns, seeds=seeds, steps=steps, token_history=history,
+                           prompt_lens=prompt_lens, banned_token_ids=banned, **pluggable)
+
+
+@functools.lru_cache(maxsize=8)
+def _no_pluggable_samplers(B: int) -> dict[str, np.ndarray]:
+    """_pack_pluggable_samplers of B rows that all take the default path: zeros, read-only
+    (shared by every such step of that batch size)."""
+    arrays = dict(sampler_ids=np.zeros(B, np.int32), sampler_params=np.zeros((B, SAMPLER_PARAMS_WIDTH), np.float32),
+                  sampler_state=np.zeros((B, SAMPLER_STATE_WIDTH), np.float32))
+    for array in arrays.values():
+        array.flags.writeable = False
+    return arrays
 
 
 def _nonzero(counts: list[int]) -> Sequence[int]:
