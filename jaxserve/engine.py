@@ -300,8 +300,9 @@ class LLMEngine:
                 return []
             if self.speculator is not None:
                 self.speculator.draft(sched)
-            rows = [self._sampling_row(s.request) if s.samples else None for s in sched.seqs]
-            fill_bitmask = self._bitmask_filler(sched)
+            rows, constrained = self._sampling_rows(sched)
+            fill_bitmask = (functools.partial(self.grammars.fill_bitmask, rows=constrained)
+                            if constrained else None)
         scheduled = time.perf_counter()
         result = self.runner.execute(sched, rows, fill_bitmask,
                                      self.speculator.mirror if self.speculator is not None else None)
@@ -319,17 +320,31 @@ class LLMEngine:
         record.outputs_seconds = time.perf_counter() - executed
         return outputs
 
-    def _bitmask_filler(self, sched: SchedulerOutput):
-        """What writes the step's structured-output bitmask into the runner's [B, words] array,
-        or None when no sampling row has a constraint (the step then runs the plain sampler
-        graph). The runner calls it while the device runs the forward graph: the matchers stand
-        where the last step's tokens left them, and nothing advances them until this step's
-        outputs come back."""
-        constrained = [(i, s.request.matcher) for i, s in enumerate(sched.seqs)
-                       if s.samples and s.request.matcher is not None]
-        if not constrained:
-            return None
-        return functools.partial(self.grammars.fill_bitmask, rows=constrained)
+    def _sampling_rows(self, sched: SchedulerOutput) -> tuple[list[SamplingRow | None], list]:
+        """The step's sampling rows (None where a sequence does not sample), and its constrained
+        rows as (index, matcher): what fills the structured-output bitmask. The runner calls that
+        filler while the device runs the forward graph: the matchers stand where the last step's
+        tokens left them, and nothing advances them until this step's outputs come back. With
+        no constrained row the step runs the plain sampler graph.
+
+        One pass, with the common row (kept, past min_tokens) updated inline: it runs for every
+        sequence of every step."""
+        rows: list[SamplingRow | None] = []
+        constrained = []
+        for i, seq in enumerate(sched.seqs):
+            if not seq.samples:
+                rows.append(None)
+                continue
+            req = seq.request
+            row, num_out = req.sampling_row, len(req.output_token_ids)
+            if row is None or num_out < req.params.min_tokens:
+                row = self._sampling_row(req)
+            else:
+                row.step, row.banned_ids, row.sampler_state = num_out, (), req.sampler_state
+            rows.append(row)
+            if req.matcher is not None:
+                constrained.append((i, req.matcher))
+        return rows, constrained
 
     def _sampling_row(self, req: Request) -> SamplingRow:
         """The request's row for this step: one object per request, its per-step fields updated

@@ -25,18 +25,23 @@ from jaxserve.lora_manager import LoRAManager
 from jaxserve.request import Request, RequestStatus
 
 
-@dataclass(slots=True)
 class ScheduledSeq:
-    request: Request
-    start: int        # num_computed_tokens before this step
-    num_tokens: int   # tokens computed this step
-    # The step reaches the last known token, so its logits make a new one (None: work it out).
-    samples: bool | None = None
-    draft_token_ids: tuple[int, ...] = ()  # speculative drafts, the last of num_tokens
+    """One request's part of a step. A plain class with slots: the scheduler makes one per running
+    request every step, and a dataclass's generated __init__ with __post_init__ costs a third more."""
+    __slots__ = ("request", "start", "num_tokens", "samples", "draft_token_ids")
 
-    def __post_init__(self):
-        if self.samples is None:
-            self.samples = self.start + self.num_tokens == self.request.num_tokens
+    def __init__(self, request: Request, start: int, num_tokens: int, samples: bool | None = None,
+                 draft_token_ids: tuple[int, ...] = ()):
+        self.request = request
+        self.start = start            # num_computed_tokens before this step
+        self.num_tokens = num_tokens  # tokens computed this step
+        # The step reaches the last known token, so its logits make a new one (None: work it out).
+        self.samples = start + num_tokens == request.num_tokens if samples is None else samples
+        self.draft_token_ids = draft_token_ids  # speculative drafts, the last of num_tokens
+
+    def __repr__(self) -> str:
+        return (f"ScheduledSeq({self.request.request_id!r}, start={self.start}, num_tokens={self.num_tokens}, "
+                f"samples={self.samples}, drafts={self.draft_token_ids})")
 
     def reject(self, num_accepted: int) -> None:
         """After verification: only the last token and the accepted drafts stay computed."""
@@ -203,18 +208,20 @@ class Scheduler:
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Advance progress and publish pages that became full to the prefix cache."""
+        S, caching = self.block_size, self.pool.enable_prefix_caching
         for seq in out.seqs:
             req = seq.request
-            req.num_computed_tokens += seq.num_tokens
+            computed = req.num_computed_tokens = req.num_computed_tokens + seq.num_tokens
+            if not caching or computed < (len(req.block_hashes) + 1) * S:
+                continue  # no page filled since its last hash: most decode steps
             # Accepted drafts are computed before the output processor appends them: hash only
             # known tokens (their pages are published at the next step).
-            num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
-            num_full = min(req.num_computed_tokens, num_tokens) // self.block_size
+            num_full = min(computed, len(req.prompt_token_ids) + len(req.output_token_ids)) // S
             start = len(req.block_hashes)
-            if num_full > start and self.pool.enable_prefix_caching:
+            if num_full > start:
                 parent = req.block_hashes[-1] if req.block_hashes else req.prefix_root
-                tokens = req.token_ids_between(start * self.block_size, num_full * self.block_size)
-                req.block_hashes.extend(chain_hashes(tokens, self.block_size, parent))
+                tokens = req.token_ids_between(start * S, num_full * S)
+                req.block_hashes.extend(chain_hashes(tokens, S, parent))
                 self.pool.register_full_pages(req.block_ids, req.block_hashes, start)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
