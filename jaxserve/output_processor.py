@@ -41,6 +41,12 @@ class RequestState:
     delta: bool = False           # DELTA
     streams_pieces: bool = False  # DELTA, one completion, no stop strings: OutputProcessor._piece_output
     sent_any: bool = False        # streams_pieces: an output went out (prompt_logprobs ride the first)
+    # The stop rules of the common request, read without `_stop_status`: no stop strings, no stop
+    # token ids, min_tokens at most 1 (each output token is at least the first), so only EOS and
+    # the length end it.
+    plain_stops: bool = False
+    stop_ids: tuple[int, ...] = ()  # plain_stops: the ids that end it (EOS unless ignore_eos)
+    token_limit: int = 0            # plain_stops: outputs at which it ends (max_tokens or the context)
 
 
 class OutputProcessor:
@@ -61,7 +67,10 @@ class OutputProcessor:
             request_id, prompt, prompt_token_ids, children, detoks, kind, [[0, 0, 0] for _ in children],
             decodes_live=kind is not RequestOutputKind.FINAL_ONLY or bool(params.stop), single=len(children) == 1,
             outputs_every_step=kind is not RequestOutputKind.FINAL_ONLY, delta=kind is RequestOutputKind.DELTA,
-            streams_pieces=kind is RequestOutputKind.DELTA and len(children) == 1 and not params.stop)
+            streams_pieces=kind is RequestOutputKind.DELTA and len(children) == 1 and not params.stop,
+            plain_stops=not params.stop and not params.stop_token_ids and params.min_tokens <= 1,
+            stop_ids=() if params.ignore_eos else children[0].eos_token_ids,
+            token_limit=min(children[0].max_tokens, self.max_model_len - len(prompt_token_ids)))
 
     def abort(self, request_id: str) -> list[Request]:
         """Forget a request; its completions, for the scheduler to finish ([] if unknown)."""
@@ -117,7 +126,11 @@ class OutputProcessor:
                 entry = self._logprob_entry(req.params.logprobs, token, logprobs[i],
                                             result.top_ids[i], result.top_logprobs[i])
                 req.logprobs.append(entry)
-            status = self._stop_status(req, token, detok, len(piece))
+            if state.plain_stops:  # _stop_status, inline for the common request
+                status = (RequestStatus.FINISHED_STOPPED if token in state.stop_ids else
+                          RequestStatus.FINISHED_LENGTH if len(req.output_token_ids) >= state.token_limit else None)
+            else:
+                status = self._stop_status(req, token, detok, len(piece))
             emitted = None  # the step's tokens, where the output carries them alone (DELTA) or drafts add some
             if accepted is not None and accepted[i] and status is None:
                 emitted = [token]

@@ -133,6 +133,9 @@ def test_eos_ends_a_chat_reply_unless_ignored(smollm2_llm):
     late = smollm2_llm.chat(conv, SamplingParams(temperature=0, max_tokens=64, min_tokens=len(out.token_ids) + 2),
                             use_tqdm=False)[0].outputs[0]
     assert len(late.token_ids) >= len(out.token_ids) + 2 and 2 not in late.token_ids[:len(out.token_ids) + 1]
+    # min_tokens 1 takes the output pass's inline stop rules (each output has a first token): EOS still ends it.
+    one = smollm2_llm.chat(conv, SamplingParams(temperature=0, max_tokens=64, min_tokens=1), use_tqdm=False)[0].outputs[0]
+    assert one.token_ids == out.token_ids and one.finish_reason == "stop"
 
 
 def test_n_completions_share_the_prompt_pages(smollm2_llm):
