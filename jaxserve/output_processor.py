@@ -23,7 +23,7 @@ from jaxserve.sampling_params import RequestOutputKind
 from jaxserve.scheduler import SchedulerOutput
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestState:
     """One user request on the way out: its n completions share the prompt."""
     request_id: str

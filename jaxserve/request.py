@@ -30,7 +30,9 @@ class RequestStatus(enum.Enum):
 _FINISHED = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
 
 
-@dataclass(eq=False)
+# Slots: every step reads a dozen of its fields for each running request; they sit in the object,
+# not in a separate dict values array (fewer cache lines per request after a step's device work).
+@dataclass(eq=False, slots=True)
 class Request:
     request_id: str
     prompt_token_ids: list[int]
