@@ -14,7 +14,9 @@ once per output kind (SamplingParams.output_kind): cumulative (every step, all s
 
 Each configuration runs in `--rounds` rounds, interleaved, because on a shared 2-vCPU host a
 whole round can run 2-3x slower than the next: the medians are over every measured step of
-every round, and "best round" is the lowest round median (the least disturbed).
+every round, and "best round" is the lowest round median (the least disturbed). As `jaxserve
+serve` does once loaded, the start-up heap is frozen out of garbage collection (`--no-freeze`:
+left to it, when a full collection walks it in ~110 ms in some step).
 
     .venv/bin/python benchmarks/host_overhead.py                 # B = 256, 3 rounds of 64 steps
     .venv/bin/python benchmarks/host_overhead.py --batch 64 --steps 32 --stop "\\n\\n"
@@ -23,6 +25,7 @@ every round, and "best round" is the lowest round median (the least disturbed).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -127,9 +130,14 @@ def main() -> None:
     parser.add_argument("--replayed-only", action="store_true",
                         help="only the replayed-device configurations (the host alone, as beside a GPU)")
     parser.add_argument("--json", default=None, help="also write the medians here")
+    parser.add_argument("--no-freeze", action="store_true",
+                        help="leave the start-up heap to the garbage collector (serve freezes it)")
     args = parser.parse_args()
     tokenizer = load_gguf_tokenizer(bundled_model_path())
     engine = tiny_engine(tokenizer, args.batch, max_model_len=args.max_model_len)
+    if not args.no_freeze:  # what jaxserve/cli.py's _freeze_startup_heap does before serving
+        gc.collect()
+        gc.freeze()
     stop = [s.encode().decode("unicode_escape") for s in args.stop]
     started = time.perf_counter()
     records: dict[str, list] = {}

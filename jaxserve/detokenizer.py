@@ -66,6 +66,10 @@ class IncrementalDetokenizer:
         costs a list append for such a stream, and the decoding runs once, at the end."""
         self._deferred.append(token_id)
 
+    def defer_many(self, token_ids: Sequence[int]) -> None:
+        """`defer` each of token_ids, in order (a final-only output's ids, all at once when it ends)."""
+        self._deferred.extend(token_ids)
+
     def _catch_up(self) -> None:
         if self._deferred:
             deferred, self._deferred = self._deferred, []

@@ -92,22 +92,24 @@ class OutputProcessor:
         # Speculative steps: each row's accepted drafts past its first token (none: all rejected).
         accepted = result.num_accepted.tolist() if result.num_accepted is not None else None
         states = self.states
-        sampled: list[tuple[int, Request, RequestState, IncrementalDetokenizer]] = []
+        sampled: list[tuple[int, Request, RequestState, IncrementalDetokenizer | None]] = []
         live_detoks, live_tokens, live_rows = [], [], []
         for i, seq in enumerate(sched.seqs):
             if seq.samples:
                 req = seq.request
                 state = states[req.group_id]
-                detok = state.detokenizers[req.sample_index]
-                sampled.append((i, req, state, detok))
                 # Text is decoded now only where someone reads it before the end: outputs every
-                # step, or stop strings to look for; the others decode once, at the end.
+                # step, or stop strings to look for. The others' detokenizers are not touched
+                # until they finish, and then take all their output ids at once (after a CPU
+                # step each object touched per row is a cache miss).
                 if state.decodes_live:
+                    detok = state.detokenizers[req.sample_index]
                     live_detoks.append(detok)
                     live_tokens.append(tokens[i])
-                    live_rows.append(len(sampled) - 1)
+                    live_rows.append(len(sampled))
+                    sampled.append((i, req, state, detok))
                 else:
-                    detok.defer(tokens[i])
+                    sampled.append((i, req, state, None))
         pieces = [""] * len(sampled)
         for k, piece in zip(live_rows, add_tokens(live_detoks, live_tokens)):
             pieces[k] = piece
@@ -142,6 +144,9 @@ class OutputProcessor:
                 if not req.matcher.consume_token(token) or req.matcher.is_stopped():
                     status = RequestStatus.FINISHED_STOPPED
             if status is not None:
+                if detok is None:  # not decoding live: its text is made now, from all its output ids
+                    detok = state.detokenizers[req.sample_index]
+                    detok.defer_many(req.output_token_ids)
                 piece += detok.flush()  # an unfinished character at the very end
                 req.finish_time = now
                 self._finish(req, status)
@@ -165,11 +170,8 @@ class OutputProcessor:
         (status, the step's text piece). Appends them to `emitted`."""
         detok = state.detokenizers[req.sample_index]
         for token in drafts:
-            if state.decodes_live:
-                new = detok.add_token(token)
-            else:
-                detok.defer(token)
-                new = ""
+            # A stream not decoding live takes its output ids when it finishes (process).
+            new = detok.add_token(token) if state.decodes_live else ""
             req.output_token_ids.append(token)
             emitted.append(token)
             piece += new

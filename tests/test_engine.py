@@ -150,6 +150,8 @@ def test_n_completions_share_the_prompt_pages(smollm2_llm):
                                use_tqdm=False)[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # different samples
+    # Final-only text is decoded once per completion, when it ends, from all its output ids.
+    assert all(c.text == tok.decode(c.token_ids, skip_special_tokens=True) for c in out.outputs)
     # The two siblings found every full page of the prompt already computed by the first.
     assert engine.stats.prefix_cache_hits - hits_before == 2 * full_pages * 16
     assert out.outputs[0].token_ids == run_alone(smollm2_llm, prompt,

@@ -240,6 +240,10 @@ def test_smollm2_repetitive_code_is_identical_with_speculation(smollm2_llm):
     spec = LLM(**SMOLLM2_ENGINE_ARGS, speculative_model="[ngram]", num_speculative_tokens=4,
                ngram_prompt_lookup_max=4, ngram_prompt_lookup_min=2)
     assert _generate(spec, prompts, params) == _generate(smollm2_llm, prompts, params)
+    # Final-only text is decoded once, at the end, from every output id (accepted drafts included).
+    tok = spec.get_tokenizer()
+    for out in spec.generate(prompts, params, use_tqdm=False):
+        assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)
     s = spec.stats()
     assert s.spec_decode_num_accepted_tokens > 0  # SmolLM2-135M copies loosely: about a third in 128 tokens
 
