@@ -370,13 +370,9 @@ class LLMEngine:
         s.step_seconds.append(result.seconds)
         del s.step_seconds[:-1000]
         accepted = result.num_accepted.tolist() if result.num_accepted is not None else None
-        prompt_tokens, sampled = 0, 0
-        for seq in sched.seqs:
-            num_prompt = len(seq.request.prompt_token_ids)
-            if seq.start < num_prompt:  # prompt tokens computed (a decode computes none)
-                prompt_tokens += min(seq.start + seq.num_tokens, num_prompt) - seq.start
-            sampled += seq.samples
-        s.prompt_tokens += prompt_tokens
+        # Counted by the scheduler: after a CPU step each request's prompt list read here is a cache miss.
+        s.prompt_tokens += sched.num_prompt_tokens
+        sampled = sum([seq.samples for seq in sched.seqs])
         # Each sampling row makes one token, and a speculative one its accepted drafts besides.
         s.generation_tokens += sampled + (sum(a for a, seq in zip(accepted, sched.seqs) if seq.samples)
                                           if accepted else 0)

@@ -57,6 +57,9 @@ class SchedulerOutput:
     block_table: np.ndarray | None = None
     # LoRA slots to fill before this step runs: (slot, adapter), in order.
     lora_writes: list = field(default_factory=list)
+    # Prompt tokens the step computes (prompt chunks, and prompts recomputed after a preemption);
+    # counted while scheduling, where each request's prompt is read anyway.
+    num_prompt_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -98,8 +101,8 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
-            computed = req.num_computed_tokens
-            remaining = len(req.prompt_token_ids) + len(req.output_token_ids) - computed
+            computed, num_prompt = req.num_computed_tokens, len(req.prompt_token_ids)
+            remaining = num_prompt + len(req.output_token_ids) - computed
             drafts = req.draft_token_ids
             if drafts:  # a decode (remaining 1) with speculative drafts
                 n = self._fit_drafts(req, min(1 + len(drafts), budget))
@@ -114,6 +117,8 @@ class Scheduler:
                     if victim is req:
                         return budget
             seqs.append(ScheduledSeq(req, computed, n, n == remaining or bool(drafts), drafts))
+            if computed < num_prompt:  # a decode computes no prompt token
+                out.num_prompt_tokens += min(computed + n, num_prompt) - computed
             budget -= n
             i += 1
         return budget
@@ -146,7 +151,9 @@ class Scheduler:
             if req.scheduled_time is None:  # a preempted request's second admission does not count
                 req.scheduled_time = time.monotonic()
             self.running.append(req)
-            out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, n))
+            start = req.num_computed_tokens
+            out.seqs.append(ScheduledSeq(req, start, n))
+            out.num_prompt_tokens += max(0, min(start + n, req.num_prompt_tokens) - start)
             budget -= n
         self.waiting.extendleft(reversed(deferred))
 

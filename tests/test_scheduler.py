@@ -30,11 +30,13 @@ def test_prompts_are_chunked_to_the_budget_and_decodes_go_first():
     out = run_step(s)
     assert [(q.request.request_id, q.num_tokens) for q in out.seqs] == [("a", 6), ("b", 2)]
     assert out.seqs[0].samples and not out.seqs[1].samples
+    assert out.num_prompt_tokens == 8
     out = run_step(s)   # a decodes (1 token) first, b continues its prompt with the rest of the budget
     assert [(q.request.request_id, q.num_tokens) for q in out.seqs] == [("a", 1), ("b", 7)]
+    assert out.num_prompt_tokens == 7  # a's decode computes no prompt token
     out = run_step(s)
     assert [(q.request.request_id, q.num_tokens) for q in out.seqs] == [("a", 1), ("b", 1)]
-    assert out.seqs[1].samples and b.num_computed_tokens == 10
+    assert out.seqs[1].samples and b.num_computed_tokens == 10 and out.num_prompt_tokens == 1
 
 
 def test_out_of_pages_preempts_the_newest_and_recomputes_it():
@@ -53,6 +55,7 @@ def test_out_of_pages_preempts_the_newest_and_recomputes_it():
     out = run_step(s)                # b comes back: its first page is still in the prefix cache,
     assert b.num_cached_tokens == 4  # the rest of the prompt and its output token are recomputed
     assert [(q.request.request_id, q.num_tokens) for q in out.seqs] == [("b", 5)]
+    assert out.num_prompt_tokens == 4  # its prompt recomputed past the cached page; its output token is not one
     s.finish(b, RequestStatus.FINISHED_STOPPED)
     assert pool.num_free_pages == 4
 
