@@ -62,8 +62,8 @@ class IncrementalDetokenizer:
 
     def defer(self, token_id: int) -> None:
         """Take a token whose text nobody reads yet (a final-only output without stop strings):
-        it is decoded, as add_token would, when `text` or `flush` is next asked for. A step then
-        costs a list append for such a stream, and the decoding runs once, at the end."""
+        it is decoded, as add_token would, when `text` or `flush` is next asked for, so the
+        decoding runs once, at the end."""
         self._deferred.append(token_id)
 
     def defer_many(self, token_ids: Sequence[int]) -> None:
