@@ -60,14 +60,10 @@ class IncrementalDetokenizer:
         self._catch_up()
         return add_tokens([self], [token_id])[0]
 
-    def defer(self, token_id: int) -> None:
-        """Take a token whose text nobody reads yet (a final-only output without stop strings):
-        it is decoded, as add_token would, when `text` or `flush` is next asked for, so the
-        decoding runs once, at the end."""
-        self._deferred.append(token_id)
-
-    def defer_many(self, token_ids: Sequence[int]) -> None:
-        """`defer` each of token_ids, in order (a final-only output's ids, all at once when it ends)."""
+    def defer(self, token_ids: Sequence[int]) -> None:
+        """Take tokens whose text nobody reads yet (a final-only output without stop strings, all
+        its ids when it ends): they are decoded in order, as add_token would, when `text` or
+        `flush` is next asked for, so the decoding runs once, at the end."""
         self._deferred.extend(token_ids)
 
     def _catch_up(self) -> None:

@@ -146,7 +146,7 @@ class OutputProcessor:
             if status is not None:
                 if detok is None:  # not decoding live: its text is made now, from all its output ids
                     detok = state.detokenizers[req.sample_index]
-                    detok.defer_many(req.output_token_ids)
+                    detok.defer(req.output_token_ids)
                 piece += detok.flush()  # an unfinished character at the very end
                 req.finish_time = now
                 self._finish(req, status)

@@ -195,13 +195,11 @@ def test_batched_streams_match_one_stream_at_a_time(tokenizer, chat_prompt):
 def test_deferred_tokens_decode_as_if_added_one_by_one(tokenizer, chat_prompt):
     ids = tokenizer.encode(TEXTS["emoji"] + TEXTS["korean"])
     det = IncrementalDetokenizer(tokenizer, chat_prompt)
-    for t in ids[:7]:
-        det.defer(t)
+    det.defer(ids[:7])
     pieces = [det.add_token(t) for t in ids[7:12]]  # catches up first
-    for t in ids[12:-1]:
-        det.defer(t)
+    det.defer(ids[12:-1])
     assert "".join(pieces) and det.text.startswith("Party")
-    det.defer(ids[-1])
+    det.defer(ids[-1:])
     det.flush()
     alone = IncrementalDetokenizer(tokenizer, chat_prompt)
     assert det.text == "".join(alone.add_token(t) for t in ids) + alone.flush() == TEXTS["emoji"] + TEXTS["korean"]

@@ -222,7 +222,6 @@ def test_filter_thresholds_match_reference(monkeypatch, cap):
         np.testing.assert_array_equal(x[i] >= cutoff[i], expected, err_msg=f"row {i}")
 
 
-
 def test_narrow_prefix_thresholds_match_reference_whatever_the_batch(monkeypatch):
     # Rows with top_k <= NARROW_TOP_K read only that much of the prefix: alone in a step (narrow
     # lax.top_k) or beside wider rows (a slice of the full prefix), with the same thresholds.
@@ -246,6 +245,7 @@ def test_narrow_prefix_thresholds_match_reference_whatever_the_batch(monkeypatch
             np.testing.assert_array_equal(x[i] >= cutoffs[name][i], expected, err_msg=f"{name} row {i}")
     same = narrow_only == mixed
     np.testing.assert_array_equal(cutoffs["narrow"][same], cutoffs["mixed"][same])
+
 
 def test_inverse_cdf_matches_reference():
     rng = np.random.default_rng(8)
