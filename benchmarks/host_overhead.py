@@ -16,7 +16,8 @@ Each configuration runs in `--rounds` rounds, interleaved, because on a shared 2
 whole round can run 2-3x slower than the next: the medians are over every measured step of
 every round, and "best round" is the lowest round median (the least disturbed). As `jaxserve
 serve` does once loaded, the start-up heap is frozen out of garbage collection (`--no-freeze`:
-left to it, when a full collection walks it in ~110 ms in some step).
+left to it, when a full collection walks it in ~110 ms in some step). With
+``JAXSERVE_HOST_HEAP=retain`` the C heap keeps the CPU step's large blocks (jaxserve/host_heap.py).
 
     .venv/bin/python benchmarks/host_overhead.py                 # B = 256, 3 rounds of 64 steps
     .venv/bin/python benchmarks/host_overhead.py --batch 64 --steps 32 --stop "\\n\\n"
@@ -35,6 +36,7 @@ import time
 import jax
 import numpy as np
 
+from jaxserve import host_heap
 from jaxserve.config import CacheConfig, CompileConfig, SchedulerConfig
 from jaxserve.engine import LLMEngine
 from jaxserve.models import LoadedModel, ModelConfig, bundled_model_path, model_class
@@ -133,6 +135,7 @@ def main() -> None:
     parser.add_argument("--no-freeze", action="store_true",
                         help="leave the start-up heap to the garbage collector (serve freezes it)")
     args = parser.parse_args()
+    host_heap.keep_freed_blocks()  # as LLM does, before JAX starts: JAXSERVE_HOST_HEAP=retain keeps the step's blocks
     tokenizer = load_gguf_tokenizer(bundled_model_path())
     engine = tiny_engine(tokenizer, args.batch, max_model_len=args.max_model_len)
     if not args.no_freeze:  # what jaxserve/cli.py's _freeze_startup_heap does before serving
@@ -152,7 +155,7 @@ def main() -> None:
     results = {label: summarise(r) | {"best round": best[label]} for label, r in records.items()}
     print(f"{cpu_name()}, jax {jax.__version__}: {args.batch} decoding sequences, max_model_len "
           f"{args.max_model_len}, {args.rounds} rounds of {args.steps} steps per output kind "
-          f"({time.perf_counter() - started:.1f} s in all); median ms per step")
+          f"({time.perf_counter() - started:.1f} s in all); host heap: {host_heap.describe()}; median ms per step")
     print(f"{'output kind':<30}" + "".join(f"{name:>12}" for name in PHASES))
     for label, result in results.items():
         print(f"{label:<30}" + "".join(f"{result[name]:12.3f}" for name in PHASES))

@@ -192,11 +192,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     import jax
 
+    from jaxserve import host_heap
     from jaxserve.async_engine import AsyncEngine
     from jaxserve.llm import LLM
     from jaxserve.parallel import initialize_distributed
     from jaxserve.server.app import create_app, run_server
 
+    host_heap.keep_freed_blocks()  # before jax.process_index() below starts JAX's backends
     if engine_args.distributed:  # joined first: only process 0 binds the port
         initialize_distributed(engine_args.coordinator_address, engine_args.num_processes, engine_args.process_id)
         if jax.process_count() > 1 and not engine_args.coordinator_address:
@@ -231,6 +233,7 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("model %s loaded and compiled in %.1f s; serving as %s on %s://%s:%d (%d start-up objects frozen "
              "out of garbage collection)", loaded.source, time.monotonic() - started, ", ".join(names),
              "https" if config.ssl_certfile else "http", config.host, config.port, frozen)
+    log.info("host heap: %s", host_heap.describe())
     try:
         run_server(app, config)
     finally:

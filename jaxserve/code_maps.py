@@ -14,6 +14,8 @@ from __future__ import annotations
 import gc
 import logging
 
+from jaxserve import host_heap
+
 logger = logging.getLogger(__name__)
 
 _DEFAULT_MAP_LIMIT = 65530
@@ -58,6 +60,7 @@ def release_dropped_graphs(force: bool = False) -> bool:
         if count < max(_CROWDED_SHARE * limit, _crowded_after_collection + _REGROWTH_SHARE * limit):
             return False
     gc.collect()
+    host_heap.give_back_free_memory()  # the dropped engines' buffers, which the heap would keep
     after = mapping_count()
     _crowded_after_collection = after or 0
     if count is not None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 import os
 from typing import Sequence
 
+import jax
 from tqdm.auto import tqdm
 
+from jaxserve import host_heap
 from jaxserve.data_parallel import DataParallelEngine
 from jaxserve.engine import LLMEngine, enable_persistent_compilation_cache
 from jaxserve.engine_args import ENGINE_OPTIONS, EngineArgs, signature
@@ -20,6 +23,8 @@ from jaxserve.parallel import build_mesh, check_divisible, initialize_distribute
 from jaxserve.pooling_params import PoolingParams
 from jaxserve.profiling import enable_compile_logging
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_runner(runner: str, architecture: str) -> str:
@@ -63,12 +68,19 @@ class LLM:
         return llm
 
     def _build(self, args: EngineArgs) -> None:
-        from jaxserve.models import load_model
-        from jaxserve.pallas_kernels import attention_backend as get_attention
-
         self.args = args
         if args.distributed:  # every process must run the same steps: see jaxserve/multihost.py
             initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        host_heap.keep_freed_blocks()  # before JAX starts its backends (jaxserve/host_heap.py)
+        try:
+            self._build_engine(args)
+        finally:
+            host_heap.give_back_free_memory()  # the load's host copies of the weights
+
+    def _build_engine(self, args: EngineArgs) -> None:
+        from jaxserve.models import load_model
+        from jaxserve.pallas_kernels import attention_backend as get_attention
+
         if args.log_compiles:
             enable_compile_logging()
         compile_cfg = args.compile_config()
@@ -99,6 +111,9 @@ class LLM:
                               speculative=speculative, draft=draft)
                     for i, mesh in enumerate(replica_meshes(build_mesh(parallel)))]
         self.engine = replicas[0] if len(replicas) == 1 else DataParallelEngine(replicas)
+        line = host_heap.hint(args.max_num_seqs, self.loaded.config.vocab_size)
+        if line and jax.default_backend() == "cpu":
+            logger.info(line)
 
     def _pooling_engine(self, args: EngineArgs, attention_fn):
         """The engine of runner "pooling". Its input limit is the model's sentence-transformers

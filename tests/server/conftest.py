@@ -14,6 +14,7 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
     with running(["--served-model-name", MODEL, "--max-queue", "512"], folder / "serve.log",
                  env={"JAXSERVE_PROFILER_DIR": str(folder / "profiles"),
-                      "JAXSERVE_MODELS": str(folder / "store")}) as srv:  # an empty store: one model listed
+                      "JAXSERVE_MODELS": str(folder / "store"),  # an empty store: one model listed
+                      "JAXSERVE_HOST_HEAP": "retain"}) as srv:  # every server test runs on the kept heap too
         yield srv
 

@@ -103,6 +103,9 @@ def test_the_log_lines_of_a_request_name_its_id(server):
     # The start-up heap is out of the collector's sight (a full collection walked it in ~110 ms).
     frozen = re.search(r"\((\d+) start-up objects frozen out of garbage collection\)", started)
     assert frozen and int(frozen.group(1)) > 50_000, started
+    # serve set the heap up before it started JAX's backends (JAXSERVE_HOST_HEAP=retain, conftest.py).
+    heap = next(line for line in server.read_log().splitlines() if "host heap:" in line)
+    assert "host heap: one arena keeps the blocks XLA:CPU frees" in heap, heap
 
 
 def test_the_filter_tags_records_of_the_current_request_or_the_named_one():
