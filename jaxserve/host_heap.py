@@ -27,6 +27,7 @@ after a dropped model is collected. Other C libraries (musl, macOS) are left alo
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -50,6 +51,7 @@ _decision: str | None = None
 _kept = False
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc() -> ctypes.CDLL | None:
     """The process's C library when it is glibc (mallopt and malloc_trim are glibc's)."""
     try:
@@ -75,7 +77,8 @@ def _accelerator_plugins() -> list[str]:
 def _backends_started() -> bool:
     from jax._src import xla_bridge
 
-    return xla_bridge.backends_are_initialized()
+    started = getattr(xla_bridge, "backends_are_initialized", None)  # private: a JAX without it counts as started
+    return started is None or started()
 
 
 def _platforms() -> str | None:

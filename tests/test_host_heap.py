@@ -116,3 +116,10 @@ def test_the_hint_names_rows_past_glibcs_mmap_ceiling(monkeypatch):
     assert host_heap.hint(64, 262144) is not None  # Gemma 3's vocabulary: 64 MiB
     monkeypatch.setattr(host_heap, "_kept", True)
     assert host_heap.hint(256, 49152) is None
+
+
+def test_a_jax_without_the_started_check_counts_as_started(monkeypatch):
+    from jax._src import xla_bridge
+
+    monkeypatch.delattr(xla_bridge, "backends_are_initialized")
+    assert host_heap._backends_started() is True  # so the heap is left as glibc set it
