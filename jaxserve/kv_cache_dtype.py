@@ -58,8 +58,9 @@ class KVCacheDtype:
         per_head = head_dim * self.dtype.itemsize + (SCALE_DTYPE.itemsize if self.scaled else 0)
         return 2 * num_layers * num_kv_heads * per_head
 
-    def zeros(self, shape: tuple[int, int, int, int, int]) -> KVCache:
-        """An empty cache of shape [L, P, S, K, H] (scales [L, P, S, K] where scaled)."""
+    def zeros(self, shape: tuple[int, ...]) -> KVCache:
+        """An empty cache whose pages have `shape` (models.metadata.kv_page_shape: [L, P, S, K, H],
+        or [L, P, S, H] for one KV head), with scales of that shape less its last axis where scaled."""
         pages = lambda: jnp.zeros(shape, self.storage_dtype)
         scales = lambda: jnp.zeros(shape[:-1], SCALE_DTYPE) if self.scaled else None
         return KVCache(k=pages(), v=pages(), k_scale=scales(), v_scale=scales())

@@ -120,15 +120,16 @@ def param_shardings(params, mesh: Mesh, model_config):
 
 
 def kv_cache_sharding(mesh: Mesh, model_config) -> NamedSharding:
-    """[L, P, S, K, H]: split over K heads when they divide evenly, else replicated."""
-    if kv_heads_sharded(model_config, mesh.shape[MODEL]):
+    """[L, P, S, K, H]: split over K heads when they divide evenly, else replicated (one head:
+    replicated, its pages having no K axis, models.metadata.kv_page_shape)."""
+    if model_config.num_kv_heads > 1 and kv_heads_sharded(model_config, mesh.shape[MODEL]):
         return NamedSharding(mesh, P(None, None, None, MODEL, None))
     return NamedSharding(mesh, P())
 
 
 def kv_scale_sharding(mesh: Mesh, model_config) -> NamedSharding:
     """The scales of 8-bit KV pages, [L, P, S, K]: split over K heads as the pages are."""
-    if kv_heads_sharded(model_config, mesh.shape[MODEL]):
+    if model_config.num_kv_heads > 1 and kv_heads_sharded(model_config, mesh.shape[MODEL]):
         return NamedSharding(mesh, P(None, None, None, MODEL))
     return NamedSharding(mesh, P())
 

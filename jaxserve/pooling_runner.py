@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxserve.block_pool import NULL_PAGE
 from jaxserve.code_maps import release_dropped_graphs
-from jaxserve.models.metadata import AttentionMetadata, KVCache
+from jaxserve.models.metadata import AttentionMetadata, KVCache, kv_page_shape
 from jaxserve.models.pooling import pool
 from jaxserve.models.quantization import weights_dtype
 from jaxserve.precision import storage_dtype
@@ -97,7 +97,7 @@ class PoolingRunner:
         if self.is_decoder:
             # Enough pages for a full step: each text rounds up to whole pages, page 0 pads.
             num_pages = -(-max_num_batched_tokens // block_size) + max_num_seqs + 1
-            shape = (cfg.num_layers, num_pages, block_size, cfg.num_kv_heads, cfg.head_dim)
+            shape = kv_page_shape(cfg.num_layers, num_pages, block_size, cfg.num_kv_heads, cfg.head_dim)
             dtype = storage_dtype(weights_dtype(params))
             self.scratch = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
         self.buckets = pooling_buckets(max_num_batched_tokens, max_num_seqs)

@@ -61,7 +61,7 @@ from jaxserve.code_maps import release_dropped_graphs
 from jaxserve.graph_cache import ExportedGraphStore, describe_arguments, describe_callable, platform_fingerprint
 from jaxserve.lora import LoRAAdapter, LoRAConfig
 from jaxserve.models.lora import LoRAWeights, module_shapes, write_slot
-from jaxserve.models.metadata import AttentionMetadata, KVCache
+from jaxserve.models.metadata import AttentionMetadata, KVCache, kv_page_shape
 from jaxserve.models.quantization import weights_dtype
 from jaxserve.pallas_kernels.ragged_paged_attention_gpu import TRITON_CALL_TARGETS
 from jaxserve.kv_cache_dtype import KVCacheDtype, kv_cache_dtype as resolve_kv_cache_dtype
@@ -272,7 +272,7 @@ class ModelRunner:
         self.attention_fn = attention_fn
         self._attention = shard_attention(attention_fn, self.mesh, cfg)  # per model shard
         dtype = storage_dtype(weights_dtype(params))
-        shape = (cfg.num_layers, num_pages, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = kv_page_shape(cfg.num_layers, num_pages, block_size, cfg.num_kv_heads, cfg.head_dim)
         pages, scales = kv_cache_sharding(self.mesh, cfg), kv_scale_sharding(self.mesh, cfg)
         kv_sharding = (KVCache(k=pages, v=pages, k_scale=scales, v_scale=scales) if self.kv_cache_dtype.scaled
                        else KVCache(k=pages, v=pages))

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxserve.models.config import LayerSpec, ModelConfig, RopeScaling
 from jaxserve.models.lora import LoRALayer, LoRAWeights, add_lora, token_slot_mask
-from jaxserve.models.metadata import AttentionMetadata, KVCache
+from jaxserve.models.metadata import AttentionMetadata, KVCache, kv_page_shape
 from jaxserve.models.quantization import QuantizedWeight, int8_einsum
 from jaxserve.pallas_kernels.ragged_batch import cap_scores
 from jaxserve.kv_cache_dtype import QUANT_MAX, quantize
@@ -164,17 +164,20 @@ def write_kv(cache: KVCache, layer: jax.Array, slot_mapping: jax.Array,
     cache has scales (jaxserve/kv_cache_dtype.py).
 
     Writing through the flat all-layers slot view keeps it a single in-place scatter when the
-    engine donates the cache (a dynamic_update_slice of one layer would copy it).
+    engine donates the cache (a dynamic_update_slice of one layer would copy it). The view has
+    no size-1 axis (one head's scales are a vector), for the reason `kv_page_shape` gives.
     """
-    L, P, S, K, H = cache.k.shape
+    L, P, S = cache.k.shape[:3]
     slots = layer * (P * S) + slot_mapping  # [T] slot in the flat [L*P*S] view
 
     def scatter(pages: jax.Array, new: jax.Array) -> jax.Array:
         # A packed cache takes the bits of the bf16 values.
         new = (jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), PACKED) if pages.dtype == PACKED
                else new.astype(pages.dtype))
-        flat = pages.reshape(L * P * S, *pages.shape[3:])  # [L*P*S, K, H] pages, [L*P*S, K] scales
-        return flat.at[slots].set(new).reshape(pages.shape)
+        per_slot = pages.size // (L * P * S)  # K * H values of pages, K of scales
+        flat_shape = (L * P * S,) if per_slot == 1 else (L * P * S, per_slot)
+        flat_new = new.reshape((new.shape[0],) + flat_shape[1:])
+        return pages.reshape(flat_shape).at[slots].set(flat_new).reshape(pages.shape)
 
     if cache.k_scale is None:
         return KVCache(k=scatter(cache.k, k), v=scatter(cache.v, v))
@@ -221,7 +224,7 @@ class PagedAttention(nn.Module):
                 k = apply_rope(k, md.positions, inv_freq, factor)
             with jax.named_scope("kv_write"):
                 kv_cache = write_kv(kv_cache, layer, md.slot_mapping, k, v)
-            L, P, S, _, _ = kv_cache.k.shape
+            L, P, S = kv_cache.k.shape[:3]
             # All layers' pages as one [L*P, S, K, H] array (a free reshape); this layer's pages are
             # the page ids offset by layer * P.
             with jax.named_scope("paged_attention"):
@@ -345,7 +348,7 @@ def init_decoder_params(layer: nn.Module, config: ModelConfig, rng: jax.Array,
     K, H = config.num_kv_heads, config.head_dim
     # One token on a one-page cache is enough to make every layer create its parameters.
     x = jnp.zeros((1, config.hidden_size), dtype)
-    cache = KVCache(k=jnp.zeros((1, 1, 1, K, H), dtype), v=jnp.zeros((1, 1, 1, K, H), dtype))
+    cache = KVCache(k=jnp.zeros(kv_page_shape(1, 1, 1, K, H), dtype), v=jnp.zeros(kv_page_shape(1, 1, 1, K, H), dtype))
     md = AttentionMetadata(
         positions=jnp.zeros((1,), jnp.int32), slot_mapping=jnp.zeros((1,), jnp.int32),
         cu_q_lens=jnp.array([0, 1], jnp.int32), kv_lens=jnp.ones((1,), jnp.int32),

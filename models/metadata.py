@@ -29,6 +29,20 @@ class AttentionMetadata:
     num_seqs: jax.Array      # [] int32, number of real sequences (<= B)
 
 
+def kv_page_shape(num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
+                  head_dim: int) -> tuple[int, ...]:
+    """The shape the cache's page arrays are stored in: [L, P, S, K, H], or [L, P, S, H] for a
+    model with one KV head (multi-query attention: Gemma 3 270M and 1B).
+
+    Why one head drops its axis: XLA:CPU lays an array with a size-1 axis out with that axis
+    outermost inside the layer loop, then copies the whole cache between that layout and the
+    plain one (the same bytes) before the loop, in every iteration and after it. Gemma 3 270M's
+    decode step spent most of its time in those copies (benchmarks/README.md, "One KV head").
+    The scales of 8-bit pages take this shape without its last axis."""
+    heads = () if num_kv_heads == 1 else (num_kv_heads,)
+    return (num_layers, num_pages, page_size, *heads, head_dim)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
@@ -36,12 +50,14 @@ class KVCache:
 
     8-bit pages (int8, fp8: --kv-cache-dtype, jaxserve/kv_cache_dtype.py) come with a float32
     scale per token slot and KV head, the value of an element being page * scale; other pages
-    hold the values themselves and no scales.
+    hold the values themselves and no scales. With one KV head the arrays have no K axis
+    (`kv_page_shape`); the model code reads L, P and S from the first three axes and K, H from
+    its config, so it takes either form.
     """
 
-    k: jax.Array  # [L, P, S, K, H]
+    k: jax.Array  # [L, P, S, K, H] ([L, P, S, H] when K == 1)
     v: jax.Array  # [L, P, S, K, H]
-    k_scale: jax.Array | None = None  # [L, P, S, K] float32, with 8-bit pages only
+    k_scale: jax.Array | None = None  # [L, P, S, K] ([L, P, S] when K == 1) float32, with 8-bit pages only
     v_scale: jax.Array | None = None  # [L, P, S, K] float32
 
     @property

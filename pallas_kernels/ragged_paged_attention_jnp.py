@@ -101,9 +101,14 @@ def _flash_over_pages(q, k_pages, v_pages, k_scales, v_scales, page_table, block
     With 8-bit pages, q.k of the stored values times each key's k scale is q.(k * scale), and the
     probabilities times each key's v scale weigh the stored v values as the dequantized ones."""
     T, N, H = q.shape
-    _, S, K, _ = k_pages.shape
+    num_pages, S, K, _ = k_pages.shape
     _, W = page_table.shape
     Mg = blocks.seq.shape[0]
+    # Pages (and scales) as flat rows: a size-1 KV-head axis (MQA: Gemma 3) would otherwise let
+    # XLA:CPU lay the cache out with that axis outermost and copy all of it to and from this loop.
+    k_pages, v_pages = k_pages.reshape(num_pages, -1), v_pages.reshape(num_pages, -1)
+    if k_scales is not None:
+        k_scales, v_scales = k_scales.reshape(num_pages, -1), v_scales.reshape(num_pages, -1)
     if pages_per_chunk is None and block_q == 1:
         pages_per_chunk = max(1, DECODE_CHUNK_KEYS // S)
     elif pages_per_chunk is None:

@@ -12,6 +12,7 @@ import pytest
 from jaxserve import LLM, SamplingParams
 from jaxserve.kv_cache_dtype import QUANT_MAX, dequantize, kv_cache_dtype, quantize
 from jaxserve.models.layers import write_kv
+from jaxserve.models.metadata import kv_page_shape
 from jaxserve.precision import PACKED, targeting
 from testlib import PAGE_SIZE, VOCAB, compile_counter
 
@@ -81,13 +82,17 @@ def test_each_mode_says_what_it_stores_and_its_bytes_per_token():
         kv_cache_dtype("q8_0", jnp.float32)
 
 
-def test_write_kv_stores_8bit_values_and_scales_in_the_layers_slots():
-    L, P, S, K, H = 2, 4, PAGE_SIZE, 2, 16
-    cache = kv_cache_dtype("int8", jnp.float32).zeros((L, P, S, K, H))
+@pytest.mark.parametrize("K", [2, 1], ids=["two_kv_heads", "one_kv_head"])
+def test_write_kv_stores_8bit_values_and_scales_in_the_layers_slots(K):
+    L, P, S, H = 2, 4, PAGE_SIZE, 16
+    cache = kv_cache_dtype("int8", jnp.float32).zeros(kv_page_shape(L, P, S, K, H))
+    # One KV head: pages [L, P, S, H] and scales [L, P, S], no K axis (kv_page_shape).
+    assert cache.k.ndim == (4 if K == 1 else 5) and cache.k_scale.shape == cache.k.shape[:-1]
     k = jax.random.normal(jax.random.key(1), (3, K, H))
     v = jax.random.normal(jax.random.key(2), (3, K, H)) * 5
     slots = jnp.array([5, 6, 13], jnp.int32)  # page 1 slots 1-2, page 3 slot 1
     out = write_kv(cache, jnp.int32(1), slots, k, v)
+    assert out.k.shape == cache.k.shape and out.k_scale.shape == cache.k_scale.shape
     for pages, scales, x in ((out.k, out.k_scale, k), (out.v, out.v_scale, v)):
         want_values, want_scales = quantize(x, jnp.int8, QUANT_MAX[jnp.dtype(jnp.int8)])
         flat, flat_scales = pages[1].reshape(P * S, K, H), scales[1].reshape(P * S, K)

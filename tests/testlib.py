@@ -52,9 +52,11 @@ TINY_CONFIGS = {
         head_dim=16, sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
         final_logit_softcapping=10.0)),
     # Five layers, one global: a period of three layers (local, local, global) and two past it;
-    # local RoPE base 10k, global 1M scaled linearly; q/k norm; head_dim 32 != D / N.
+    # local RoPE base 10k, global 1M scaled linearly; q/k norm; head_dim 32 != D / N; one KV head,
+    # as Gemma 3 270M and 1B have (multi-query attention: pages stored without a K axis,
+    # models/metadata.py kv_page_shape).
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-        num_hidden_layers=5, head_dim=32, sliding_window=5, query_pre_attn_scalar=32,
+        num_hidden_layers=5, num_key_value_heads=1, head_dim=32, sliding_window=5, query_pre_attn_scalar=32,
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
                      "sliding_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},

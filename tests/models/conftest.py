@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxserve.models import AttentionMetadata, KVCache
+from jaxserve.models.metadata import kv_page_shape
 
 from testlib import PAGE_SIZE
 
@@ -53,7 +54,7 @@ def build_batch(seqs: list[tuple[list[int], int]], page_tables: list[list[int]],
 
 
 def empty_cache(config, num_pages: int, dtype=jnp.float32) -> KVCache:
-    shape = (config.num_layers, num_pages, PAGE_SIZE, config.num_kv_heads, config.head_dim)
+    shape = kv_page_shape(config.num_layers, num_pages, PAGE_SIZE, config.num_kv_heads, config.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 

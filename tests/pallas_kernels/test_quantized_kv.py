@@ -61,7 +61,15 @@ def quantization_bound(case, k, v, k_scales, v_scales):
 @pytest.mark.parametrize("dtype, window", [("int8", None), ("int8", 5), ("fp8_e4m3", 5), ("fp8_e5m2", None)])
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 def test_attention_over_8bit_pages_matches_the_oracle(make_case, impl, dtype, window):
-    case = make_case(**MIXED, num_heads=6, num_kv_heads=2, head_dim=64, seed=4)
+    check_against_the_oracles(make_case(**MIXED, num_heads=6, num_kv_heads=2, head_dim=64, seed=4), impl, dtype, window)
+
+
+def test_jnp_attention_over_8bit_pages_of_one_kv_head(make_case):
+    """Multi-query attention (Gemma 3): the jnp path reads one head's pages and scales as flat rows."""
+    check_against_the_oracles(make_case(**MIXED, num_heads=4, num_kv_heads=1, head_dim=64, seed=6), "jnp", "int8", 5)
+
+
+def check_against_the_oracles(case, impl, dtype, window):
     k, v, k_scales, v_scales = quantized(case, EIGHT_BIT[dtype])
     args = (case.q, k, v, *case.args[3:])
     # The same stored values: the scales folded into scores and probabilities (the kernels) or
