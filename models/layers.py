@@ -164,8 +164,8 @@ def write_kv(cache: KVCache, layer: jax.Array, slot_mapping: jax.Array,
     cache has scales (jaxserve/kv_cache_dtype.py).
 
     Writing through the flat all-layers slot view keeps it a single in-place scatter when the
-    engine donates the cache (a dynamic_update_slice of one layer would copy it). The view has
-    no size-1 axis (one head's scales are a vector), for the reason `kv_page_shape` gives.
+    engine donates the cache (a dynamic_update_slice of one layer would copy it). A cache of one
+    KV head has no K axis (`kv_page_shape`), nor does its view: its scales are a vector.
     """
     L, P, S = cache.k.shape[:3]
     slots = layer * (P * S) + slot_mapping  # [T] slot in the flat [L*P*S] view
@@ -174,10 +174,10 @@ def write_kv(cache: KVCache, layer: jax.Array, slot_mapping: jax.Array,
         # A packed cache takes the bits of the bf16 values.
         new = (jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), PACKED) if pages.dtype == PACKED
                else new.astype(pages.dtype))
-        per_slot = pages.size // (L * P * S)  # K * H values of pages, K of scales
-        flat_shape = (L * P * S,) if per_slot == 1 else (L * P * S, per_slot)
-        flat_new = new.reshape((new.shape[0],) + flat_shape[1:])
-        return pages.reshape(flat_shape).at[slots].set(flat_new).reshape(pages.shape)
+        # [L*P*S, K, H] pages, [L*P*S, K] scales; one head's: [L*P*S, H], [L*P*S].
+        per_slot = pages.shape[3:]
+        flat = pages.reshape(L * P * S, *per_slot)
+        return flat.at[slots].set(new.reshape(new.shape[0], *per_slot)).reshape(pages.shape)
 
     if cache.k_scale is None:
         return KVCache(k=scatter(cache.k, k), v=scatter(cache.v, v))

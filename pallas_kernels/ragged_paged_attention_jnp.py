@@ -104,11 +104,13 @@ def _flash_over_pages(q, k_pages, v_pages, k_scales, v_scales, page_table, block
     num_pages, S, K, _ = k_pages.shape
     _, W = page_table.shape
     Mg = blocks.seq.shape[0]
-    # Pages (and scales) as flat rows: a size-1 KV-head axis (MQA: Gemma 3) would otherwise let
-    # XLA:CPU lay the cache out with that axis outermost and copy all of it to and from this loop.
-    k_pages, v_pages = k_pages.reshape(num_pages, -1), v_pages.reshape(num_pages, -1)
-    if k_scales is not None:
-        k_scales, v_scales = k_scales.reshape(num_pages, -1), v_scales.reshape(num_pages, -1)
+    if K == 1:
+        # One KV head (MQA: Gemma 3): pages and scales read as flat rows. With their size-1 axis,
+        # XLA:CPU laid 8-bit pages out with that axis outermost and copied the whole cache into
+        # this loop (models.metadata.kv_page_shape). Several heads keep the measured path as it was.
+        k_pages, v_pages = k_pages.reshape(num_pages, -1), v_pages.reshape(num_pages, -1)
+        if k_scales is not None:
+            k_scales, v_scales = k_scales.reshape(num_pages, -1), v_scales.reshape(num_pages, -1)
     if pages_per_chunk is None and block_q == 1:
         pages_per_chunk = max(1, DECODE_CHUNK_KEYS // S)
     elif pages_per_chunk is None:
